@@ -1,0 +1,123 @@
+"""Frame codec: a bounded, linear-time decoder and the frame encoder.
+
+A frame is ``uint32 length`` (code byte plus payload), one code byte, then the
+payload (milter-protocol.md §1.2). :class:`FrameDecoder` keeps one
+``bytearray`` and a read offset, so buffering stays linear however the stream
+is cut; a frame header that announces more than ``max_frame_bytes`` is refused
+before any payload is buffered for it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Generic, TypeVar
+
+from .constants import DEFAULT_MAX_FRAME_BYTES, LEN_BYTES
+from .errors import FrameTooLargeError, RemoteProtocolError
+from .messages import COMMANDS, RESPONSES, Command, Message, Modification, Reply
+
+_U32 = struct.Struct(">I")
+_HEADER_BYTES = LEN_BYTES + 1
+#: Compact the buffer once this many consumed bytes sit in front of it.
+_COMPACT_AFTER = 64 * 1024
+
+M = TypeVar("M", bound=Message)
+
+
+class FrameDecoder(Generic[M]):
+    """Turns a byte stream into typed messages of one direction.
+
+    ``feed`` bytes in, then call ``next_message`` until it returns ``None``
+    (more data needed). Malformed input raises :class:`RemoteProtocolError`
+    (or its subclass :class:`FrameTooLargeError`); after that the stream is
+    unusable and the connection should be closed.
+    """
+
+    __slots__ = ("_buf", "_pos", "_table", "max_frame_bytes")
+
+    def __init__(self, table: Mapping[bytes, type[M]], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        if max_frame_bytes < 1:
+            raise ValueError("max_frame_bytes must be positive")
+        self._table = {code[0]: cls for code, cls in table.items()}
+        self._buf = bytearray()
+        self._pos = 0
+        #: Largest accepted payload, code byte not counted.
+        self.max_frame_bytes = max_frame_bytes
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as messages."""
+        return len(self._buf) - self._pos
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no partial frame is pending (a clean place for EOF)."""
+        return len(self._buf) == self._pos
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes; refuses an oversized frame header at once."""
+        self._buf += data
+        self._check_header()
+
+    def _check_header(self) -> int:
+        """Validate the length of the frame at the read offset; -1 if incomplete."""
+        pos = self._pos
+        if len(self._buf) - pos < LEN_BYTES:
+            return -1
+        (length,) = _U32.unpack_from(self._buf, pos)
+        if length < 1:
+            raise RemoteProtocolError("frame length 0 (a frame needs at least its code byte)")
+        if length - 1 > self.max_frame_bytes:
+            raise FrameTooLargeError(length - 1, self.max_frame_bytes)
+        return int(length)
+
+    def next_message(self) -> M | None:
+        """The next complete message, or ``None`` if more bytes are needed."""
+        length = self._check_header()
+        buf = self._buf
+        pos = self._pos
+        if length < 0 or len(buf) - pos < LEN_BYTES + length:
+            if pos > _COMPACT_AFTER:
+                del buf[:pos]
+                self._pos = 0
+            return None
+        code = buf[pos + LEN_BYTES]
+        end = pos + LEN_BYTES + length
+        payload = bytes(buf[pos + _HEADER_BYTES : end])
+        if end == len(buf):
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
+        cls = self._table.get(code)
+        if cls is None:
+            raise RemoteProtocolError(f"unknown message code {bytes([code])!r}")
+        return cls.decode_payload(payload)
+
+    def messages(self) -> list[M]:
+        """Every complete message currently buffered."""
+        out: list[M] = []
+        while (msg := self.next_message()) is not None:
+            out.append(msg)
+        return out
+
+
+def command_decoder(max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> FrameDecoder[Command]:
+    """A decoder for the milter side: reads MTA commands."""
+    return FrameDecoder(COMMANDS, max_frame_bytes)
+
+
+def response_decoder(max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> FrameDecoder[Reply | Modification]:
+    """A decoder for the MTA side: reads milter replies and modifications."""
+    return FrameDecoder(RESPONSES, max_frame_bytes)
+
+
+def encode(messages: Iterable[Message]) -> bytes:
+    """Frames for several messages, joined for a single write."""
+    return b"".join(m.to_frame() for m in messages)
+
+
+def frame_header(length: int) -> bytes:
+    """The 4-byte length prefix for a frame of ``length`` (code byte included)."""
+    return _U32.pack(length)

@@ -1,0 +1,394 @@
+"""The milter-side session: a sans-IO state machine written as tables.
+
+Use it like h11: ``receive_data(chunk)``, then ``next_event()`` until it
+returns :data:`NEED_DATA`; when :attr:`MilterSession.needs_reply` is true,
+``send(reply)`` (or ``send_all``) returns the bytes to write.
+
+Rules kept here, all from milter-protocol.md:
+
+* Which command may follow which (:data:`TRANSITIONS`). We are at least as
+  lenient as libmilter (§5.11): ABORT is legal any time after CONNECT and is
+  idempotent (Postfix sends it after every message, sometimes twice); a new
+  HELO or MAIL while a transaction is open ends that transaction.
+* Which replies are legal in answer to which command (:data:`ALLOWED_REPLIES`);
+  modifications, QUARANTINE and PROGRESS only at end-of-message, SKIP only
+  at a body chunk and only when negotiated.
+* No reply to MACRO, ABORT, QUIT, QUIT_NC, nor to an event negotiated as
+  no-reply (:data:`NO_REPLY_FLAG`).
+* Macros are folded into the context, never surfaced as events.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from .codec import FrameDecoder, command_decoder
+from .constants import DEFAULT_MAX_FRAME_BYTES, Action, Event, Protocol
+from .context import CONNECTION_MACRO_STAGES, ConnectionContext, MessageContext
+from .errors import LocalProtocolError, RemoteProtocolError
+from .messages import (
+    Abort,
+    Accept,
+    BodyChunk,
+    Command,
+    Connect,
+    Continue,
+    Data,
+    Discard,
+    EndOfHeaders,
+    EndOfMessage,
+    Header,
+    Helo,
+    Macro,
+    MailFrom,
+    Modification,
+    Negotiate,
+    NegotiateReply,
+    Progress,
+    Quit,
+    QuitNewConnection,
+    RcptTo,
+    Reject,
+    ReplaceBody,
+    Reply,
+    ReplyCode,
+    Shutdown,
+    Skip,
+    TempFail,
+    Unknown,
+)
+
+
+class NeedData:
+    """Returned by :meth:`MilterSession.next_event` when more bytes are needed."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData()
+
+
+class State(enum.Enum):
+    """Where the session is in the protocol."""
+
+    INIT = "init"  # waiting for OPTNEG
+    NEGOTIATED = "negotiated"  # waiting for CONNECT
+    CONNECTED = "connected"  # connection open, no transaction
+    ENVELOPE = "envelope"  # after MAIL / RCPT
+    DATA = "data"  # after DATA
+    HEADERS = "headers"  # after a HEADER
+    EOH = "eoh"  # after end-of-headers
+    BODY = "body"  # after a body chunk
+    CLOSED = "closed"  # after QUIT or EOF
+
+
+_S = State
+_MESSAGE_STATES = frozenset({_S.ENVELOPE, _S.DATA, _S.HEADERS, _S.EOH, _S.BODY})
+_OPEN_STATES = frozenset({_S.CONNECTED, *_MESSAGE_STATES})
+
+#: Command class -> {state it may arrive in: state it leads to}. Content
+#: commands may skip states the milter switched off (NOHDRS, NOEOH, NOBODY).
+#: MACRO is not listed: it is legal in every state but INIT and CLOSED.
+TRANSITIONS: Final[dict[type[Command], dict[State, State]]] = {
+    Negotiate: {_S.INIT: _S.NEGOTIATED},
+    Connect: {_S.NEGOTIATED: _S.CONNECTED},
+    Helo: dict.fromkeys(_OPEN_STATES, _S.CONNECTED),
+    MailFrom: {_S.CONNECTED: _S.ENVELOPE, _S.ENVELOPE: _S.ENVELOPE},
+    RcptTo: {_S.ENVELOPE: _S.ENVELOPE},
+    Data: {_S.ENVELOPE: _S.DATA},
+    Header: dict.fromkeys((_S.ENVELOPE, _S.DATA, _S.HEADERS), _S.HEADERS),
+    EndOfHeaders: dict.fromkeys((_S.ENVELOPE, _S.DATA, _S.HEADERS), _S.EOH),
+    BodyChunk: dict.fromkeys(_MESSAGE_STATES, _S.BODY),
+    EndOfMessage: dict.fromkeys(_MESSAGE_STATES, _S.BODY),
+    Unknown: {s: s for s in (_S.NEGOTIATED, *_OPEN_STATES)},
+    Abort: {**{s: s for s in (_S.NEGOTIATED,)}, **dict.fromkeys(_OPEN_STATES, _S.CONNECTED)},
+    Quit: dict.fromkeys((_S.INIT, _S.NEGOTIATED, *_OPEN_STATES), _S.CLOSED),
+    QuitNewConnection: dict.fromkeys(_OPEN_STATES, _S.NEGOTIATED),
+}
+
+#: Command class -> the public event name.
+EVENT_OF: Final[dict[type[Command], Event]] = {
+    Connect: Event.CONNECT,
+    Helo: Event.HELO,
+    MailFrom: Event.MAIL,
+    RcptTo: Event.RCPT,
+    Data: Event.DATA,
+    Header: Event.HEADER,
+    EndOfHeaders: Event.EOH,
+    BodyChunk: Event.BODY,
+    EndOfMessage: Event.EOM,
+    Unknown: Event.UNKNOWN,
+    Abort: Event.ABORT,
+    Quit: Event.CLOSE,
+}
+
+#: Event -> the no-reply bit that lets us stay silent.
+NO_REPLY_FLAG: Final[dict[type[Command], Protocol]] = {
+    Connect: Protocol.NR_CONNECT,
+    Helo: Protocol.NR_HELO,
+    MailFrom: Protocol.NR_MAIL,
+    RcptTo: Protocol.NR_RCPT,
+    Data: Protocol.NR_DATA,
+    Header: Protocol.NR_HEADER,
+    EndOfHeaders: Protocol.NR_EOH,
+    BodyChunk: Protocol.NR_BODY,
+    Unknown: Protocol.NR_UNKNOWN,
+}
+
+#: Commands that are never answered.
+NEVER_ANSWERED: Final = frozenset({Macro, Abort, Quit, QuitNewConnection})
+
+_DECISIONS: frozenset[type[Reply]] = frozenset({Continue, Accept, Reject, TempFail, ReplyCode, Shutdown})
+
+#: Command class -> replies that may answer it. Modifications, PROGRESS and
+#: QUARANTINE are legal only at end-of-message (Postfix treats them as a
+#: protocol error elsewhere; the sendmail MTA refuses PROGRESS elsewhere).
+#: DISCARD is not allowed at CONNECT/HELO; at UNKNOWN neither ACCEPT nor
+#: DISCARD (they can crash Postfix's smtpd, §9 item 22).
+ALLOWED_REPLIES: Final[dict[type[Command], frozenset[type[Reply]]]] = {
+    Negotiate: frozenset({NegotiateReply}),
+    Connect: _DECISIONS,
+    Helo: _DECISIONS,
+    MailFrom: _DECISIONS | {Discard},
+    RcptTo: _DECISIONS | {Discard},
+    Data: _DECISIONS | {Discard},
+    Header: _DECISIONS | {Discard},
+    EndOfHeaders: _DECISIONS | {Discard},
+    BodyChunk: _DECISIONS | {Discard, Skip},
+    EndOfMessage: _DECISIONS | {Discard, Progress},
+    Unknown: frozenset({Continue, Reject, TempFail, ReplyCode, Shutdown}),
+}
+
+#: Replies that answer a command without ending the MTA's wait.
+INTERIM_REPLIES: Final = frozenset({Progress})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionLimits:
+    """Bounds on what one connection may make us hold in memory."""
+
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_recipients: int = 10_000
+    max_headers: int = 10_000
+    max_header_bytes: int = 16 * 1024 * 1024
+    max_macros: int = 1_000
+
+
+class MilterSession:
+    """One milter connection as seen from the milter (our) side."""
+
+    def __init__(self, limits: SessionLimits | None = None) -> None:
+        self.limits = limits or SessionLimits()
+        self._decoder: FrameDecoder[Command] = command_decoder(self.limits.max_frame_bytes)
+        self.state = State.INIT
+        self.connection = ConnectionContext()
+        self.message: MessageContext | None = None
+        #: The message the last command ended without end-of-message (ABORT, a
+        #: new HELO or MAIL, QUIT, EOF); ``None`` if it ended none.
+        self.aborted: MessageContext | None = None
+        #: The message the last end-of-message reply completed.
+        self.completed: MessageContext | None = None
+        #: The command waiting for our final reply, if any.
+        self.pending: Command | None = None
+        self.version = 0
+        self.actions = Action.NONE
+        self.protocol = Protocol.NONE
+        self._pending_macros: list[Macro] = []
+        self._body_replaced = 0  # 0 none yet, 1 in a REPLBODY run, 2 run ended
+
+    # ------------------------------------------------------------------ input
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer bytes from the MTA; raises RemoteProtocolError on a bad frame header."""
+        if self.state is State.CLOSED:
+            if data:
+                raise RemoteProtocolError("data after QUIT")
+            return
+        self._decoder.feed(data)
+
+    def receive_eof(self) -> None:
+        """The MTA closed the connection; ends any open message."""
+        partial = not self._decoder.at_boundary
+        self.aborted = self._end_message()
+        self.state = State.CLOSED
+        self.pending = None
+        if partial:
+            raise RemoteProtocolError("connection closed in the middle of a frame")
+
+    @property
+    def needs_reply(self) -> bool:
+        """True while a command waits for our final reply."""
+        return self.pending is not None
+
+    def next_event(self) -> Command | NeedData:
+        """The next command from the MTA, or :data:`NEED_DATA`."""
+        if self.pending is not None:
+            raise LocalProtocolError(f"reply to {type(self.pending).__name__} before reading on")
+        decoder = self._decoder
+        while True:
+            msg = decoder.next_message()
+            if msg is None:
+                return NEED_DATA
+            if type(msg) is Macro:
+                self._receive_macro(msg)
+                continue
+            self._receive_command(msg)
+            return msg
+
+    def _receive_macro(self, msg: Macro) -> None:
+        if self.state in (State.INIT, State.CLOSED):
+            raise RemoteProtocolError(f"macros in state {self.state.value}")
+        if len(msg.macros) > self.limits.max_macros:
+            raise RemoteProtocolError(f"{len(msg.macros)} macros in one packet (limit {self.limits.max_macros})")
+        self._pending_macros.append(msg)
+
+    def _receive_command(self, cmd: Command) -> None:
+        kind = type(cmd)
+        table = TRANSITIONS[kind]
+        state = self.state
+        try:
+            new_state = table[state]
+        except KeyError:
+            raise RemoteProtocolError(f"{kind.__name__} not allowed in state {state.value}") from None
+        self.aborted = None
+        self.completed = None
+        if kind is MailFrom or kind is Helo or kind is Abort or kind is Quit or kind is QuitNewConnection:
+            self.aborted = self._end_message()
+        self.state = new_state
+        if kind is Connect:
+            self._on_connect(cmd)  # type: ignore[arg-type]
+        elif kind is Helo:
+            self.connection.helo = cmd.hostname  # type: ignore[attr-defined]
+        elif kind is MailFrom:
+            conn = self.connection
+            conn.message_count += 1
+            self.message = MessageContext(number=conn.message_count, mail_from=cmd.address, mail_args=cmd.args)  # type: ignore[attr-defined]
+        elif kind is RcptTo:
+            self._on_rcpt(cmd)  # type: ignore[arg-type]
+        elif kind is Header:
+            self._on_header(cmd)  # type: ignore[arg-type]
+        elif kind is BodyChunk:
+            assert self.message is not None
+            self.message.body_bytes += len(cmd.data)  # type: ignore[attr-defined]
+        elif kind is EndOfMessage:
+            assert self.message is not None
+            self.message.body_bytes += len(cmd.data)  # type: ignore[attr-defined]
+            self._body_replaced = 0
+        elif kind is QuitNewConnection:
+            self.connection = ConnectionContext()
+        if self._pending_macros:
+            self._fold_macros()
+        if kind not in NEVER_ANSWERED and not (self.protocol & NO_REPLY_FLAG.get(kind, Protocol.NONE)):
+            self.pending = cmd
+
+    def _on_connect(self, cmd: Connect) -> None:
+        conn = self.connection
+        conn.hostname = cmd.hostname
+        conn.family = cmd.family
+        conn.port = cmd.port
+        conn.address = cmd.address
+
+    def _on_rcpt(self, cmd: RcptTo) -> None:
+        msg = self.message
+        assert msg is not None
+        if len(msg.recipients) >= self.limits.max_recipients:
+            raise RemoteProtocolError(f"more than {self.limits.max_recipients} recipients")
+        msg.recipients.append((cmd.address, cmd.args))
+
+    def _on_header(self, cmd: Header) -> None:
+        msg = self.message
+        assert msg is not None
+        if len(msg.headers) >= self.limits.max_headers:
+            raise RemoteProtocolError(f"more than {self.limits.max_headers} headers")
+        msg.header_bytes += len(cmd.name) + len(cmd.value)
+        if msg.header_bytes > self.limits.max_header_bytes:
+            raise RemoteProtocolError(f"headers larger than {self.limits.max_header_bytes} bytes")
+        msg.headers.append((cmd.name, cmd.value))
+
+    def _fold_macros(self) -> None:
+        for packet in self._pending_macros:
+            target = self.connection.macros
+            if packet.stage not in CONNECTION_MACRO_STAGES and self.message is not None:
+                target = self.message.macros
+            target.update(packet.macros)
+            if len(target) > self.limits.max_macros:
+                raise RemoteProtocolError(f"more than {self.limits.max_macros} macros")
+        self._pending_macros.clear()
+        msg = self.message
+        if msg is not None and msg.queue_id is None:
+            qid = msg.macros.get(b"i")
+            if qid:
+                msg.queue_id = qid
+
+    def _end_message(self) -> MessageContext | None:
+        msg = self.message
+        self.message = None
+        return msg
+
+    # ----------------------------------------------------------------- output
+
+    def send(self, reply: Reply | Modification) -> bytes:
+        """Validate one reply against the pending command; return its frame."""
+        pending = self.pending
+        if pending is None:
+            raise LocalProtocolError(f"{type(reply).__name__} sent but no command is waiting for a reply")
+        kind = type(reply)
+        pending_kind = type(pending)
+        if isinstance(reply, Modification):
+            if pending_kind is not EndOfMessage:
+                raise LocalProtocolError(f"{kind.__name__} is legal only at end-of-message")
+            if not reply.action & self.actions:
+                raise LocalProtocolError(f"{kind.__name__} needs action {reply.action!r}, not negotiated")
+            self._check_body_run(kind is ReplaceBody)
+            return reply.to_frame()
+        if kind not in ALLOWED_REPLIES[pending_kind]:
+            raise LocalProtocolError(f"{kind.__name__} is not a legal answer to {pending_kind.__name__}")
+        if kind is Skip and not self.protocol & Protocol.SKIP:
+            raise LocalProtocolError("SKIP was not negotiated")
+        if kind is ReplyCode:
+            code = reply.smtp_code  # type: ignore[attr-defined]
+            if not 400 <= code <= 599:
+                raise LocalProtocolError(f"reply code must be 4xx or 5xx: {reply.text[:20]!r}")  # type: ignore[attr-defined]
+        if kind is NegotiateReply:
+            self._on_negotiated(reply)  # type: ignore[arg-type]
+        if kind in INTERIM_REPLIES:
+            return reply.to_frame()
+        self._check_body_run(False)
+        self.pending = None
+        if pending_kind is RcptTo and kind in (Reject, TempFail, ReplyCode) and self.message is not None:
+            # A refused recipient is not part of the message (design §3.2).
+            self.message.recipients.pop()
+        if pending_kind is EndOfMessage:
+            self.completed = self._end_message()
+            self.state = State.CONNECTED
+        return reply.to_frame()
+
+    def send_all(self, replies: Iterable[Reply | Modification]) -> bytes:
+        """Frames for several replies (modifications, then the final one) for one write."""
+        return b"".join([self.send(r) for r in replies])
+
+    def _on_negotiated(self, reply: NegotiateReply) -> None:
+        offer = self.pending
+        assert isinstance(offer, Negotiate)
+        if reply.version > offer.version:
+            raise LocalProtocolError(f"version {reply.version} is above the MTA's {offer.version}")
+        if reply.actions & ~(offer.actions or Action(0x0F)):
+            raise LocalProtocolError("actions outside the MTA's offer")
+        self.version = reply.version
+        self.actions = reply.actions
+        self.protocol = reply.protocol
+
+    def _check_body_run(self, is_body: bool) -> None:
+        # Postfix refuses REPLBODY pieces interleaved with other requests (§8.7).
+        if is_body:
+            if self._body_replaced == 2:
+                raise LocalProtocolError("REPLBODY pieces must be sent in one unbroken run")
+            self._body_replaced = 1
+        elif self._body_replaced == 1:
+            self._body_replaced = 2
