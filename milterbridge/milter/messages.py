@@ -489,9 +489,8 @@ class ReplyCode(Reply, code=b"y"):  # SMFIR_REPLYCODE
         if len(lines) > cls.MAX_LINES:
             raise ValueError(f"at most {cls.MAX_LINES} reply lines, got {len(lines)}")
         digits = str(code).encode()
-        if enhanced:
-            if not _valid_enhanced(enhanced) or enhanced[:1] != digits[:1]:
-                raise ValueError(f"enhanced code {enhanced!r} does not fit reply code {code}")
+        if enhanced and (not _valid_enhanced(enhanced) or enhanced[:1] != digits[:1]):
+            raise ValueError(f"enhanced code {enhanced!r} does not fit reply code {code}")
         out = []
         for n, line in enumerate(lines):
             if any(c in line for c in (b"\r", b"\n", b"\0")):
@@ -508,9 +507,7 @@ class ReplyCode(Reply, code=b"y"):  # SMFIR_REPLYCODE
 def _valid_enhanced(enhanced: bytes) -> bool:
     parts = enhanced.split(b".")
     return (
-        len(parts) == 3
-        and parts[0] in (b"2", b"4", b"5")
-        and all(p.isdigit() and 1 <= len(p) <= 3 for p in parts[1:])
+        len(parts) == 3 and parts[0] in (b"2", b"4", b"5") and all(p.isdigit() and 1 <= len(p) <= 3 for p in parts[1:])
     )
 
 

@@ -80,9 +80,7 @@ class Negotiated:
 
     def reply(self) -> NegotiateReply:
         """The OPTNEG answer to send."""
-        return NegotiateReply(
-            version=self.version, actions=self.actions, protocol=self.protocol, macros=self.macros
-        )
+        return NegotiateReply(version=self.version, actions=self.actions, protocol=self.protocol, macros=self.macros)
 
 
 def negotiate(offer: Negotiate, requirements: Requirements) -> Negotiated:
@@ -126,9 +124,7 @@ def negotiate(offer: Negotiate, requirements: Requirements) -> Negotiated:
     macros: tuple[tuple[MacroStage, bytes], ...] = ()
     if requirements.macros and Action.SETSYMLIST & offered_actions:
         actions |= Action.SETSYMLIST
-        macros = tuple(
-            (stage, b" ".join(names)) for stage, names in sorted(requirements.macros.items()) if names
-        )
+        macros = tuple((stage, b" ".join(names)) for stage, names in sorted(requirements.macros.items()) if names)
     return Negotiated(
         version=version,
         actions=actions,

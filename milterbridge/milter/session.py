@@ -141,6 +141,54 @@ NO_REPLY_FLAG: Final[dict[type[Command], Protocol]] = {
     Unknown: Protocol.NR_UNKNOWN,
 }
 
+#: Forward commands a milter can switch off; when one is off, the states it
+#: would lead to are also reachable without it (libmilter skips them too).
+SKIP_FLAG: Final[dict[type[Command], Protocol]] = {
+    Connect: Protocol.NO_CONNECT,
+    MailFrom: Protocol.NO_MAIL,
+    RcptTo: Protocol.NO_RCPT,
+    Data: Protocol.NO_DATA,
+    Header: Protocol.NO_HEADERS,
+    EndOfHeaders: Protocol.NO_EOH,
+    BodyChunk: Protocol.NO_BODY,
+}
+
+
+def effective_transitions(protocol: Protocol, version: int) -> dict[type[Command], dict[State, State]]:
+    """:data:`TRANSITIONS` widened by the commands negotiated away.
+
+    With NOCONNECT, HELO may follow OPTNEG; with NOMAIL and NORCPT, header
+    events may come straight after HELO, and so on.
+    """
+    disabled = [cmd for cmd, bit in SKIP_FLAG.items() if protocol & bit]
+    if version < 4:
+        disabled.append(Data)  # DATA exists from protocol version 4
+    if not disabled:
+        return TRANSITIONS
+
+    def reachable(state: State) -> list[State]:
+        seen = [state]
+        for current in seen:
+            for cmd in disabled:
+                nxt = TRANSITIONS[cmd].get(current)
+                if nxt is not None and nxt not in seen:
+                    seen.append(nxt)
+        return seen
+
+    table: dict[type[Command], dict[State, State]] = {}
+    for cmd, trans in TRANSITIONS.items():
+        widened = dict(trans)
+        for state in State:
+            if state in widened or state in (State.INIT, State.CLOSED):
+                continue
+            for via in reachable(state)[1:]:
+                if via in trans:
+                    widened[state] = trans[via]
+                    break
+        table[cmd] = widened
+    return table
+
+
 #: Commands that are never answered.
 NEVER_ANSWERED: Final = frozenset({Macro, Abort, Quit, QuitNewConnection})
 
@@ -200,6 +248,7 @@ class MilterSession:
         self.actions = Action.NONE
         self.protocol = Protocol.NONE
         self._pending_macros: list[Macro] = []
+        self._transitions = TRANSITIONS
         self._body_replaced = 0  # 0 none yet, 1 in a REPLBODY run, 2 run ended
 
     # ------------------------------------------------------------------ input
@@ -250,7 +299,7 @@ class MilterSession:
 
     def _receive_command(self, cmd: Command) -> None:
         kind = type(cmd)
-        table = TRANSITIONS[kind]
+        table = self._transitions[kind]
         state = self.state
         try:
             new_state = table[state]
@@ -261,14 +310,14 @@ class MilterSession:
         if kind is MailFrom or kind is Helo or kind is Abort or kind is Quit or kind is QuitNewConnection:
             self.aborted = self._end_message()
         self.state = new_state
+        if new_state in _MESSAGE_STATES and self.message is None and kind is not MailFrom:
+            self._open_message(b"", ())  # MAIL was negotiated away
         if kind is Connect:
             self._on_connect(cmd)  # type: ignore[arg-type]
         elif kind is Helo:
             self.connection.helo = cmd.hostname  # type: ignore[attr-defined]
         elif kind is MailFrom:
-            conn = self.connection
-            conn.message_count += 1
-            self.message = MessageContext(number=conn.message_count, mail_from=cmd.address, mail_args=cmd.args)  # type: ignore[attr-defined]
+            self._open_message(cmd.address, cmd.args)  # type: ignore[attr-defined]
         elif kind is RcptTo:
             self._on_rcpt(cmd)  # type: ignore[arg-type]
         elif kind is Header:
@@ -286,6 +335,11 @@ class MilterSession:
             self._fold_macros()
         if kind not in NEVER_ANSWERED and not (self.protocol & NO_REPLY_FLAG.get(kind, Protocol.NONE)):
             self.pending = cmd
+
+    def _open_message(self, mail_from: bytes, args: tuple[bytes, ...]) -> None:
+        conn = self.connection
+        conn.message_count += 1
+        self.message = MessageContext(number=conn.message_count, mail_from=mail_from, mail_args=args)
 
     def _on_connect(self, cmd: Connect) -> None:
         conn = self.connection
@@ -383,6 +437,7 @@ class MilterSession:
         self.version = reply.version
         self.actions = reply.actions
         self.protocol = reply.protocol
+        self._transitions = effective_transitions(reply.protocol, reply.version)
 
     def _check_body_run(self, is_body: bool) -> None:
         # Postfix refuses REPLBODY pieces interleaved with other requests (§8.7).

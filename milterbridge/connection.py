@@ -1,0 +1,354 @@
+"""One milter connection: an asyncio Protocol driving a sans-IO session.
+
+The connection feeds bytes to :class:`~milterbridge.milter.session.MilterSession`,
+hands each command to a :class:`Handler` (the webhook dispatcher, or the fixed
+:class:`StaticHandler`), and writes the replies. A handler answers at once
+(no task, no await: the common fast path for no-reply and unsubscribed
+events) or with an awaitable; only then does the connection start one task,
+and while it runs at end-of-message it sends SMFIR_PROGRESS keep-alives.
+
+A malformed frame or an illegal command closes this connection only, logged
+with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from inspect import isawaitable
+from typing import Protocol as TypingProtocol
+
+from milterbridge.milter.errors import LocalProtocolError, MilterError, NegotiationError, RemoteProtocolError
+from milterbridge.milter.messages import (
+    Accept,
+    Command,
+    Continue,
+    EndOfMessage,
+    Modification,
+    Negotiate,
+    NegotiateReply,
+    Progress,
+    Quit,
+    Reply,
+    TempFail,
+)
+from milterbridge.milter.negotiation import Requirements, negotiate
+from milterbridge.milter.session import NEED_DATA, MilterSession, SessionLimits, State
+
+log = logging.getLogger("milterbridge.connection")
+
+Replies = Sequence[Reply | Modification]
+HandlerResult = Replies | Awaitable[Replies] | None
+
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+class Handler(TypingProtocol):
+    """What a connection asks its application for (one instance per connection)."""
+
+    def negotiate(self, offer: Negotiate) -> NegotiateReply:
+        """Answer the MTA's option offer; raise NegotiationError to refuse."""
+        ...
+
+    def handle(self, command: Command) -> HandlerResult:
+        """Replies for a command, now or as an awaitable.
+
+        Called for every command but MACRO. When the session needs no reply
+        (ABORT, QUIT, no-reply events) the result must be immediate and empty.
+        """
+        ...
+
+    def connection_lost(self) -> None:
+        """The connection ended (QUIT, EOF, error or shutdown)."""
+        ...
+
+
+HandlerFactory = Callable[[MilterSession], Handler]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionSettings:
+    """Per-connection knobs, taken from ServerSettings."""
+
+    limits: SessionLimits = SessionLimits()
+    idle_timeout: float = 7200.0
+    progress_interval: float = 1.0
+    #: Pause reading when a busy connection has buffered this much.
+    max_buffered_bytes: int = 4 * 1024 * 1024
+
+
+class StaticHandler:
+    """A fixed policy: continue at every event, accept at end-of-message.
+
+    Asks the MTA for no events but end-of-message, so every answer is a
+    single round trip. Used by tests and the benchmark as the floor.
+    """
+
+    def __init__(self, session: MilterSession, requirements: Requirements | None = None) -> None:
+        self.session = session
+        self.requirements = requirements or Requirements(events=frozenset(), reply_events=frozenset())
+
+    def negotiate(self, offer: Negotiate) -> NegotiateReply:
+        return negotiate(offer, self.requirements).reply()
+
+    def handle(self, command: Command) -> HandlerResult:
+        if not self.session.needs_reply:
+            return None
+        if type(command) is EndOfMessage:
+            return (Accept(),)
+        return (Continue(),)
+
+    def connection_lost(self) -> None:
+        return None
+
+
+class ServerState:
+    """What the server and its connections share: the live connections."""
+
+    def __init__(self) -> None:
+        self.connections: set[MilterConnection] = set()
+        self.total_connections = 0
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def add(self, conn: MilterConnection) -> None:
+        self.connections.add(conn)
+        self.total_connections += 1
+        self.idle.clear()
+
+    def remove(self, conn: MilterConnection) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            self.idle.set()
+
+
+class MilterConnection(asyncio.Protocol):
+    """Drives one milter session over one transport."""
+
+    def __init__(self, state: ServerState, factory: HandlerFactory, settings: ConnectionSettings) -> None:
+        self._state = state
+        self._factory = factory
+        self._settings = settings
+        self.session = MilterSession(settings.limits)
+        self.handler: Handler | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._sock: socket.socket | None = None
+        self._busy: asyncio.Task[None] | None = None
+        self._paused = False
+        self._closed = False
+        self._last_activity = 0.0
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._progress_handle: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+
+    # -------------------------------------------------------------- asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "unix")
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Our back-to-back packets must not wait for an ACK (Nagle), and
+            # Postfix's must not wait for our delayed ACK (postfix-e2e.md pitfall 7).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock = sock if _TCP_QUICKACK is not None else None
+        self._state.add(self)
+        self.handler = self._factory(self.session)
+        self._last_activity = time.monotonic()
+        self._arm_idle_timer(self._settings.idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)  # type: ignore[arg-type]
+        self._last_activity = time.monotonic()
+        try:
+            self.session.receive_data(data)
+        except RemoteProtocolError as exc:
+            self._fail(f"protocol error: {exc}")
+            return
+        if self._busy is None:
+            self._drive()
+        elif self.session._decoder.buffered > self._settings.max_buffered_bytes and not self._paused:
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self._paused = True
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        if self._busy is not None:
+            self._busy.cancel()
+            self._busy = None
+        if self.session.state is not State.CLOSED:
+            try:
+                self.session.receive_eof()
+            except RemoteProtocolError as err:
+                log.info("connection %s closed: %s", self.peer, err)
+        if self.handler is not None:
+            try:
+                self.handler.connection_lost()
+            except Exception:
+                log.exception("handler failed on connection close")
+        self._state.remove(self)
+
+    # ---------------------------------------------------------------- drive
+
+    def _drive(self) -> None:
+        """Process every buffered command that can be answered without waiting."""
+        session = self.session
+        handler = self.handler
+        assert handler is not None
+        while not self._closed:
+            try:
+                command = session.next_event()
+            except RemoteProtocolError as exc:
+                self._fail(f"protocol error: {exc}")
+                return
+            if command is NEED_DATA:
+                break
+            if type(command) is Negotiate:
+                if not self._negotiate(handler, command):
+                    return
+                continue
+            try:
+                result = handler.handle(command)  # type: ignore[arg-type]
+            except Exception:
+                log.exception("handler failed on %s", type(command).__name__)
+                result = (TempFail(),) if session.needs_reply else None
+            if not session.needs_reply:
+                if type(command) is Quit:
+                    self._close()
+                    return
+                if self._state.draining and session.message is None:
+                    self._close()
+                    return
+                continue
+            if result is not None and isawaitable(result):
+                self._busy = self._loop.create_task(self._finish(command, result))  # type: ignore[arg-type]
+                return
+            if not self._write(result or (Continue(),)):
+                return
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def _negotiate(self, handler: Handler, offer: Negotiate) -> bool:
+        try:
+            reply = handler.negotiate(offer)
+            data = self.session.send(reply)
+        except (NegotiationError, LocalProtocolError) as exc:
+            self._fail(f"negotiation refused: {exc}")
+            return False
+        assert self.transport is not None
+        self.transport.write(data)
+        return True
+
+    async def _finish(self, command: Command, pending: Awaitable[Replies]) -> None:
+        if type(command) is EndOfMessage:
+            self._progress_handle = self._loop.call_later(self._settings.progress_interval, self._progress)
+        try:
+            replies = await pending
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("handler failed on %s", type(command).__name__)
+            replies = (TempFail(),)
+        finally:
+            if self._progress_handle is not None:
+                self._progress_handle.cancel()
+                self._progress_handle = None
+        self._busy = None
+        if self._closed:
+            return
+        if self._write(replies):
+            self._drive()
+
+    def _progress(self) -> None:
+        """Keep the MTA waiting while a slow end-of-message decision runs."""
+        if self._closed or self.transport is None:
+            return
+        try:
+            self.transport.write(self.session.send(Progress()))
+        except MilterError:
+            return
+        self._progress_handle = self._loop.call_later(self._settings.progress_interval, self._progress)
+        self.on_progress()
+
+    def on_progress(self) -> None:
+        """Hook for metrics; called after each keep-alive."""
+
+    def _write(self, replies: Replies) -> bool:
+        try:
+            data = self.session.send_all(replies)
+        except LocalProtocolError as exc:
+            log.exception("bug: illegal reply from handler on %s", self.peer)
+            self._fail(f"internal error: {exc}")
+            return False
+        assert self.transport is not None
+        self.transport.write(data)
+        if self._state.draining and self.session.message is None and not self.session.needs_reply:
+            # A message boundary: stop here while draining.
+            self._close()
+            return False
+        return True
+
+    # ------------------------------------------------------------- closing
+
+    def _fail(self, reason: str) -> None:
+        log.warning("closing milter connection %s: %s", self.peer, reason)
+        self.on_protocol_error(reason)
+        if self.transport is not None:
+            self.transport.abort()
+        self._closed = True
+
+    def on_protocol_error(self, reason: str) -> None:
+        """Hook for metrics; called once per connection closed for a protocol error."""
+
+    def _close(self) -> None:
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def is_idle(self) -> bool:
+        """No reply is being computed and no message is open."""
+        return self._busy is None and self.session.message is None and not self.session.needs_reply
+
+    def shutdown(self) -> None:
+        """Close now if idle; otherwise close at the next message boundary."""
+        if self.is_idle:
+            self._close()
+
+    def abort(self) -> None:
+        """Close at once (the drain deadline passed)."""
+        self._closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _arm_idle_timer(self, delay: float) -> None:
+        self._idle_handle = self._loop.call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self._closed:
+            return
+        idle_for = time.monotonic() - self._last_activity
+        if idle_for >= self._settings.idle_timeout and self._busy is None:
+            log.info("closing idle milter connection %s after %.0f s", self.peer, idle_for)
+            self._close()
+            return
+        self._arm_idle_timer(max(self._settings.idle_timeout - idle_for, 1.0))

@@ -1,0 +1,183 @@
+"""The milter listener: binds every configured address and owns the connections.
+
+Addresses: ``inet:host:port``, ``inet:port@host``, ``inet:[v6]:port``,
+``inet6:[v6]:port`` and ``unix:/path``. A unix socket is created with the
+configured mode (0660 by default) under a matching umask, so it is never
+briefly wider; a stale socket file (nothing listening) is replaced, a live
+one is never stolen.
+
+Lifecycle (uvicorn's shape): construct, ``start()`` binds, ``shutdown()``
+stops accepting, lets busy connections reach a message boundary until the
+drain deadline, then aborts what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from collections.abc import Sequence
+
+from milterbridge.connection import ConnectionSettings, HandlerFactory, MilterConnection, ServerState
+from milterbridge.milter.address import parse_listen_address
+
+log = logging.getLogger("milterbridge.server")
+
+#: listen() backlog: Postfix opens bursts of short connections (one per SMTP session).
+BACKLOG = 1024
+
+
+class MilterServer:
+    """Accepts milter connections on several addresses."""
+
+    def __init__(
+        self,
+        listen: Sequence[str],
+        factory: HandlerFactory,
+        settings: ConnectionSettings | None = None,
+        *,
+        max_connections: int = 1000,
+        socket_mode: int = 0o660,
+        reuse_port: bool = False,
+    ) -> None:
+        self.addresses = [parse_listen_address(a) for a in listen]
+        self.factory = factory
+        self.settings = settings or ConnectionSettings()
+        self.max_connections = max_connections
+        self.socket_mode = socket_mode
+        self.reuse_port = reuse_port
+        self.state = ServerState()
+        self.refused_connections = 0
+        self._servers: list[asyncio.Server] = []
+        self._unix_paths: list[str] = []
+
+    # --------------------------------------------------------------- start
+
+    async def start(self) -> None:
+        """Bind every address; raises OSError naming the address on failure."""
+        loop = asyncio.get_running_loop()
+        try:
+            for address in self.addresses:
+                if address.path is not None:
+                    sock = _bind_unix(address.path, self.socket_mode)
+                    self._unix_paths.append(address.path)
+                    server = await loop.create_unix_server(self._protocol, sock=sock, backlog=BACKLOG)
+                else:
+                    server = await loop.create_server(
+                        self._protocol,
+                        address.host,
+                        address.port or 0,
+                        backlog=BACKLOG,
+                        reuse_address=True,
+                        reuse_port=self.reuse_port or None,
+                    )
+                self._servers.append(server)
+                log.info("listening on %s", address)
+        except OSError as exc:
+            await self._close_servers()
+            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror or exc}") from exc
+
+    def _protocol(self) -> asyncio.Protocol:
+        conn = MilterConnection(self.state, self.factory, self.settings)
+        if len(self.state.connections) >= self.max_connections:
+            self.refused_connections += 1
+            return _Refuse(self.max_connections)
+        return conn
+
+    @property
+    def bound(self) -> list[str]:
+        """The bound addresses as milter address strings (with real ports for port 0)."""
+        out = []
+        for server in self._servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                if sock.family == socket.AF_UNIX:
+                    out.append(f"unix:{name}")
+                elif sock.family == socket.AF_INET6:
+                    out.append(f"inet6:[{name[0]}]:{name[1]}")
+                else:
+                    out.append(f"inet:{name[0]}:{name[1]}")
+        return out
+
+    @property
+    def is_serving(self) -> bool:
+        return bool(self._servers) and all(s.is_serving() for s in self._servers)
+
+    # ------------------------------------------------------------ shutdown
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop accepting; finish in-flight messages up to ``timeout``; then close the rest."""
+        self.state.draining = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self.state.connections):
+            conn.shutdown()
+        if self.state.connections:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.state.idle.wait()
+            except TimeoutError:
+                left = len(self.state.connections)
+                log.warning("drain deadline of %.1f s passed; closing %d connections", timeout, left)
+                for conn in list(self.state.connections):
+                    conn.abort()
+                await asyncio.sleep(0)
+        await self._close_servers()
+
+    async def _close_servers(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._unix_paths.clear()
+
+
+class _Refuse(asyncio.Protocol):
+    """Closes a connection over the limit at once (the MTA applies its default action)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        log.warning("refusing milter connection: limit of %d connections reached", self.limit)
+        transport.abort()  # type: ignore[attr-defined]
+
+
+def _bind_unix(path: str, mode: int) -> socket.socket:
+    """A bound unix socket at ``path`` with ``mode``; replaces only a stale socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(17, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: nobody is listening
+        else:
+            raise OSError(98, f"another process is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.setblocking(False)
+    return sock

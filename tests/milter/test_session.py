@@ -1,0 +1,338 @@
+"""Session tests: command order, legal replies, no-reply flags, message scope."""
+
+from __future__ import annotations
+
+import pytest
+
+from milterbridge.milter import messages as m
+from milterbridge.milter.constants import Action, Event, Family, Protocol
+from milterbridge.milter.errors import LocalProtocolError, RemoteProtocolError
+from milterbridge.milter.negotiation import Requirements, negotiate
+from milterbridge.milter.session import NEED_DATA, MilterSession, SessionLimits, State
+
+POSTFIX_OFFER = m.Negotiate(version=6, actions=Action(0x1FF), protocol=Protocol(0x1FFFFF))
+
+
+def negotiated(requirements: Requirements | None = None, offer: m.Negotiate = POSTFIX_OFFER) -> MilterSession:
+    """A session that has answered the offer."""
+    session = MilterSession()
+    session.receive_data(offer.to_frame())
+    got = session.next_event()
+    assert got == offer
+    session.send(negotiate(offer, requirements or Requirements()).reply())
+    return session
+
+
+def feed(session: MilterSession, *commands: m.Command) -> list[m.Command]:
+    """Feed commands one at a time, answering each one that needs a reply with continue."""
+    seen = []
+    for cmd in commands:
+        session.receive_data(cmd.to_frame())
+        while (ev := session.next_event()) is not NEED_DATA:
+            seen.append(ev)
+            if session.needs_reply:
+                session.send(m.Continue())
+    return seen
+
+
+CONNECT = m.Connect(hostname=b"[192.0.2.1]", family=Family.INET, port=4000, address=b"192.0.2.1")
+OPENING = (m.Macro(stage=b"C", macros=((b"j", b"mx"),)), CONNECT, m.Helo(hostname=b"client"))
+TRANSACTION = (
+    m.Macro(stage=b"M", macros=((b"{mail_addr}", b"a@b"),)),
+    m.MailFrom(address=b"<a@b>", args=(b"SIZE=10",)),
+    m.Macro(stage=b"R", macros=((b"i", b"QID1"),)),
+    m.RcptTo(address=b"<c@d>"),
+    m.RcptTo(address=b"<e@f>"),
+    m.Data(),
+    m.Header(name=b"Subject", value=b" hi"),
+    m.EndOfHeaders(),
+    m.BodyChunk(data=b"body\r\n"),
+)
+
+
+def test_full_postfix_conversation() -> None:
+    """A Postfix-like conversation walks the states and fills the context."""
+    s = negotiated()
+    feed(s, *OPENING, *TRANSACTION)
+    assert s.state is State.BODY
+    assert s.connection.helo == b"client"
+    assert s.connection.macros == {b"j": b"mx"}
+    assert s.message is not None
+    assert s.message.mail_from == b"<a@b>"
+    assert s.message.recipients == [(b"<c@d>", ()), (b"<e@f>", ())]
+    assert s.message.headers == [(b"Subject", b" hi")]
+    assert s.message.queue_id == b"QID1"
+    assert s.message.body_bytes == 6
+    s.receive_data(m.EndOfMessage().to_frame())
+    assert s.next_event() == m.EndOfMessage()
+    msg = s.message
+    wire = s.send_all([m.AddHeader(name=b"X", value=b" 1"), m.Accept()])
+    assert wire == m.AddHeader(name=b"X", value=b" 1").to_frame() + m.Accept().to_frame()
+    assert s.completed is msg
+    assert s.message is None
+    assert s.state is State.CONNECTED
+
+
+def test_abort_and_double_abort() -> None:
+    """ABORT ends the open message once; a second ABORT is a harmless no-op."""
+    s = negotiated()
+    feed(s, *OPENING, *TRANSACTION[:4])
+    msg = s.message
+    feed(s, m.Abort())
+    assert s.aborted is msg
+    assert s.message is None
+    assert s.connection.helo == b"client"
+    feed(s, m.Abort())
+    assert s.aborted is None
+    assert s.state is State.CONNECTED
+
+
+def test_abort_after_eom_is_noop() -> None:
+    """Postfix's ABORT after a complete message ends nothing."""
+    s = negotiated()
+    feed(s, *OPENING, *TRANSACTION, m.EndOfMessage())
+    assert s.message is None
+    feed(s, m.Abort())
+    assert s.aborted is None
+
+
+def test_several_messages_reset_message_scope_only() -> None:
+    """Each transaction starts clean; connection macros and HELO stay."""
+    s = negotiated()
+    feed(s, *OPENING, *TRANSACTION, m.EndOfMessage(), m.Abort())
+    feed(s, m.MailFrom(address=b"<x@y>"))
+    assert s.message is not None
+    assert s.message.number == 2
+    assert s.message.recipients == []
+    assert s.message.macros == {}
+    assert s.message.queue_id is None
+    assert s.connection.macros == {b"j": b"mx"}
+
+
+def test_new_mail_or_helo_ends_open_message() -> None:
+    """A new MAIL (or HELO) while a transaction is open ends it as aborted."""
+    s = negotiated()
+    feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
+    first = s.message
+    feed(s, m.MailFrom(address=b"<c@d>"))
+    assert s.aborted is first
+    feed(s, m.Helo(hostname=b"again"))
+    assert s.aborted is not None
+    assert s.aborted.mail_from == b"<c@d>"
+    assert s.message is None
+
+
+def test_quit_nc_allows_new_connect() -> None:
+    """After QUIT_NC a new CONNECT starts a fresh connection context."""
+    s = negotiated()
+    feed(s, *OPENING, m.QuitNewConnection())
+    assert s.state is State.NEGOTIATED
+    assert s.connection.helo is None
+    feed(s, m.Connect(hostname=b"second"))
+    assert s.connection.hostname == b"second"
+
+
+def test_quit_closes() -> None:
+    """After QUIT no more data is accepted."""
+    s = negotiated()
+    feed(s, *OPENING, m.Quit())
+    assert s.state is State.CLOSED
+    with pytest.raises(RemoteProtocolError):
+        s.receive_data(m.Helo(hostname=b"x").to_frame())
+
+
+@pytest.mark.parametrize(
+    ("prefix", "bad"),
+    [
+        pytest.param((), m.RcptTo(address=b"<a@b>"), id="rcpt-before-mail"),
+        pytest.param((), m.Data(), id="data-before-mail"),
+        pytest.param((), m.EndOfMessage(), id="eom-before-mail"),
+        pytest.param((), m.Connect(hostname=b"x"), id="second-connect"),
+        pytest.param(
+            (*TRANSACTION[:2], m.Data(), m.Header(name=b"a", value=b"b")),
+            m.MailFrom(address=b"<x@y>"),
+            id="mail-during-headers",
+        ),
+        pytest.param(TRANSACTION, m.Header(name=b"a", value=b"b"), id="header-after-body"),
+        pytest.param(TRANSACTION[:2], POSTFIX_OFFER, id="second-optneg"),
+    ],
+)
+def test_illegal_orders(prefix: tuple[m.Command, ...], bad: m.Command) -> None:
+    """Commands out of order are a remote protocol error."""
+    s = negotiated()
+    feed(s, *OPENING, *prefix)
+    s.receive_data(bad.to_frame())
+    with pytest.raises(RemoteProtocolError, match="not allowed"):
+        s.next_event()
+
+
+def test_command_before_optneg_is_illegal() -> None:
+    """Nothing but OPTNEG may open the conversation."""
+    s = MilterSession()
+    s.receive_data(CONNECT.to_frame())
+    with pytest.raises(RemoteProtocolError):
+        s.next_event()
+
+
+@pytest.mark.parametrize(
+    ("prefix", "reply"),
+    [
+        pytest.param((), m.AddHeader(name=b"X", value=b"y"), id="mod-at-helo"),
+        pytest.param(TRANSACTION[:2], m.Quarantine(reason=b"r"), id="quarantine-at-mail"),
+        pytest.param(TRANSACTION[:2], m.Progress(), id="progress-at-mail"),
+        pytest.param((), m.Discard(), id="discard-at-helo"),
+        pytest.param(TRANSACTION[:2], m.Skip(), id="skip-at-mail"),
+        pytest.param((), m.ConnFail(), id="conn-fail"),
+        pytest.param(TRANSACTION[:2], m.ReplyCode(text=b"250 ok"), id="replycode-2xx"),
+    ],
+)
+def test_replies_at_wrong_stage_refused(prefix: tuple[m.Command, ...], reply: m.Reply) -> None:
+    """Replies illegal for the pending command raise LocalProtocolError."""
+    s = negotiated()
+    feed(s, *OPENING[:2])
+    s.receive_data(b"".join(c.to_frame() for c in (m.Helo(hostname=b"h"), *prefix)))
+    while (ev := s.next_event()) is not NEED_DATA:
+        if ev == (prefix[-1] if prefix else m.Helo(hostname=b"h")):
+            break
+        if s.needs_reply:
+            s.send(m.Continue())
+    assert s.needs_reply
+    with pytest.raises(LocalProtocolError):
+        s.send(reply)
+
+
+def test_reply_without_pending_command_refused() -> None:
+    """A reply when nothing waits for one is our bug, not the peer's."""
+    s = negotiated()
+    with pytest.raises(LocalProtocolError):
+        s.send(m.Continue())
+
+
+def test_modification_needs_negotiated_action() -> None:
+    """A modification whose action bit was not negotiated is refused."""
+    s = negotiated(Requirements(actions=Action.ADD_HEADERS))
+    feed(s, *OPENING, *TRANSACTION)
+    s.receive_data(m.EndOfMessage().to_frame())
+    s.next_event()
+    s.send(m.AddHeader(name=b"X", value=b"1"))
+    with pytest.raises(LocalProtocolError, match="not negotiated"):
+        s.send(m.RemoveRecipient(address=b"<c@d>"))
+
+
+def test_replbody_must_be_one_run() -> None:
+    """REPLBODY pieces interrupted by another modification are refused (Postfix rule)."""
+    s = negotiated()
+    feed(s, *OPENING, *TRANSACTION)
+    s.receive_data(m.EndOfMessage().to_frame())
+    s.next_event()
+    s.send(m.ReplaceBody(data=b"a"))
+    s.send(m.ReplaceBody(data=b"b"))
+    s.send(m.AddHeader(name=b"X", value=b"1"))
+    with pytest.raises(LocalProtocolError, match="unbroken"):
+        s.send(m.ReplaceBody(data=b"c"))
+
+
+def test_progress_keeps_eom_pending() -> None:
+    """PROGRESS at end-of-message is interim: the final reply is still due."""
+    s = negotiated()
+    feed(s, *OPENING, *TRANSACTION)
+    s.receive_data(m.EndOfMessage().to_frame())
+    s.next_event()
+    s.send(m.Progress())
+    assert s.needs_reply
+    s.send(m.Continue())
+    assert not s.needs_reply
+
+
+def test_no_reply_events_need_no_reply() -> None:
+    """Events negotiated as no-reply are returned without a pending reply."""
+    req = Requirements(reply_events=frozenset({Event.RCPT}))
+    s = negotiated(req)
+    s.receive_data(b"".join(c.to_frame() for c in (*OPENING, *TRANSACTION[:4])))
+    kinds = []
+    while (ev := s.next_event()) is not NEED_DATA:
+        kinds.append((type(ev).__name__, s.needs_reply))
+        if s.needs_reply:
+            s.send(m.Continue())
+    assert kinds == [
+        ("Connect", False),
+        ("Helo", False),
+        ("MailFrom", False),
+        ("RcptTo", True),
+    ]
+
+
+def test_next_event_before_reply_is_local_error() -> None:
+    """Reading on while a reply is due is a local misuse."""
+    s = negotiated()
+    s.receive_data(CONNECT.to_frame() + m.Helo(hostname=b"x").to_frame())
+    s.next_event()
+    with pytest.raises(LocalProtocolError):
+        s.next_event()
+
+
+def test_rejected_recipient_leaves_the_message() -> None:
+    """A recipient we refuse is not kept in the message context."""
+    s = negotiated()
+    feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
+    s.receive_data(m.RcptTo(address=b"<bad@d>").to_frame())
+    s.next_event()
+    s.send(m.ReplyCode.build(550, [b"no"], b"5.1.1"))
+    feed(s, m.RcptTo(address=b"<good@d>"))
+    assert s.message is not None
+    assert s.message.recipients == [(b"<good@d>", ())]
+
+
+def test_skipped_states_with_no_flags() -> None:
+    """With CONNECT, HELO, MAIL, RCPT and headers switched off, EOM may follow OPTNEG directly."""
+    s = negotiated(Requirements(events=frozenset(), reply_events=frozenset()))
+    s.receive_data(m.Macro(stage=b"E", macros=((b"i", b"Q9"),)).to_frame() + m.EndOfMessage().to_frame())
+    assert s.next_event() == m.EndOfMessage()
+    assert s.message is not None
+    assert s.message.queue_id == b"Q9"
+    s.send(m.Accept())
+    assert s.completed is not None
+
+
+def test_eof_mid_message_aborts_it() -> None:
+    """EOF with an open message reports it as aborted."""
+    s = negotiated()
+    feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
+    s.receive_eof()
+    assert s.aborted is not None
+    assert s.state is State.CLOSED
+
+
+def test_eof_mid_frame_is_remote_error() -> None:
+    """EOF inside a frame is reported as a truncated frame."""
+    s = negotiated()
+    s.receive_data(CONNECT.to_frame()[:7])
+    with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+        s.receive_eof()
+
+
+@pytest.mark.parametrize(
+    ("limits", "commands", "match"),
+    [
+        pytest.param(SessionLimits(max_recipients=2), [m.RcptTo(address=b"<r>")] * 3, "recipients", id="recipients"),
+        pytest.param(SessionLimits(max_headers=1), [m.Header(name=b"a", value=b"b")] * 2, "headers", id="headers"),
+        pytest.param(
+            SessionLimits(max_header_bytes=10), [m.Header(name=b"a", value=b"b" * 20)], "larger", id="header-bytes"
+        ),
+        pytest.param(
+            SessionLimits(max_macros=2),
+            [m.Macro(stage=b"R", macros=((b"a", b""), (b"b", b""), (b"c", b""))), m.RcptTo(address=b"<r>")],
+            "macros",
+            id="macros",
+        ),
+    ],
+)
+def test_limits(limits: SessionLimits, commands: list[m.Command], match: str) -> None:
+    """Oversized recipient lists, headers and macro sets are remote errors."""
+    s = MilterSession(limits)
+    s.receive_data(POSTFIX_OFFER.to_frame())
+    s.next_event()
+    s.send(negotiate(POSTFIX_OFFER, Requirements()).reply())
+    feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
+    with pytest.raises(RemoteProtocolError, match=match):
+        feed(s, *commands)

@@ -1,0 +1,266 @@
+"""Listener tests over real loopback sockets with the project's MTA-side client."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import stat
+import struct
+import tempfile
+
+import pytest
+
+from milterbridge.client import Envelope, MilterClient, MilterClientError
+from milterbridge.connection import ConnectionSettings, HandlerResult, StaticHandler
+from milterbridge.milter import messages as m
+from milterbridge.milter.negotiation import Requirements, negotiate
+from milterbridge.milter.session import MilterSession
+from tests.conftest import running_server
+
+MESSAGE = b"From: a@example.org\r\nSubject: caf\xe9 \r\n folded\r\n\r\nline one\r\n\xff\xfe 8-bit\r\n"
+
+
+class Recorder:
+    """Asks for every event, records what it saw, and at eom echoes the body back."""
+
+    def __init__(self, session: MilterSession, slow_eom: float = 0.0) -> None:
+        self.session = session
+        self.body = bytearray()
+        self.commands: list[m.Command] = []
+        self.slow_eom = slow_eom
+
+    def negotiate(self, offer: m.Negotiate) -> m.NegotiateReply:
+        return negotiate(offer, Requirements()).reply()
+
+    def handle(self, command: m.Command) -> HandlerResult:
+        self.commands.append(command)
+        if isinstance(command, m.BodyChunk):
+            self.body += command.data
+        if not self.session.needs_reply:
+            return None
+        if isinstance(command, m.EndOfMessage):
+            digest = hashlib.sha256(self.body).hexdigest().encode()
+            replies = [m.AddHeader(name=b"X-Body-SHA256", value=b" " + digest), *m.replace_body(bytes(self.body))]
+            replies.append(m.Accept())
+            if self.slow_eom:
+                return self._later(replies)
+            return replies
+        return [m.Continue()]
+
+    async def _later(self, replies: list[m.Reply | m.Modification]) -> list[m.Reply | m.Modification]:
+        await asyncio.sleep(self.slow_eom)
+        return replies
+
+    def connection_lost(self) -> None:
+        return None
+
+
+def _split_body(message: bytes) -> bytes:
+    return message.split(b"\r\n\r\n", 1)[1]
+
+
+async def _one_message(address: str, message: bytes = MESSAGE) -> tuple[MilterClient, m.Reply | None, tuple]:
+    client = await MilterClient.open(address)
+    await client.negotiate()
+    result = await client.send_message(Envelope(), message)
+    assert result.eom is not None
+    return client, result.final, result.eom.modifications
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("listen", ["inet:127.0.0.1:0", "inet6:[::1]:0", "unix"])
+async def test_full_conversation_each_transport(listen: str) -> None:
+    """A whole message over TCP, IPv6 and a unix socket; 8-bit body bytes survive both ways."""
+    with tempfile.TemporaryDirectory() as tmp:
+        address = f"unix:{tmp}/milter.sock" if listen == "unix" else listen
+        async with running_server(Recorder, [address]) as server:
+            client, final, mods = await _one_message(server.bound[0])
+            await client.quit()
+    body = _split_body(MESSAGE)
+    assert final == m.Accept()
+    assert mods[0] == m.AddHeader(name=b"X-Body-SHA256", value=b" " + hashlib.sha256(body).hexdigest().encode())
+    assert b"".join(x.data for x in mods[1:]) == body
+
+
+@pytest.mark.asyncio
+async def test_five_mib_body_in_64k_chunks() -> None:
+    """A 5 MiB body arrives intact in 64 KiB chunks and is echoed back in 65535-byte pieces."""
+    body = os.urandom(5 * 1024 * 1024)
+    seen: list[Recorder] = []
+
+    def factory(session: MilterSession) -> Recorder:
+        seen.append(Recorder(session))
+        return seen[-1]
+
+    async with running_server(factory) as server:
+        client = await MilterClient.open(server.bound[0])
+        await client.negotiate()
+        await client.open_session(Envelope())
+        await client.mail_from(b"<a@b>")
+        await client.rcpt_to(b"<c@d>")
+        replies = await client.body(body, chunk_size=64 * 1024)
+        eom = await client.end_of_message()
+        await client.quit()
+    assert len(replies) == 80
+    assert bytes(seen[0].body) == body
+    assert b"".join(x.data for x in eom.modifications if isinstance(x, m.ReplaceBody)) == body
+    assert all(len(x.data) <= 65535 for x in eom.modifications if isinstance(x, m.ReplaceBody))
+
+
+@pytest.mark.asyncio
+async def test_several_messages_on_one_connection() -> None:
+    """Three transactions on one connection each get their own answer."""
+    async with running_server(Recorder) as server:
+        client = await MilterClient.open(server.bound[0])
+        await client.negotiate()
+        await client.open_session(Envelope())
+        for n in range(3):
+            result = await client.send_transaction(Envelope(), MESSAGE.replace(b"line one", b"msg %d" % n))
+            assert result.final == m.Accept()
+        await client.quit()
+
+
+@pytest.mark.asyncio
+async def test_two_hundred_concurrent_connections() -> None:
+    """200 clients at once all complete."""
+    async with running_server(StaticHandler) as server:
+
+        async def one() -> m.Reply | None:
+            client = await MilterClient.open(server.bound[0])
+            try:
+                await client.negotiate()
+                result = await client.send_message(Envelope(), MESSAGE)
+                return result.final
+            finally:
+                await client.quit()
+
+        results = await asyncio.gather(*(one() for _ in range(200)))
+        assert server.state.total_connections == 200
+    assert results == [m.Accept()] * 200
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        pytest.param(struct.pack(">I", 0xFFFFFFF0) + b"x", id="huge-length"),
+        pytest.param(struct.pack(">I", 0), id="zero-length"),
+        pytest.param(m.Helo(hostname=b"x").to_frame(), id="helo-before-optneg"),
+        pytest.param(struct.pack(">I", 1) + b"Z", id="unknown-code"),
+    ],
+)
+async def test_garbage_closes_only_that_connection(garbage: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """A malformed frame closes its own connection (logged) while another completes normally."""
+    async with running_server(Recorder) as server:
+        good = await MilterClient.open(server.bound[0])
+        await good.negotiate()
+        await good.open_session(Envelope())
+        host, port = server.bound[0].removeprefix("inet:").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(garbage)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        await writer.wait_closed()
+        result = await good.send_transaction(Envelope(), MESSAGE)
+        assert result.final == m.Accept()
+        await good.quit()
+    assert any("closing milter connection" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.asyncio
+async def test_connection_limit() -> None:
+    """Connections over max_connections are closed at once; the others are served."""
+    async with running_server(StaticHandler, max_connections=2) as server:
+        clients = [await MilterClient.open(server.bound[0]) for _ in range(2)]
+        for c in clients:
+            await c.negotiate()
+        extra = await MilterClient.open(server.bound[0])
+        with pytest.raises((MilterClientError, ConnectionError)):
+            await extra.negotiate()
+        await extra.aclose()
+        assert server.refused_connections == 1
+        for c in clients:
+            await c.quit()
+
+
+@pytest.mark.asyncio
+async def test_progress_keepalives_while_eom_is_slow() -> None:
+    """A slow end-of-message answer is preceded by PROGRESS packets."""
+    settings = ConnectionSettings(progress_interval=0.05)
+    async with running_server(lambda s: Recorder(s, slow_eom=0.3), settings=settings) as server:
+        client, final, _ = await _one_message(server.bound[0])
+        await client.quit()
+    assert final == m.Accept()
+
+
+@pytest.mark.asyncio
+async def test_progress_count_seen_by_client() -> None:
+    """The client counts the keep-alives it received."""
+    settings = ConnectionSettings(progress_interval=0.05)
+    async with running_server(lambda s: Recorder(s, slow_eom=0.3), settings=settings) as server:
+        client = await MilterClient.open(server.bound[0])
+        await client.negotiate()
+        await client.open_session(Envelope())
+        await client.mail_from(b"<a@b>")
+        await client.rcpt_to(b"<c@d>")
+        eom = await client.end_of_message()
+        await client.quit()
+    assert eom.progress >= 3
+    assert eom.reply == m.Accept()
+
+
+@pytest.mark.asyncio
+async def test_unix_socket_mode_and_stale_file() -> None:
+    """The socket gets the configured mode; a stale socket file is replaced, a live one is not."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/m.sock"
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(path)
+        stale.close()  # leaves a socket file nobody listens on
+        async with running_server(StaticHandler, [f"unix:{path}"], socket_mode=0o660) as server:
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+            second = type(server)([f"unix:{path}"], StaticHandler)
+            with pytest.raises(OSError, match="another process"):
+                await second.start()
+        assert not os.path.exists(path)
+
+
+@pytest.mark.asyncio
+async def test_drain_finishes_busy_message_and_closes_idle() -> None:
+    """shutdown() closes idle connections at once and lets a busy one finish its message."""
+    settings = ConnectionSettings(progress_interval=5)
+    async with running_server(lambda s: Recorder(s, slow_eom=0.3), settings=settings) as server:
+        idle = await MilterClient.open(server.bound[0])
+        await idle.negotiate()
+        busy = await MilterClient.open(server.bound[0])
+        await busy.negotiate()
+        await busy.open_session(Envelope())
+        await busy.mail_from(b"<a@b>")
+        await busy.rcpt_to(b"<c@d>")
+        eom_task = asyncio.ensure_future(busy.end_of_message())
+        await asyncio.sleep(0.05)
+        await server.shutdown(timeout=2.0)
+        eom = await eom_task
+        assert eom.reply == m.Accept()
+        with pytest.raises(MilterClientError):
+            await idle.helo(b"late")
+        await idle.aclose()
+        await busy.aclose()
+
+
+@pytest.mark.asyncio
+async def test_drain_deadline_aborts_stuck_connection() -> None:
+    """A connection still busy at the drain deadline is closed."""
+    async with running_server(lambda s: Recorder(s, slow_eom=30)) as server:
+        client = await MilterClient.open(server.bound[0])
+        await client.negotiate()
+        await client.open_session(Envelope())
+        await client.mail_from(b"<a@b>")
+        eom_task = asyncio.ensure_future(client.end_of_message())
+        await asyncio.sleep(0.05)
+        await server.shutdown(timeout=0.2)
+        with pytest.raises(MilterClientError):
+            await eom_task
+        await client.aclose()
