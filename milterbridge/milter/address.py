@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ListenAddress", "parse_listen_address", "split_host_port"]
+__all__ = ["ListenAddress", "is_loopback_host", "parse_listen_address", "split_host_port"]
 
 # Letters, digits, '-', '_' and '.': '_' because container and compose service
 # names often carry one, even though DNS host names may not.
@@ -84,6 +84,16 @@ def split_host_port(text: str) -> tuple[str, int]:
     """
     host, port_text = _split_host_port(text, text)
     return _check_host(text, host, ipv6_only=False), _check_port(text, port_text)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a host (name or IP literal, without brackets) is this machine: localhost, 127.0.0.0/8 or ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _split_host_port(text: str, rest: str) -> tuple[str, str]:

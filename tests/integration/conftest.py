@@ -1,0 +1,97 @@
+"""Fixtures for the real-Postfix suite.
+
+One private Postfix instance serves the whole run (``postfix_instance``, session scope);
+``postfix`` hands it to a test after emptying the queue and the Maildir and restoring the
+default settings, which is far cheaper than an instance per test.
+
+When Postfix is missing or we are not root, the tests are skipped with a loud reason, except
+under ``CI=true``, where they fail: CI must never skip the end-to-end suite silently. The
+terminal summary names the Postfix version used (or the reason for skipping).
+
+Set ``MILTERBRIDGE_KEEP_POSTFIX=1`` to keep the instance's directory (config, queue, maillog,
+Maildir) after the run for inspection; the summary prints its path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from .postfix import PostfixInstance, closed_port, installed_version, prerequisites_problem
+
+_SUMMARY = pytest.StashKey[list[str]]()
+_SKIPPED = pytest.StashKey[str]()
+
+
+def _summary(config: pytest.Config) -> list[str]:
+    return config.stash.setdefault(_SUMMARY, [])
+
+
+def _require_postfix(config: pytest.Config) -> None:
+    """Fail (in CI) or skip loudly (elsewhere) when a private Postfix cannot run here."""
+    problem = prerequisites_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true, but the real-Postfix tests cannot run: {problem}", pytrace=False)
+    config.stash[_SKIPPED] = problem
+    pytest.skip(f"REAL-POSTFIX TESTS SKIPPED: {problem}")
+
+
+@pytest.fixture(scope="session")
+def postfix_version(pytestconfig: pytest.Config) -> str:
+    """The installed Postfix's ``mail_version``, e.g. ``"3.7.11"``."""
+    _require_postfix(pytestconfig)
+    version = installed_version()
+    assert version is not None, "postconf -d mail_version printed nothing"
+    return version
+
+
+@pytest.fixture(scope="session")
+def postfix_instance(pytestconfig: pytest.Config, postfix_version: str) -> Iterator[PostfixInstance]:
+    """The run's private Postfix, started once; prefer the reset-per-test ``postfix`` fixture."""
+    keep = os.environ.get("MILTERBRIDGE_KEEP_POSTFIX", "") not in ("", "0")
+    instance = PostfixInstance(keep_files=keep)
+    with instance:
+        _summary(pytestconfig).append(
+            f"Postfix version: {postfix_version} (private instance on {instance.smtp_host}:{instance.smtp_port})"
+        )
+        if keep:
+            _summary(pytestconfig).append(f"Postfix instance kept in {instance.base}")
+        yield instance
+
+
+@pytest.fixture
+def postfix(postfix_instance: PostfixInstance) -> PostfixInstance:
+    """The shared Postfix with an empty queue, an empty Maildir and default settings (no milter)."""
+    # Reset before rather than after the test, so a test always starts clean even when the
+    # previous one broke the instance's state halfway through a teardown.
+    postfix_instance.reset()
+    return postfix_instance
+
+
+@pytest.fixture
+def closed_milter_port() -> Iterator[int]:
+    """A loopback port that refuses connections, to play a milter that is down."""
+    with closed_port() as port:
+        yield port
+
+
+@pytest.fixture
+def postfix_report(pytestconfig: pytest.Config) -> Callable[[str], None]:
+    """Add a line to the real-Postfix section of the terminal summary (shown even without -s)."""
+    return _summary(pytestconfig).append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
+    """Print the Postfix version and timings, or shout why the suite was skipped."""
+    skipped = config.stash.get(_SKIPPED, None)
+    if skipped is not None:
+        terminalreporter.write_sep("!", f"REAL-POSTFIX TESTS SKIPPED: {skipped}", yellow=True, bold=True)
+    lines = config.stash.get(_SUMMARY, [])
+    if lines:
+        terminalreporter.write_sep("-", "real Postfix")
+        for line in lines:
+            terminalreporter.write_line(line)
