@@ -1,0 +1,468 @@
+"""The webhook HTTP client: one aiohttp session for the process, one POST per event.
+
+``WebhookClient.post`` sends a JSON body (already encoded, bytes) to one endpoint and returns a
+``WebhookResponse`` for 200 / 204, or raises a ``WebhookError`` (see ``errors``). The rules it
+enforces come from design.md §3.2 and §3.5:
+
+- The endpoint's ``timeout`` is the whole budget for the call, retry included: one deadline,
+  enforced with ``asyncio.timeout_at`` around everything (connect, send, read, retry).
+- At most one retry, immediately, only after a connection error or a 429/502/503/504, and only
+  while time remains; ``Retry-After`` is not honoured (the budget is seconds, not minutes).
+  The retry keeps the ``webhook-id`` and gets a fresh ``webhook-timestamp`` and signature.
+- Status 200 and 204 are success (200 with an empty body too). Any other status is a
+  ``WebhookStatusError``, including 2xx such as 201 or 202: the contract allows only 200 and
+  204, and a 202 "accepted for later" would silently mean "continue". 3xx is a
+  ``WebhookRedirectError`` and is never followed (the request carries secrets and tokens).
+- The response body is read in chunks up to ``max_response_bytes``; one byte more and the
+  connection is closed and ``WebhookResponseTooLargeError`` raised.
+- A circuit breaker per endpoint is asked before the call and told the result after.
+
+Per-endpoint work (header dict, signer, TLS context, redacted URL) is done once and cached
+by endpoint name; a reload that hands in changed settings rebuilds the entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Protocol, Self
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+
+import milterbridge
+from milterbridge.config import EndpointSettings, TlsSettings
+from milterbridge.webhook.breaker import CircuitBreaker
+from milterbridge.webhook.errors import (
+    AttemptOutcome,
+    WebhookBreakerOpenError,
+    WebhookConnectionError,
+    WebhookError,
+    WebhookInvalidBodyError,
+    WebhookRedirectError,
+    WebhookResponseTooLargeError,
+    WebhookStatusError,
+    WebhookTimeoutError,
+    WebhookTlsError,
+    redact_url,
+)
+from milterbridge.webhook.signing import Signer
+
+__all__ = [
+    "USER_AGENT",
+    "RETRY_STATUSES",
+    "WebhookResponse",
+    "WebhookObserver",
+    "WebhookClient",
+    "build_ssl_context",
+    "decode_json",
+]
+
+USER_AGENT: Final = f"milterbridge/{milterbridge.__version__}"
+#: Statuses worth one retry (design.md §3.5): overload and gateway trouble, nothing else.
+RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
+_SUCCESS_STATUSES: Final = frozenset({200, 204})
+#: A retry with less time than this left could not finish; fail with the first error instead.
+_MIN_RETRY_BUDGET: Final = 0.005
+#: Error bodies up to this size are read so the keep-alive connection can be reused; larger
+#: ones are dropped with the connection.
+_DRAIN_ERROR_BODY_BYTES: Final = 4096
+#: Headers the bridge sets itself; an endpoint's extra headers cannot replace them.
+_RESERVED_HEADERS: Final = frozenset(
+    {"content-type", "content-length", "webhook-id", "webhook-timestamp", "webhook-signature", "host"}
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebhookResponse:
+    """A successful answer: status 200 or 204, the raw body, and how it went."""
+
+    status: int
+    body: bytes
+    #: HTTP requests made (2 when the retry was needed).
+    attempts: int
+    #: Seconds from the call to the end of the body, retry included.
+    elapsed: float
+
+
+class WebhookObserver(Protocol):
+    """Hook for metrics: told about every attempt, so webhook/ needs no metrics import."""
+
+    def on_attempt(self, endpoint: str, attempt: int, outcome: AttemptOutcome, elapsed: float) -> None:
+        """One attempt ended. ``attempt`` is 1, or 2 for the retry, or 0 when the breaker
+        refused the call (``outcome`` breaker_open, nothing sent); ``elapsed`` is the seconds
+        this attempt took. Must not raise or block."""
+
+
+def decode_json(body: bytes) -> object:
+    """Parse a response body with orjson; an empty (or blank) body is ``None``.
+
+    Anything orjson refuses (invalid JSON, invalid UTF-8, nesting deeper than its limit of
+    1024) raises ``WebhookInvalidBodyError``, without the body in the message.
+    """
+    if not body or body.isspace():
+        return None
+    try:
+        return orjson.loads(body)
+    except (orjson.JSONDecodeError, RecursionError) as exc:
+        # JSONDecodeError's text quotes the offending document; keep only the position.
+        position = getattr(exc, "pos", None)
+        where = f" at byte {position}" if position is not None else ""
+        raise WebhookInvalidBodyError(f"response body is not valid JSON{where}") from None
+
+
+def build_ssl_context(tls: TlsSettings) -> ssl.SSLContext | bool:
+    """The aiohttp ``ssl=`` value for ``tls``: ``True`` (default verification), ``False`` or a context.
+
+    A ``ca_file`` replaces the system trust store for that endpoint (an internal CA is usually
+    the only one it should trust); ``cert_file``/``key_file`` add a client certificate (mTLS).
+    Raises ``OSError``/``ssl.SSLError`` when a file cannot be loaded.
+    """
+    if tls.ca_file is None and tls.cert_file is None:
+        # aiohttp keeps one cached default context; sharing it lets endpoints share the pool.
+        return tls.verify
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.cert_file is not None:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
+class _Endpoint:
+    """What is precomputed for one endpoint (see the module docstring)."""
+
+    __slots__ = ("base_headers", "breaker", "name", "safe_url", "settings", "signer", "ssl", "url")
+
+    def __init__(self, settings: EndpointSettings, ssl_value: ssl.SSLContext | bool, breaker: CircuitBreaker) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.url = settings.url
+        self.safe_url = redact_url(settings.url)
+        self.ssl = ssl_value
+        self.breaker = breaker
+        self.signer = Signer(settings.secrets) if settings.secrets else None
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        for name, value in settings.headers:
+            if name.lower() not in _RESERVED_HEADERS:
+                headers[name] = value
+        if "@" in urlsplit(settings.url).netloc and any(name.lower() == "authorization" for name in headers):
+            # aiohttp turns URL credentials into an Authorization header and refuses both at once.
+            raise ValueError(f"endpoint {self.name!r}: credentials in the URL and an Authorization header conflict")
+        headers["Content-Type"] = "application/json"
+        self.base_headers = headers
+
+    def headers_for(self, webhook_id: str, body: bytes) -> dict[str, str]:
+        """The headers of one attempt; the timestamp is taken now (design.md §3.2)."""
+        timestamp = int(time.time())
+        headers = self.base_headers.copy()
+        headers["webhook-id"] = webhook_id
+        headers["webhook-timestamp"] = str(timestamp)
+        if self.signer is not None:
+            headers["webhook-signature"] = self.signer.sign(webhook_id, timestamp, body)
+        return headers
+
+
+class WebhookClient:
+    """Posts webhooks over one long-lived ``aiohttp.ClientSession``.
+
+    Construct, then ``await start()`` (or ``async with``); ``aclose()`` closes the pool.
+    ``endpoints`` given here are prepared at ``start()`` (TLS files load and secrets decode
+    then, so bad ones fail start-up with ``ValueError``/``OSError``); others are prepared on
+    first use, where the same problems become a ``WebhookError`` of that call. ``limit``/``limit_per_host`` bound the
+    connection pool (0 = unbounded: a pool wait would eat the endpoint's budget);
+    ``keepalive_timeout`` stays under the 5 s idle timeout common in web servers so an idle
+    connection is dropped by us before the server closes it under a new request.
+    """
+
+    def __init__(
+        self,
+        endpoints: Iterable[EndpointSettings] = (),
+        *,
+        limit: int = 0,
+        limit_per_host: int = 0,
+        keepalive_timeout: float = 4.0,
+        observer: WebhookObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._initial = tuple(endpoints)
+        self._limit = limit
+        self._limit_per_host = limit_per_host
+        self._keepalive_timeout = keepalive_timeout
+        self._observer = observer
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._ssl_cache: dict[TlsSettings, ssl.SSLContext | bool] = {}
+
+    async def start(self) -> None:
+        """Open the session and prepare the endpoints given to the constructor."""
+        if self._session is not None:
+            return
+        for settings in self._initial:
+            self._prepare(settings)
+        connector = aiohttp.TCPConnector(
+            limit=self._limit,
+            limit_per_host=self._limit_per_host,
+            keepalive_timeout=self._keepalive_timeout,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            # Our own deadline (asyncio.timeout_at) bounds every call; aiohttp's default 5 min
+            # total would only get in the way.
+            timeout=aiohttp.ClientTimeout(total=None),
+            raise_for_status=False,
+            trust_env=False,  # no proxy or netrc from the environment: endpoints are explicit
+            cookie_jar=aiohttp.DummyCookieJar(),  # endpoints must not share state via cookies
+            auto_decompress=True,  # counted against max_response_bytes after decompression
+        )
+
+    async def aclose(self) -> None:
+        """Close the session and its pooled connections."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def update_endpoints(self, endpoints: Iterable[EndpointSettings]) -> None:
+        """Replace the prepared endpoints (SIGHUP reload).
+
+        TLS files are read again (certificates get rotated under the same path); an endpoint
+        whose URL and breaker settings are unchanged keeps its breaker state. Raises like
+        ``start()``; on error the previous endpoints stay in place.
+        """
+        old, old_cache = self._endpoints, self._ssl_cache
+        self._endpoints, self._ssl_cache = {}, {}
+        try:
+            for settings in endpoints:
+                previous = old.get(settings.name)
+                if previous is not None:
+                    self._endpoints[settings.name] = previous
+                self._prepare(settings, rebuild=True)
+        except BaseException:
+            self._endpoints, self._ssl_cache = old, old_cache
+            raise
+
+    def breaker_states(self) -> dict[str, str]:
+        """Breaker state per endpoint name: ``closed``, ``open`` or ``half_open``."""
+        return {name: str(ep.breaker.state) for name, ep in self._endpoints.items()}
+
+    def mark_failed(self, endpoint: EndpointSettings) -> None:
+        """Turn the last successful ``post`` into a failure for the breaker (e.g. an invalid decision)."""
+        self._endpoint(endpoint).breaker.revoke_success()
+
+    def _endpoint(self, settings: EndpointSettings) -> _Endpoint:
+        ep = self._endpoints.get(settings.name)
+        if ep is not None and ep.settings is settings:
+            return ep
+        return self._prepare(settings)
+
+    def _prepare(self, settings: EndpointSettings, *, rebuild: bool = False) -> _Endpoint:
+        previous = self._endpoints.get(settings.name)
+        if previous is not None and not rebuild and previous.settings == settings:
+            previous.settings = settings  # identical content: next lookup takes the fast path
+            return previous
+        breaker: CircuitBreaker
+        if (
+            previous is not None
+            and previous.url == settings.url
+            and previous.settings.breaker_failures == settings.breaker_failures
+            and previous.settings.breaker_reset == settings.breaker_reset
+        ):
+            breaker = previous.breaker
+        else:
+            breaker = CircuitBreaker(
+                failure_threshold=settings.breaker_failures,
+                reset_timeout=settings.breaker_reset,
+                clock=self._clock,
+            )
+        ssl_value = self._ssl_cache.get(settings.tls)
+        if ssl_value is None:
+            ssl_value = self._ssl_cache[settings.tls] = build_ssl_context(settings.tls)
+        ep = _Endpoint(settings, ssl_value, breaker)
+        self._endpoints[settings.name] = ep
+        return ep
+
+    def _observe(self, ep: _Endpoint, attempt: int, outcome: AttemptOutcome, elapsed: float) -> None:
+        if self._observer is not None:
+            self._observer.on_attempt(ep.name, attempt, outcome, elapsed)
+
+    async def post(
+        self,
+        endpoint: EndpointSettings,
+        body: bytes,
+        *,
+        webhook_id: str,
+        # The retry decision needs the budget up front, which a caller's asyncio.timeout hides.
+        timeout: float | None = None,
+    ) -> WebhookResponse:
+        """POST ``body`` (encoded JSON) to ``endpoint``; see the module docstring for the rules.
+
+        ``timeout`` overrides ``endpoint.timeout`` as the whole budget in seconds (e.g. what
+        is left of a phase). Raises a ``WebhookError``; cancellation propagates unchanged.
+        """
+        if self._session is None:
+            raise RuntimeError("WebhookClient.start() has not been called")
+        try:
+            ep = self._endpoint(endpoint)
+        except (ValueError, OSError) as exc:
+            # Settings the config check should have refused (bad secret, unreadable TLS file):
+            # fail this call through on_error instead of breaking the caller.
+            raise WebhookError(f"cannot prepare the endpoint: {exc}", endpoint=endpoint.name) from None
+        budget = endpoint.timeout if timeout is None else timeout
+        if budget <= 0:
+            # Nothing left of the caller's phase: not the endpoint's fault, so no breaker count.
+            raise WebhookTimeoutError("no time left for the call", timeout=budget, endpoint=ep.name, url=ep.safe_url)
+        if not ep.breaker.allow():
+            self._observe(ep, 0, AttemptOutcome.BREAKER_OPEN, 0.0)
+            raise WebhookBreakerOpenError("circuit breaker is open; not called", endpoint=ep.name, url=ep.safe_url)
+        try:
+            response = await self._call(self._session, ep, body, webhook_id, budget)
+        except WebhookError:
+            ep.breaker.record_failure()
+            raise
+        except BaseException:
+            ep.breaker.release()  # cancelled: says nothing about the endpoint
+            raise
+        ep.breaker.record_success()
+        return response
+
+    async def _call(
+        self, session: aiohttp.ClientSession, ep: _Endpoint, body: bytes, webhook_id: str, budget: float
+    ) -> WebhookResponse:
+        loop = asyncio.get_running_loop()
+        started = attempt_started = loop.time()
+        deadline = started + budget
+        attempt = 0
+        scope = asyncio.timeout_at(deadline)
+        try:
+            async with scope:
+                while True:
+                    attempt += 1
+                    attempt_started = loop.time()
+                    try:
+                        status, data = await self._attempt(session, ep, body, webhook_id)
+                    except WebhookError as exc:
+                        now = loop.time()
+                        self._observe(ep, attempt, exc.outcome, now - attempt_started)
+                        if exc.retryable and attempt == 1 and ep.settings.retry and deadline - now > _MIN_RETRY_BUDGET:
+                            continue
+                        exc.attempts = attempt
+                        raise
+                    now = loop.time()
+                    self._observe(ep, attempt, AttemptOutcome.OK, now - attempt_started)
+                    return WebhookResponse(status=status, body=data, attempts=attempt, elapsed=now - started)
+        except TimeoutError as exc:
+            if isinstance(exc, WebhookError) or not scope.expired():
+                raise
+            self._observe(ep, attempt, AttemptOutcome.TIMEOUT, loop.time() - attempt_started)
+            raise WebhookTimeoutError(
+                f"no answer within {budget:g} s",
+                timeout=budget,
+                endpoint=ep.name,
+                url=ep.safe_url,
+                attempts=attempt,
+            ) from None
+        except asyncio.CancelledError:
+            self._observe(ep, attempt, AttemptOutcome.CANCELLED, loop.time() - attempt_started)
+            raise
+
+    async def _attempt(
+        self, session: aiohttp.ClientSession, ep: _Endpoint, body: bytes, webhook_id: str
+    ) -> tuple[int, bytes]:
+        """One HTTP request: (status, body) for 200/204; otherwise a ``WebhookError``."""
+        headers = ep.headers_for(webhook_id, body)
+        try:
+            async with session.post(ep.url, data=body, headers=headers, ssl=ep.ssl, allow_redirects=False) as response:
+                status = response.status
+                if status in _SUCCESS_STATUSES:
+                    if status == 204:
+                        return status, b""
+                    return status, await _read_limited(response, ep)
+                if 300 <= status < 400:
+                    location = response.headers.get("Location")
+                    raise WebhookRedirectError(
+                        f"answered {status} (redirects are not followed)",
+                        status=status,
+                        location=redact_url(location) if location else None,
+                        endpoint=ep.name,
+                        url=ep.safe_url,
+                    )
+                length = response.content_length
+                if length is not None and length <= _DRAIN_ERROR_BODY_BYTES:
+                    await response.read()
+                raise WebhookStatusError(
+                    f"answered {status}",
+                    status=status,
+                    endpoint=ep.name,
+                    url=ep.safe_url,
+                    retryable=status in RETRY_STATUSES,
+                )
+        except (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch) as exc:
+            raise WebhookTlsError(_describe(exc), endpoint=ep.name, url=ep.safe_url) from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            if isinstance(exc, TimeoutError):  # aiohttp's own timeouts; ours are off, but be exact
+                raise WebhookTimeoutError(_describe(exc), timeout=0.0, endpoint=ep.name, url=ep.safe_url) from None
+            raise WebhookConnectionError(_describe(exc), endpoint=ep.name, url=ep.safe_url, retryable=True) from None
+        except aiohttp.ClientError as exc:
+            # Malformed HTTP from the peer and the like: retrying would most likely see it again.
+            raise WebhookConnectionError(_describe(exc), endpoint=ep.name, url=ep.safe_url) from None
+        except ValueError as exc:
+            # aiohttp refuses some requests before sending (e.g. a header value with a newline).
+            raise WebhookError(f"request refused by the HTTP client: {_describe(exc)}", endpoint=ep.name) from None
+
+
+def _describe(exc: BaseException) -> str:
+    """A log-safe description of an aiohttp error: its class and OS error, never its URL.
+
+    aiohttp messages often embed the full request URL (userinfo and query included), so
+    only the type and, when present, the underlying OS error text are kept.
+    """
+    kind = type(exc).__name__
+    os_error = getattr(exc, "os_error", None)
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return f"{kind}: {os_error.strerror}"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        reason = getattr(getattr(exc, "certificate_error", None), "verify_message", None)
+        if reason:
+            return f"{kind}: {reason}"
+    return kind
+
+
+async def _read_limited(response: aiohttp.ClientResponse, ep: _Endpoint) -> bytes:
+    """Read the body in chunks, closing the connection as soon as it passes the limit."""
+    max_bytes = ep.settings.max_response_bytes
+    length = response.content_length
+    if length is not None and length > max_bytes:
+        response.close()
+        raise _too_large(ep, max_bytes)
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := await response.content.readany():
+        total += len(chunk)
+        if total > max_bytes:
+            response.close()  # do not drain the rest: that is what the limit protects against
+            raise _too_large(ep, max_bytes)
+        chunks.append(chunk)
+    # The usual small decision arrives in one chunk: skip the join copy then.
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(ep: _Endpoint, max_bytes: int) -> WebhookResponseTooLargeError:
+    return WebhookResponseTooLargeError(
+        f"response body larger than {max_bytes} bytes", max_bytes=max_bytes, endpoint=ep.name, url=ep.safe_url
+    )

@@ -1,0 +1,183 @@
+"""Errors of the webhook client, and the outcome names used for metrics.
+
+Every failure of a webhook call is a ``WebhookError``; the dispatcher turns any of them into
+the endpoint's ``on_error`` action (design.md §3.5). Leaves also inherit a builtin where
+generic handlers benefit, as aiohttp's client exceptions do::
+
+    WebhookError
+    ├── WebhookTimeoutError            (also TimeoutError)  budget spent, retry included
+    ├── WebhookConnectionError         (also ConnectionError) refused, reset, closed mid-body
+    │   └── WebhookTlsError            certificate or handshake failure; never retried
+    ├── WebhookStatusError             a status other than 200 / 204 (and not 3xx)
+    ├── WebhookRedirectError           a 3xx answer; redirects are never followed
+    ├── WebhookResponseTooLargeError   body over the endpoint's max_response_bytes
+    ├── WebhookInvalidBodyError        not JSON, or not a valid decision
+    └── WebhookBreakerOpenError        the circuit breaker refused the call
+
+Messages are safe to log: URLs go through ``redact_url`` (no userinfo, query or fragment),
+and no secret, header value or response body ever appears in them.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar, TypedDict, Unpack
+from urllib.parse import urlsplit
+
+__all__ = [
+    "AttemptOutcome",
+    "WebhookError",
+    "WebhookTimeoutError",
+    "WebhookConnectionError",
+    "WebhookTlsError",
+    "WebhookStatusError",
+    "WebhookRedirectError",
+    "WebhookResponseTooLargeError",
+    "WebhookInvalidBodyError",
+    "WebhookBreakerOpenError",
+    "redact_url",
+]
+
+
+class AttemptOutcome(enum.StrEnum):
+    """How one HTTP attempt (or a refused call) ended; a bounded metrics label."""
+
+    OK = "ok"
+    TIMEOUT = "timeout"
+    CONNECTION_ERROR = "connection_error"
+    TLS_ERROR = "tls_error"
+    STATUS_ERROR = "status_error"
+    REDIRECT = "redirect"
+    TOO_LARGE = "too_large"
+    INVALID_BODY = "invalid_body"
+    BREAKER_OPEN = "breaker_open"
+    #: The caller cancelled the call (e.g. the MTA went away); not the endpoint's fault.
+    CANCELLED = "cancelled"
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` without userinfo, query string or fragment, for logs and messages."""
+    try:
+        parts = urlsplit(url)
+        # .hostname lower-cases and drops IPv6 brackets; keep the netloc as written instead,
+        # minus everything up to the last "@" (userinfo may itself contain ":").
+        netloc = parts.netloc.rpartition("@")[2]
+        _ = parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        return "<invalid url>"
+    if not parts.scheme or not netloc:
+        return "<invalid url>"
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+class _ErrorContext(TypedDict, total=False):
+    """The keyword arguments every ``WebhookError`` accepts (see its docstring)."""
+
+    endpoint: str
+    url: str
+    attempts: int
+    retryable: bool
+
+
+class WebhookError(Exception):
+    """Root of the webhook errors: the call to one endpoint failed.
+
+    ``endpoint`` is the configured name, ``url`` the redacted URL, ``attempts`` the number of
+    HTTP requests made (0 when none was sent).
+    """
+
+    outcome: ClassVar[AttemptOutcome] = AttemptOutcome.CONNECTION_ERROR
+    #: Whether the client may retry after this error (design.md §3.5); set by the client.
+    retryable: bool
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: str = "",
+        url: str = "",
+        attempts: int = 0,
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.url = url
+        self.attempts = attempts
+        self.retryable = retryable
+
+    def __str__(self) -> str:
+        message = str(self.args[0]) if self.args else ""
+        if self.endpoint:
+            where = f"webhook {self.endpoint!r}" + (f" ({self.url})" if self.url else "")
+            message = f"{where}: {message}"
+        if self.attempts > 1:
+            message += f" (after {self.attempts} attempts)"
+        return message
+
+
+class WebhookTimeoutError(WebhookError, TimeoutError):
+    """The endpoint did not answer within its budget (retry included)."""
+
+    outcome = AttemptOutcome.TIMEOUT
+
+    def __init__(self, message: str, *, timeout: float, **kwargs: Unpack[_ErrorContext]) -> None:
+        super().__init__(message, **kwargs)
+        self.timeout = timeout
+
+
+class WebhookConnectionError(WebhookError, ConnectionError):
+    """Connecting, sending or receiving failed (refused, reset, closed mid-response)."""
+
+    outcome = AttemptOutcome.CONNECTION_ERROR
+
+
+class WebhookTlsError(WebhookConnectionError):
+    """The TLS handshake failed (certificate not trusted, wrong host, client cert refused)."""
+
+    outcome = AttemptOutcome.TLS_ERROR
+
+
+class WebhookStatusError(WebhookError):
+    """The endpoint answered with a status other than 200, 204 or a redirect."""
+
+    outcome = AttemptOutcome.STATUS_ERROR
+
+    def __init__(self, message: str, *, status: int, **kwargs: Unpack[_ErrorContext]) -> None:
+        super().__init__(message, **kwargs)
+        self.status = status
+
+
+class WebhookRedirectError(WebhookError):
+    """The endpoint answered 3xx; redirects are never followed (the secret would travel)."""
+
+    outcome = AttemptOutcome.REDIRECT
+
+    def __init__(
+        self, message: str, *, status: int, location: str | None = None, **kwargs: Unpack[_ErrorContext]
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.status = status
+        #: The redacted Location header, if any.
+        self.location = location
+
+
+class WebhookResponseTooLargeError(WebhookError):
+    """The response body exceeded the endpoint's ``max_response_bytes``."""
+
+    outcome = AttemptOutcome.TOO_LARGE
+
+    def __init__(self, message: str, *, max_bytes: int, **kwargs: Unpack[_ErrorContext]) -> None:
+        super().__init__(message, **kwargs)
+        self.max_bytes = max_bytes
+
+
+class WebhookInvalidBodyError(WebhookError):
+    """The response body is not JSON, or not a decision the contract allows."""
+
+    outcome = AttemptOutcome.INVALID_BODY
+
+
+class WebhookBreakerOpenError(WebhookError):
+    """The endpoint's circuit breaker is open: no request was sent."""
+
+    outcome = AttemptOutcome.BREAKER_OPEN

@@ -1,0 +1,3 @@
+"""Tests of milterbridge.webhook: signing, the HTTP client, the circuit breaker."""
+
+from __future__ import annotations
