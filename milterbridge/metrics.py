@@ -1,0 +1,315 @@
+"""Prometheus metrics: one ``Metrics`` object per process, with its own registry.
+
+The connection, the server and the dispatcher call plain methods on it (``message("accepted")``,
+``webhook("policy", "eom", "ok", 0.012)``); none of them touches prometheus_client. The calls sit
+on the hot path, so label children are resolved once and kept in dicts keyed by the label values:
+after the first call for a label set, a call is a dict lookup and an ``inc``.
+
+Names follow style.md §3 (``milterbridge_<noun>_<unit>``, counters end in ``_total``, durations in
+``_seconds``). Label values are bounded by construction: endpoint names from the config, the fixed
+event names, actions, modes and outcomes. Addresses, queue ids and URLs never become labels.
+
+The registry is private (never prometheus_client's global ``REGISTRY``), so several ``Metrics``
+can live in one process, as the tests do. Circuit breaker states are not pushed: a collector asks
+a callable (normally ``WebhookClient.breaker_states``) at scrape time.
+
+Counters also expose prometheus_client's ``_created`` samples; the switch that removes them
+(``prometheus_client.disable_created_metrics``) is process-wide, so it is left to the composition root.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Final, Generic, TypeVar
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+import milterbridge
+
+__all__ = [
+    "PREFIX",
+    "MESSAGE_OUTCOMES",
+    "WEBHOOK_OUTCOMES",
+    "BREAKER_STATES",
+    "DURATION_BUCKETS",
+    "BreakerSource",
+    "Metrics",
+]
+
+log = logging.getLogger(__name__)
+
+PREFIX: Final = "milterbridge_"
+#: How a message ended (``messages_total{outcome}``).
+MESSAGE_OUTCOMES: Final = ("accepted", "rejected", "tempfailed", "discarded", "quarantined", "aborted")
+#: How one webhook call ended (``webhook_requests_total{outcome}``); the client's ``AttemptOutcome``
+#: values plus ``invalid_decision``, which only the dispatcher can tell.
+WEBHOOK_OUTCOMES: Final = (
+    "ok",
+    "timeout",
+    "connection_error",
+    "tls_error",
+    "status_error",
+    "redirect",
+    "too_large",
+    "invalid_body",
+    "invalid_decision",
+    "breaker_open",
+    "cancelled",
+)
+#: Every breaker state is exported for every endpoint (1 for the current one), so a query can
+#: select ``state="open"`` without knowing which series exist.
+BREAKER_STATES: Final = ("closed", "open", "half_open")
+#: Webhook durations: 1 ms (a local filter) to 30 s (the longest sensible endpoint timeout).
+DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+#: Returns the breaker state per endpoint name, e.g. ``WebhookClient.breaker_states``.
+BreakerSource = Callable[[], Mapping[str, str]]
+
+_NO_REQUEST: Final = "breaker_open"
+
+
+class _BreakerCollector:
+    """Builds ``circuit_breaker_state`` from the breaker source at scrape time."""
+
+    name: Final = PREFIX + "circuit_breaker_state"
+    documentation: Final = "Circuit breaker state per endpoint: 1 for the current state, 0 for the others."
+
+    def __init__(self) -> None:
+        self.source: BreakerSource | None = None
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self.name, self.documentation, labels=("endpoint", "state"))
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        # Present so the registry reserves the name without calling the source at registration.
+        return [self._family()]
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = self._family()
+        source = self.source
+        if source is None:
+            return [family]
+        try:
+            states = dict(source())
+        except Exception:
+            # A broken source must not fail the whole scrape; the other metrics still matter.
+            log.exception("breaker state source failed")
+            return [family]
+        for endpoint, state in sorted(states.items()):
+            current = str(state)
+            for known in BREAKER_STATES:
+                family.add_metric((endpoint, known), 1.0 if known == current else 0.0)
+            if current not in BREAKER_STATES:
+                family.add_metric((endpoint, current), 1.0)
+        return [family]
+
+
+class Metrics:
+    """The bridge's metrics and the registry that holds them.
+
+    Every method is cheap and never raises for a label value it has not seen before. The
+    object also satisfies the webhook client's ``WebhookObserver`` protocol (``on_attempt``).
+    """
+
+    def __init__(self, *, version: str = milterbridge.__version__) -> None:
+        self.registry: Final = CollectorRegistry(auto_describe=False)
+        registry = self.registry
+
+        self._connections_active = Gauge(
+            PREFIX + "connections_active", "Milter connections currently open.", registry=registry
+        )
+        self._connections = Counter(PREFIX + "connections_total", "Milter connections accepted.", registry=registry)
+        self._connections_refused = Counter(
+            PREFIX + "connections_refused_total",
+            "Milter connections refused because server.max_connections was reached.",
+            registry=registry,
+        )
+        messages = Counter(PREFIX + "messages_total", "Messages finished, by outcome.", ("outcome",), registry=registry)
+        self._messages = _Children(messages, MESSAGE_OUTCOMES)
+        self._events = _Children(
+            Counter(PREFIX + "events_total", "Milter events received, by event name.", ("event",), registry=registry)
+        )
+        self._webhook_requests = _Children(
+            Counter(
+                PREFIX + "webhook_requests_total",
+                "Webhook calls, by endpoint, event and outcome (one per call; a retry is inside it).",
+                ("endpoint", "event", "outcome"),
+                registry=registry,
+            )
+        )
+        self._webhook_duration = _Children(
+            Histogram(
+                PREFIX + "webhook_request_duration_seconds",
+                "Webhook call duration in seconds, retry included; calls refused by the breaker are not observed.",
+                ("endpoint", "event"),
+                buckets=DURATION_BUCKETS,
+                registry=registry,
+            )
+        )
+        self._retries = _Children(
+            Counter(
+                PREFIX + "webhook_retries_total",
+                "Webhook requests retried, by endpoint.",
+                ("endpoint",),
+                registry=registry,
+            )
+        )
+        self._decisions = _Children(
+            Counter(
+                PREFIX + "decisions_total",
+                "Decisions answered by endpoints (observe mode included), by endpoint, event, action and mode.",
+                ("endpoint", "event", "action", "mode"),
+                registry=registry,
+            )
+        )
+        self._breakers = _BreakerCollector()
+        registry.register(self._breakers)
+        self._progress = Counter(
+            PREFIX + "progress_keepalives_total",
+            "Progress keepalives sent to the MTA while a decision was pending.",
+            registry=registry,
+        )
+        self._protocol_errors = Counter(
+            PREFIX + "protocol_errors_total", "Milter connections closed for a protocol error.", registry=registry
+        )
+        self._body_spooled = Counter(
+            PREFIX + "body_spooled_total", "Message bodies that were spooled to a temporary file.", registry=registry
+        )
+        self._body_spool_bytes = Gauge(
+            PREFIX + "body_spool_bytes", "Bytes currently held in body spool files.", registry=registry
+        )
+        self._oversize = Counter(
+            PREFIX + "oversize_messages_total", "Messages over server.max_message_bytes.", registry=registry
+        )
+        reloads = Counter(
+            PREFIX + "config_reloads_total", "Configuration reloads, by result.", ("result",), registry=registry
+        )
+        self._reload_ok = reloads.labels("ok")
+        self._reload_error = reloads.labels("error")
+        self._draining = Gauge(
+            PREFIX + "draining", "1 while the server drains for shutdown, else 0.", registry=registry
+        )
+        info = Gauge(PREFIX + "info", "Build information; always 1.", ("version",), registry=registry)
+        info.labels(version).set(1)
+
+    # -- connections (server, connection) -----------------------------------------------
+
+    def connection_opened(self) -> None:
+        """A milter connection was accepted."""
+        self._connections.inc()
+        self._connections_active.inc()
+
+    def connection_closed(self) -> None:
+        """An accepted milter connection ended (call once per ``connection_opened``)."""
+        self._connections_active.dec()
+
+    def connection_refused(self) -> None:
+        """A connection was refused at the limit; it counts neither as opened nor as active."""
+        self._connections_refused.inc()
+
+    def progress(self) -> None:
+        """One progress keepalive was sent."""
+        self._progress.inc()
+
+    def protocol_error(self) -> None:
+        """A connection was closed for a protocol error."""
+        self._protocol_errors.inc()
+
+    # -- messages and events (dispatcher) -----------------------------------------------
+
+    def message(self, outcome: str) -> None:
+        """A message ended with ``outcome`` (one of ``MESSAGE_OUTCOMES``)."""
+        self._messages.get(outcome).inc()
+
+    def event(self, name: str) -> None:
+        """A milter event (``connect``, ``rcpt``, ``eom`` ...) was received."""
+        self._events.get(name).inc()
+
+    def webhook(self, endpoint: str, event: str, outcome: str, seconds: float | None) -> None:
+        """A webhook call ended; ``seconds`` is its duration, retry included.
+
+        Calls that sent no request (``breaker_open``, or ``seconds`` None) are counted but not
+        observed in the duration histogram, which would otherwise fill with zeros.
+        """
+        self._webhook_requests.get((endpoint, event, outcome)).inc()
+        if seconds is not None and outcome != _NO_REQUEST:
+            self._webhook_duration.get((endpoint, event)).observe(seconds)
+
+    def retry(self, endpoint: str) -> None:
+        """A webhook request to ``endpoint`` was retried."""
+        self._retries.get(endpoint).inc()
+
+    def decision(self, endpoint: str, event: str, action: str, mode: str) -> None:
+        """``endpoint`` answered ``action`` for ``event`` in ``mode`` (enforce or observe)."""
+        self._decisions.get((endpoint, event, action, mode)).inc()
+
+    def on_attempt(self, endpoint: str, attempt: int, outcome: str, elapsed: float) -> None:
+        """``WebhookObserver``: count retries; the call as a whole is counted by ``webhook``."""
+        if attempt > 1:
+            self._retries.get(endpoint).inc()
+
+    # -- bodies ---------------------------------------------------------------------------
+
+    def spooled(self, nbytes: int, *, new_file: bool = True) -> None:
+        """A body went to a new spool file holding ``nbytes`` (counted in ``body_spooled_total``).
+
+        With ``new_file=False``: ``nbytes`` more were written to a spool file already counted.
+        The ``body_spool_bytes`` gauge stays right only if every byte added here is later taken
+        away by ``unspooled``.
+        """
+        if new_file:
+            self._body_spooled.inc()
+        self._body_spool_bytes.inc(nbytes)
+
+    def unspooled(self, nbytes: int) -> None:
+        """A spool file holding ``nbytes`` was closed."""
+        self._body_spool_bytes.dec(nbytes)
+
+    def oversize(self) -> None:
+        """A message went over ``server.max_message_bytes``."""
+        self._oversize.inc()
+
+    # -- lifecycle (app) -----------------------------------------------------------------
+
+    def reload(self, ok: bool) -> None:
+        """A configuration reload (SIGHUP) succeeded or failed."""
+        (self._reload_ok if ok else self._reload_error).inc()
+
+    def set_draining(self, draining: bool) -> None:
+        """The server started (True) or stopped (False) draining."""
+        self._draining.set(1 if draining else 0)
+
+    def set_breaker_source(self, source: BreakerSource | None) -> None:
+        """Read breaker states from ``source`` at each scrape (None: export none)."""
+        self._breakers.source = source
+
+    # -- exposition ---------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The registry in the Prometheus text format, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+_M = TypeVar("_M", Counter, Histogram)
+
+
+class _Children(Generic[_M]):
+    """Label children of one metric, resolved once per label set (a str for one label, else a tuple)."""
+
+    __slots__ = ("_cache", "_metric")
+
+    def __init__(self, metric: _M, preset: Iterable[str | tuple[str, ...]] = ()) -> None:
+        self._metric: _M = metric
+        self._cache: dict[str | tuple[str, ...], _M] = {}
+        # Known label sets are created at once so their series exist (at 0) from the start.
+        for key in preset:
+            self.get(key)
+
+    def get(self, key: str | tuple[str, ...]) -> _M:
+        child = self._cache.get(key)
+        if child is None:
+            values = (key,) if isinstance(key, str) else key
+            child = self._cache[key] = self._metric.labels(*values)
+        return child
