@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from inspect import isawaitable
 from typing import Protocol as TypingProtocol
+from typing import cast
 
 from milterbridge.milter.errors import LocalProtocolError, MilterError, NegotiationError, RemoteProtocolError
 from milterbridge.milter.messages import (
@@ -107,10 +108,38 @@ class StaticHandler:
         return None
 
 
-class ServerState:
-    """What the server and its connections share: the live connections."""
+class ConnectionObserver(TypingProtocol):
+    """Metric hooks of the listener (milterbridge.metrics.Metrics satisfies it)."""
 
-    def __init__(self) -> None:
+    def connection_opened(self) -> None: ...
+    def connection_closed(self) -> None: ...
+    def connection_refused(self) -> None: ...
+    def progress(self) -> None: ...
+    def protocol_error(self) -> None: ...
+
+
+class _NoObserver:
+    def connection_opened(self) -> None:
+        return None
+
+    def connection_closed(self) -> None:
+        return None
+
+    def connection_refused(self) -> None:
+        return None
+
+    def progress(self) -> None:
+        return None
+
+    def protocol_error(self) -> None:
+        return None
+
+
+class ServerState:
+    """What the server and its connections share: the live connections and metric hooks."""
+
+    def __init__(self, observer: ConnectionObserver | None = None) -> None:
+        self.observer: ConnectionObserver = observer or _NoObserver()
         self.connections: set[MilterConnection] = set()
         self.total_connections = 0
         self.draining = False
@@ -121,8 +150,11 @@ class ServerState:
         self.connections.add(conn)
         self.total_connections += 1
         self.idle.clear()
+        self.observer.connection_opened()
 
     def remove(self, conn: MilterConnection) -> None:
+        if conn in self.connections:
+            self.observer.connection_closed()
         self.connections.discard(conn)
         if not self.connections:
             self.idle.set()
@@ -151,8 +183,8 @@ class MilterConnection(asyncio.Protocol):
     # -------------------------------------------------------------- asyncio
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "unix")
         sock = transport.get_extra_info("socket")
@@ -287,10 +319,7 @@ class MilterConnection(asyncio.Protocol):
         except MilterError:
             return
         self._progress_handle = self._loop.call_later(self._settings.progress_interval, self._progress)
-        self.on_progress()
-
-    def on_progress(self) -> None:
-        """Hook for metrics; called after each keep-alive."""
+        self._state.observer.progress()
 
     def _write(self, replies: Replies) -> bool:
         try:
@@ -311,13 +340,10 @@ class MilterConnection(asyncio.Protocol):
 
     def _fail(self, reason: str) -> None:
         log.warning("closing milter connection %s: %s", self.peer, reason)
-        self.on_protocol_error(reason)
+        self._state.observer.protocol_error()
         if self.transport is not None:
             self.transport.abort()
         self._closed = True
-
-    def on_protocol_error(self, reason: str) -> None:
-        """Hook for metrics; called once per connection closed for a protocol error."""
 
     def _close(self) -> None:
         self._closed = True

@@ -19,9 +19,15 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from milterbridge.connection import ConnectionSettings, HandlerFactory, MilterConnection, ServerState
+from milterbridge.connection import (
+    ConnectionObserver,
+    ConnectionSettings,
+    HandlerFactory,
+    MilterConnection,
+    ServerState,
+)
 from milterbridge.milter.address import parse_listen_address
 
 log = logging.getLogger("milterbridge.server")
@@ -42,6 +48,8 @@ class MilterServer:
         max_connections: int = 1000,
         socket_mode: int = 0o660,
         reuse_port: bool = False,
+        observer: ConnectionObserver | None = None,
+        prebound: Mapping[str, socket.socket] | None = None,
     ) -> None:
         self.addresses = [parse_listen_address(a) for a in listen]
         self.factory = factory
@@ -49,7 +57,9 @@ class MilterServer:
         self.max_connections = max_connections
         self.socket_mode = socket_mode
         self.reuse_port = reuse_port
-        self.state = ServerState()
+        #: Unix sockets bound by a parent process (workers share them); not unlinked here.
+        self.prebound = dict(prebound or {})
+        self.state = ServerState(observer)
         self.refused_connections = 0
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
@@ -61,8 +71,11 @@ class MilterServer:
         loop = asyncio.get_running_loop()
         try:
             for address in self.addresses:
-                if address.path is not None:
-                    sock = _bind_unix(address.path, self.socket_mode)
+                if address.path is not None and address.path in self.prebound:
+                    sock = self.prebound[address.path]
+                    server = await loop.create_unix_server(self._protocol, sock=sock, backlog=BACKLOG)
+                elif address.path is not None:
+                    sock = bind_unix(address.path, self.socket_mode)
                     self._unix_paths.append(address.path)
                     server = await loop.create_unix_server(self._protocol, sock=sock, backlog=BACKLOG)
                 else:
@@ -81,11 +94,11 @@ class MilterServer:
             raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror or exc}") from exc
 
     def _protocol(self) -> asyncio.Protocol:
-        conn = MilterConnection(self.state, self.factory, self.settings)
         if len(self.state.connections) >= self.max_connections:
             self.refused_connections += 1
+            self.state.observer.connection_refused()
             return _Refuse(self.max_connections)
-        return conn
+        return MilterConnection(self.state, self.factory, self.settings)
 
     @property
     def bound(self) -> list[str]:
@@ -151,7 +164,7 @@ class _Refuse(asyncio.Protocol):
         transport.abort()  # type: ignore[attr-defined]
 
 
-def _bind_unix(path: str, mode: int) -> socket.socket:
+def bind_unix(path: str, mode: int) -> socket.socket:
     """A bound unix socket at ``path`` with ``mode``; replaces only a stale socket."""
     try:
         st = os.lstat(path)

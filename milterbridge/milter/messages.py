@@ -497,10 +497,15 @@ class ReplyCode(Reply, code=b"y"):  # SMFIR_REPLYCODE
                 raise ValueError("reply lines must not contain CR, LF or NUL")
             body = line.replace(b"%", b"%%")
             sep = b" " if n == len(lines) - 1 else b"-"
-            text = digits + sep + (enhanced + b" " if enhanced else b"") + body
+            head = digits + sep
+            if body:
+                text = head + (enhanced + b" " if enhanced else b"") + body
+            else:
+                # Postfix needs the space or '-' after the code, so a bare code keeps it.
+                text = head + enhanced if enhanced else head
             if len(text) > cls.MAX_LINE_BYTES:
                 raise ValueError(f"reply line longer than {cls.MAX_LINE_BYTES} bytes")
-            out.append(text.rstrip(b" ") if not body else text)
+            out.append(text)
         return cls(text=b"\r\n".join(out))
 
 

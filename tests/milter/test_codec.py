@@ -248,6 +248,8 @@ def test_macro_odd_count_keeps_last_name() -> None:
         pytest.param(451, [b"a", b"b"], b"", b"451-a\r\n451 b", id="multi-no-enhanced"),
         pytest.param(550, [b"100% spam"], b"5.7.1", b"550 5.7.1 100%% spam", id="percent-doubled"),
         pytest.param(421, [b"bye"], b"4.7.0", b"421 4.7.0 bye", id="421"),
+        pytest.param(550, [], b"", b"550 ", id="bare-code-keeps-space"),
+        pytest.param(550, [], b"5.7.1", b"550 5.7.1", id="enhanced-only"),
     ],
 )
 def test_reply_code_build(code: int, lines: list[bytes], enhanced: bytes, text: bytes) -> None:

@@ -1,0 +1,63 @@
+"""Message body storage with bounded memory.
+
+Bodies are kept only when some endpoint wants them (``include_body``): in
+memory up to ``body_memory_bytes``, then in an anonymous temporary file. Past
+``max_message_bytes`` nothing more is stored and the message is flagged
+oversize; what happens then is ``server.on_oversize``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import IO
+
+
+class BodyBuffer:
+    """The body of one message, spooled to disk beyond a threshold."""
+
+    def __init__(self, memory_bytes: int, max_bytes: int, *, keep: bool) -> None:
+        self.memory_bytes = memory_bytes
+        self.max_bytes = max_bytes
+        self.keep = keep
+        #: Bytes seen (stored or not).
+        self.size = 0
+        self.oversize = False
+        self._memory = bytearray()
+        self._file: IO[bytes] | None = None
+
+    @property
+    def spooled(self) -> bool:
+        """True once the body went to a temporary file."""
+        return self._file is not None
+
+    def append(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.max_bytes:
+            self.oversize = True
+            self.discard()
+            return
+        if not self.keep:
+            return
+        if self._file is None and len(self._memory) + len(data) <= self.memory_bytes:
+            self._memory += data
+            return
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(prefix="milterbridge-body-")  # noqa: SIM115 - owned by this object
+            self._file.write(self._memory)
+            self._memory = bytearray()
+        self._file.write(data)
+
+    def read(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes from the start of the body."""
+        if self._file is None:
+            return bytes(self._memory[:limit])
+        self._file.seek(0)
+        return self._file.read(limit)
+
+    def discard(self) -> None:
+        """Free the memory and the temporary file."""
+        self.keep = False
+        self._memory = bytearray()
+        if self._file is not None:
+            self._file.close()
+            self._file = None

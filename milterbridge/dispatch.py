@@ -1,0 +1,652 @@
+"""The dispatcher: milter events in, webhook calls out, milter replies back.
+
+One :class:`Dispatcher` per process holds the endpoint snapshot and the
+webhook client; it is the connection's handler factory. Each connection gets
+a :class:`ConnectionHandler`, which builds payloads, calls the enforcing
+endpoints subscribed to the event concurrently, hands their outcomes to the
+pure :class:`~milterbridge.policy.transaction.PolicyState`, and returns the
+replies. Observe endpoints and the ``abort``/``close`` notifications run in
+the background, bounded by their timeouts, and never hold a reply.
+
+Events nobody enforces are answered at once, without a task (the fast path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from milterbridge import payload as pl
+from milterbridge.body import BodyBuffer
+from milterbridge.config import Config, EndpointSettings
+from milterbridge.connection import HandlerResult
+from milterbridge.milter.constants import ALL_ACTIONS, Action, Event, MacroStage
+from milterbridge.milter.constants import Protocol as ProtocolBits
+from milterbridge.milter.context import MessageContext
+from milterbridge.milter.messages import (
+    Abort,
+    Accept,
+    BodyChunk,
+    Command,
+    Connect,
+    Continue,
+    Discard,
+    EndOfMessage,
+    Header,
+    Helo,
+    MailFrom,
+    Modification,
+    Negotiate,
+    NegotiateReply,
+    Quit,
+    QuitNewConnection,
+    RcptTo,
+    Reject,
+    Reply,
+    ReplyCode,
+    TempFail,
+    Unknown,
+)
+from milterbridge.milter.negotiation import Negotiated, Requirements, negotiate
+from milterbridge.milter.session import EVENT_OF, MilterSession
+from milterbridge.policy.model import DecisionError, EndpointPolicy, Failure, Mode, OnOversize, Outcome
+from milterbridge.policy.parse import parse_decision
+from milterbridge.policy.transaction import EomResult, EventResult, PolicyState
+
+log = logging.getLogger("milterbridge.dispatch")
+
+#: Events always requested from the MTA: they build the payload context.
+CONTEXT_EVENTS = frozenset({Event.CONNECT, Event.HELO, Event.MAIL, Event.RCPT, Event.HEADER})
+#: Events requested only when an endpoint subscribes.
+OPTIONAL_EVENTS = frozenset({Event.DATA, Event.EOH, Event.UNKNOWN, Event.BODY})
+
+#: Postfix's default macro lists per stage (milter-protocol.md §8.1), always
+#: requested so that the payload carries them whatever main.cf says.
+DEFAULT_MACROS: Mapping[MacroStage, tuple[bytes, ...]] = {
+    MacroStage.CONNECT: (b"j", b"{daemon_name}", b"{daemon_addr}", b"v", b"_", b"{client_addr}", b"{client_name}"),
+    MacroStage.HELO: (b"{tls_version}", b"{cipher}", b"{cipher_bits}", b"{cert_subject}", b"{cert_issuer}"),
+    MacroStage.ENVFROM: (
+        b"i",
+        b"{auth_type}",
+        b"{auth_authen}",
+        b"{auth_author}",
+        b"{mail_addr}",
+        b"{mail_host}",
+        b"{mail_mailer}",
+    ),
+    MacroStage.ENVRCPT: (b"i", b"{rcpt_addr}", b"{rcpt_host}", b"{rcpt_mailer}"),
+    MacroStage.DATA: (b"i",),
+    MacroStage.EOH: (b"i",),
+    MacroStage.EOM: (b"i",),
+}
+
+OVERSIZE_REPLIES: Mapping[OnOversize, Reply] = {
+    OnOversize.TEMPFAIL: ReplyCode.build(452, [b"Message size exceeds the filter limit"], b"4.3.4"),
+    OnOversize.REJECT: ReplyCode.build(552, [b"Message size exceeds fixed maximum message size"], b"5.3.4"),
+}
+
+
+class WebhookPoster(Protocol):
+    """The webhook client as the dispatcher sees it (milterbridge.webhook.client.WebhookClient)."""
+
+    async def post(self, endpoint: EndpointSettings, body: bytes, *, webhook_id: str) -> Any:
+        """POST ``body``; returns an object with ``status``, ``body``, ``attempts``; raises on failure."""
+        ...
+
+
+class Observer(Protocol):
+    """Metric hooks the dispatcher calls (milterbridge.metrics.Metrics satisfies it)."""
+
+    def event(self, name: str) -> None: ...
+    def message(self, outcome: str) -> None: ...
+    def webhook(self, endpoint: str, event: str, outcome: str, seconds: float) -> None: ...
+    def decision(self, endpoint: str, event: str, action: str, mode: str) -> None: ...
+    def oversize(self) -> None: ...
+    def spooled(self, nbytes: int, *, new_file: bool = True) -> None: ...
+    def unspooled(self, nbytes: int) -> None: ...
+
+
+class _NoMetrics:
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An endpoint as the dispatcher uses it: settings plus the policy's view."""
+
+    settings: EndpointSettings
+    policy: EndpointPolicy
+
+
+class Snapshot:
+    """Everything derived from one config; a reload makes a new one, live connections keep theirs."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.endpoints = tuple(
+            Endpoint(
+                ep,
+                EndpointPolicy(
+                    name=ep.name,
+                    index=n,
+                    events=ep.events,
+                    mode=ep.mode,
+                    on_error=ep.on_error,
+                    include_body=ep.include_body,
+                ),
+            )
+            for n, ep in enumerate(config.endpoints)
+        )
+        self.by_name = {ep.settings.name: ep for ep in self.endpoints}
+        self.policies = [ep.policy for ep in self.endpoints]
+        self.keep_body = any(ep.settings.include_body for ep in self.endpoints)
+        self.requirements = self._requirements()
+
+    def subscribers(self, event: Event, mode: Mode | None = None) -> list[Endpoint]:
+        return [
+            ep for ep in self.endpoints if event in ep.settings.events and (mode is None or ep.settings.mode is mode)
+        ]
+
+    def _requirements(self) -> Requirements:
+        """Negotiation derived from the config (design.md §3.6)."""
+        subscribed = {e for ep in self.endpoints for e in ep.settings.events}
+        enforced = {e for ep in self.endpoints if ep.settings.mode is Mode.ENFORCE for e in ep.settings.events}
+        events = set(CONTEXT_EVENTS) | (subscribed & OPTIONAL_EVENTS)
+        if self.keep_body:
+            events.add(Event.BODY)  # no-reply unless an enforcing endpoint subscribes
+        reply_events = enforced & events
+        macros: dict[MacroStage, tuple[bytes, ...]] = {}
+        extra = tuple(dict.fromkeys(m.encode() for ep in self.endpoints for m in ep.settings.macros))
+        for stage, names in DEFAULT_MACROS.items():
+            macros[stage] = tuple(dict.fromkeys(names + extra))
+        return Requirements(
+            events=frozenset(events),
+            reply_events=frozenset(reply_events),
+            actions=ALL_ACTIONS & ~Action.SETSYMLIST,
+            macros=macros,
+        )
+
+
+class Dispatcher:
+    """The process-wide handler factory for milter connections."""
+
+    def __init__(self, config: Config, client: WebhookPoster, *, metrics: Observer | None = None) -> None:
+        self.client = client
+        self.metrics: Observer = metrics or _NoMetrics()
+        self.snapshot = Snapshot(config)
+        self._background: set[asyncio.Task[None]] = set()
+
+    def reload(self, config: Config) -> None:
+        """New connections use ``config``; live ones keep the snapshot they started with."""
+        self.snapshot = Snapshot(config)
+
+    def __call__(self, session: MilterSession) -> ConnectionHandler:
+        return ConnectionHandler(self, self.snapshot, session)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a notification or observe call in the background, tracked for shutdown."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Let background calls finish up to ``timeout``, then cancel the rest."""
+        if not self._background:
+            return
+        _, pending = await asyncio.wait(set(self._background), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+
+def _outcome_of(reply: Reply, quarantined: bool) -> str:
+    if isinstance(reply, Discard):
+        return "discarded"
+    if isinstance(reply, Reject):
+        return "rejected"
+    if isinstance(reply, TempFail):
+        return "tempfailed"
+    if isinstance(reply, ReplyCode):
+        return "tempfailed" if reply.smtp_code < 500 else "rejected"
+    return "quarantined" if quarantined else "accepted"
+
+
+def _reply_text(reply: Reply) -> str | None:
+    if isinstance(reply, ReplyCode):
+        return reply.text.decode("utf-8", "replace")
+    return None
+
+
+class ConnectionHandler:
+    """The dispatcher's handler for one milter connection."""
+
+    def __init__(self, dispatcher: Dispatcher, snapshot: Snapshot, session: MilterSession) -> None:
+        self.dispatcher = dispatcher
+        self.snapshot = snapshot
+        self.session = session
+        self.metrics = dispatcher.metrics
+        self.builder = pl.PayloadBuilder(session)
+        self.negotiated: Negotiated | None = None
+        self.policy = PolicyState(snapshot.policies, actions=Action.NONE, skip_negotiated=False)
+        self.body: BodyBuffer | None = None
+        self._body_offset = 0
+        self._message_started = 0.0
+        self._message_calls: list[dict[str, Any]] = []
+        self._logged_message: int | None = None
+        self._closed = False
+        self.started = time.monotonic()
+
+    # -------------------------------------------------------------- handler
+
+    def negotiate(self, offer: Negotiate) -> NegotiateReply:
+        got = negotiate(offer, self.snapshot.requirements)
+        if got.missing_actions:
+            log.warning(
+                "MTA does not offer actions %s; responses that need them will be refused",
+                got.missing_actions,
+                extra={"fields": {"session": self.builder.session_id}},
+            )
+        if got.unavailable_events:
+            log.warning(
+                "MTA protocol version %d does not send events %s",
+                got.version,
+                sorted(got.unavailable_events),
+                extra={"fields": {"session": self.builder.session_id}},
+            )
+        self.negotiated = got
+        self.policy = PolicyState(
+            self.snapshot.policies,
+            actions=got.actions,
+            skip_negotiated=bool(got.protocol & ProtocolBits.SKIP),
+        )
+        return got.reply()
+
+    def handle(self, command: Command) -> HandlerResult:
+        session = self.session
+        kind = type(command)
+        if session.aborted is not None:
+            self._message_ended(session.aborted)
+        event = EVENT_OF.get(kind)
+        if event is not None:
+            self.metrics.event(event.value)
+        if kind is Abort:
+            return None
+        if kind is Quit or kind is QuitNewConnection:
+            self._connection_ended()
+            if kind is QuitNewConnection:
+                self.builder = pl.PayloadBuilder(session)
+                self.policy = PolicyState(
+                    self.snapshot.policies,
+                    actions=self.policy.actions,
+                    skip_negotiated=self.policy.skip_negotiated,
+                )
+            return None
+        assert event is not None
+        msg = session.message
+        data: pl.JSON
+        if kind is Connect:
+            self.builder.invalidate_session()
+            data = self.builder.client()
+        elif kind is Helo:
+            self.builder.invalidate_session()
+            data = pl.text_obj("hostname", command.hostname)  # type: ignore[attr-defined]
+        elif kind is MailFrom:
+            self._message_started = time.monotonic()
+            self._message_calls = []
+            self._new_body()
+            data = pl.address_obj(command.address, command.args)  # type: ignore[attr-defined]
+        elif kind is RcptTo:
+            data = pl.address_obj(command.address, command.args)  # type: ignore[attr-defined]
+        elif kind is Header:
+            data = pl.header_obj(command.name, command.value)  # type: ignore[attr-defined]
+        elif kind is BodyChunk:
+            return self._body_chunk(command)  # type: ignore[arg-type]
+        elif kind is EndOfMessage:
+            return self._eom(command)  # type: ignore[arg-type]
+        elif kind is Unknown:
+            data = pl.text_obj("command", command.line)  # type: ignore[attr-defined]
+        else:
+            data = {}
+        if msg is not None and self.body is None:
+            self._new_body()  # MAIL was not seen (negotiated away)
+        return self._decide(event, data, msg)
+
+    def connection_lost(self) -> None:
+        if self.session.aborted is not None:
+            self._message_ended(self.session.aborted)
+        self._connection_ended()
+
+    # ---------------------------------------------------------------- events
+
+    def _decide(self, event: Event, data: pl.JSON, msg: MessageContext | None) -> HandlerResult:
+        targets = self.policy.targets(event)
+        observers = self.policy.observers(event)
+        needs_reply = self.session.needs_reply
+        if not targets and not observers:
+            return self._apply(event, {}) if needs_reply else None
+        request = self.builder.request(event.value, data, msg)
+        for ep in observers:
+            self._observe(event, ep.name, request)
+        if not needs_reply:
+            # No-reply events only ever have observe subscribers; enforcing ones get replies.
+            for ep in targets:
+                self._observe(event, ep.name, request)
+            return None
+        if not targets:
+            return self._apply(event, {})
+        return self._decide_async(event, targets, request)
+
+    async def _decide_async(self, event: Event, targets: Sequence[EndpointPolicy], request: pl.JSON) -> Sequence[Reply]:
+        outcomes = await self._call_all(event, targets, [request] * len(targets))
+        return self._apply(event, outcomes)
+
+    def _apply(self, event: Event, outcomes: Mapping[str, Outcome]) -> Sequence[Reply]:
+        result = self.policy.decide(event, outcomes)
+        self._note_decision(event, result)
+        return (result.reply,)
+
+    def _note_decision(self, event: Event, result: EventResult) -> None:
+        msg = self.session.message
+        if result.ends_message and msg is not None and event is not Event.RCPT:
+            self._log_message(msg, result.reply, quarantined=False, reason=self._reason(result.winner))
+        if result.ends_session or (
+            event in (Event.CONNECT, Event.HELO) and not isinstance(result.reply, Continue | Accept)
+        ):
+            log.info(
+                "connection refused at %s",
+                event.value,
+                extra={
+                    "fields": {
+                        "session": self.builder.session_id,
+                        "event": event.value,
+                        "reply": _reply_text(result.reply) or type(result.reply).__name__.lower(),
+                        "reason": self._reason(result.winner),
+                    }
+                },
+            )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "event %s: %s",
+                event.value,
+                result.action,
+                extra={"fields": {"session": self.builder.session_id, "event": event.value, "action": result.action}},
+            )
+
+    @staticmethod
+    def _reason(winner: Any) -> str | None:
+        if winner is None:
+            return None
+        reason = winner.failure or winner.decision.reason
+        return f"{winner.endpoint.name}: {reason}" if reason else f"{winner.endpoint.name}: {winner.action}"
+
+    # ------------------------------------------------------------------ body
+
+    def _new_body(self) -> None:
+        if self.body is not None:
+            self._drop_body()
+        server = self.snapshot.config.server
+        self.body = BodyBuffer(server.body_memory_bytes, server.max_message_bytes, keep=self.snapshot.keep_body)
+        self._body_offset = 0
+
+    def _drop_body(self) -> None:
+        if self.body is not None:
+            if self.body.spooled:
+                self.metrics.unspooled(self.body.size)
+            self.body.discard()
+            self.body = None
+
+    def _body_chunk(self, command: BodyChunk) -> HandlerResult:
+        if self.body is None:
+            self._new_body()
+        body = self.body
+        assert body is not None
+        was_spooled, was_oversize = body.spooled, body.oversize
+        offset = self._body_offset
+        body.append(command.data)
+        self._body_offset += len(command.data)
+        if body.spooled:
+            # The gauge follows the bytes on disk; a new file is counted once.
+            self.metrics.spooled(body.size if not was_spooled else len(command.data), new_file=not was_spooled)
+        if body.oversize and not was_oversize:
+            self.metrics.oversize()
+            if was_spooled:
+                self.metrics.unspooled(body.size - len(command.data))
+        refuse = self.snapshot.config.server.on_oversize
+        if body.oversize and refuse is not OnOversize.CONTINUE:
+            # Refuse now if the MTA waits for an answer; else at end-of-message.
+            return (OVERSIZE_REPLIES[refuse],) if self.session.needs_reply else None
+        data = {"offset": offset, "base64": pl.b64(command.data)}
+        return self._decide(Event.BODY, data, self.session.message)
+
+    # ------------------------------------------------------------------- eom
+
+    def _eom(self, command: EndOfMessage) -> HandlerResult:
+        msg = self.session.message
+        assert msg is not None
+        if command.data:
+            chunk = self._body_chunk(BodyChunk(data=command.data))
+            del chunk  # a body tail inside EOM (libmilter style): stored, no separate reply
+        body = self.body
+        refuse = self.snapshot.config.server.on_oversize
+        if body is not None and body.oversize and refuse is not OnOversize.CONTINUE:
+            reply = OVERSIZE_REPLIES[refuse]
+            self.policy.reset_message()
+            self._log_message(msg, reply, quarantined=False, reason=f"message larger than {body.max_bytes} bytes")
+            return (reply,)
+        targets = self.policy.targets(Event.EOM)
+        observers = self.policy.observers(Event.EOM)
+        if not targets and not observers:
+            return self._finish(msg, {})
+        request = self.builder.request(Event.EOM.value, {}, msg)
+        for ep in observers:
+            self._observe(Event.EOM, ep.name, self._with_body(ep.name, request))
+        if not targets:
+            return self._finish(msg, {})
+        requests = [self._with_body(ep.name, request) for ep in targets]
+        return self._eom_async(msg, targets, requests)
+
+    def _with_body(self, name: str, request: pl.JSON) -> pl.JSON:
+        settings = self.snapshot.by_name[name].settings
+        body = self.body
+        if not settings.include_body or body is None or request["message"] is None:
+            return request
+        if body.oversize:
+            content: pl.JSON = {"size": body.size, "base64": "", "truncated": True}
+        else:
+            raw = body.read(settings.max_body_bytes)
+            content = {"size": body.size, "base64": pl.b64(raw), "truncated": len(raw) < body.size}
+        return {**request, "message": {**request["message"], "body": content}}
+
+    async def _eom_async(
+        self, msg: MessageContext, targets: Sequence[EndpointPolicy], requests: Sequence[pl.JSON]
+    ) -> Sequence[Reply | Modification]:
+        outcomes = await self._call_all(Event.EOM, targets, requests)
+        return self._finish(msg, outcomes)
+
+    def _finish(self, msg: MessageContext, outcomes: Mapping[str, Outcome]) -> Sequence[Reply | Modification]:
+        result: EomResult = self.policy.finish_eom(outcomes, msg.headers)
+        for dropped in result.dropped:
+            log.info(
+                "modification dropped",
+                extra={
+                    "fields": {
+                        "session": self.builder.session_id,
+                        "endpoint": dropped.endpoint,
+                        "op": str(dropped.op.op),
+                        "why": str(dropped.reason),
+                    }
+                },
+            )
+        reason = self._reason(result.winner)
+        self._log_message(
+            msg,
+            result.reply,
+            quarantined=result.quarantine is not None,
+            reason=reason,
+            modifications=len(result.applied),
+        )
+        self._drop_body()
+        return result.messages
+
+    # -------------------------------------------------------------- webhooks
+
+    async def _call_all(
+        self, event: Event, targets: Sequence[EndpointPolicy], requests: Sequence[pl.JSON]
+    ) -> dict[str, Outcome]:
+        if len(targets) == 1:
+            return {targets[0].name: await self._call(event, targets[0].name, requests[0])}
+        results = await asyncio.gather(
+            *(self._call(event, ep.name, req) for ep, req in zip(targets, requests, strict=True))
+        )
+        return {ep.name: outcome for ep, outcome in zip(targets, results, strict=True)}
+
+    async def _call(self, event: Event, name: str, request: pl.JSON) -> Outcome:
+        endpoint = self.snapshot.by_name[name]
+        settings = endpoint.settings
+        webhook_id = pl.new_id("evt")
+        started = time.monotonic()
+        outcome: Outcome
+        label = "ok"
+        try:
+            body = pl.encode({**request, "id": webhook_id})
+            response = await self.dispatcher.client.post(settings, body, webhook_id=webhook_id)
+            decoded = pl.decode(response.body)
+            actions = self.negotiated.actions if self.negotiated else ALL_ACTIONS
+            outcome = parse_decision(
+                decoded, event, max_modifications=settings.max_modifications, allowed_actions=actions
+            )
+        except DecisionError as exc:
+            label = "invalid_decision"
+            outcome = Failure(reason=f"invalid decision: {exc}")
+        except ValueError as exc:
+            label = "invalid_body"
+            outcome = Failure(reason=f"invalid response body: {exc}")
+        except Exception as exc:  # the webhook client's errors carry safe messages
+            label = getattr(exc, "outcome", None) or "connection_error"
+            outcome = Failure(reason=str(exc))
+        elapsed = time.monotonic() - started
+        self.metrics.webhook(name, event.value, str(label), elapsed)
+        action = outcome.action.value if not isinstance(outcome, Failure) else "failure"
+        if not isinstance(outcome, Failure):
+            self.metrics.decision(name, event.value, action, settings.mode.value)
+        self._message_calls.append(
+            {"endpoint": name, "event": event.value, "action": action, "ms": round(elapsed * 1000, 1)}
+            | ({"error": outcome.reason} if isinstance(outcome, Failure) else {})
+        )
+        if isinstance(outcome, Failure):
+            log.warning(
+                "endpoint %s failed at %s: %s",
+                name,
+                event.value,
+                outcome.reason,
+                extra={
+                    "fields": {
+                        "session": self.builder.session_id,
+                        "endpoint": name,
+                        "event": event.value,
+                        "on_error": settings.on_error.value,
+                    }
+                },
+            )
+        return outcome
+
+    def _observe(self, event: Event, name: str, request: pl.JSON) -> None:
+        """Call an observe endpoint (or send a notification) without waiting for it."""
+        self.dispatcher.spawn(self._observe_call(event, name, request))
+
+    async def _observe_call(self, event: Event, name: str, request: pl.JSON) -> None:
+        outcome = await self._call(event, name, request)
+        if log.isEnabledFor(logging.INFO) and event not in (Event.ABORT, Event.CLOSE):
+            action = "failure" if isinstance(outcome, Failure) else outcome.action.value
+            log.info(
+                "observe endpoint %s at %s: %s",
+                name,
+                event.value,
+                action,
+                extra={
+                    "fields": {
+                        "session": self.builder.session_id,
+                        "endpoint": name,
+                        "event": event.value,
+                        "action": action,
+                        "mode": "observe",
+                    }
+                },
+            )
+
+    def _notify(self, event: Event, msg: MessageContext | None) -> None:
+        subscribers = self.snapshot.subscribers(event)
+        if not subscribers:
+            return
+        request = self.builder.request(event.value, {}, msg)
+        for ep in subscribers:
+            self.dispatcher.spawn(self._notify_call(event, ep.settings.name, request))
+
+    async def _notify_call(self, event: Event, name: str, request: pl.JSON) -> None:
+        await self._call(event, name, request)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _message_ended(self, msg: MessageContext) -> None:
+        """A transaction ended without an end-of-message answer (abort, new MAIL, EOF)."""
+        self.policy.reset_message()
+        self._drop_body()
+        if self._logged_message != msg.number:
+            self._log_message(msg, None, quarantined=False, reason="ended by the client before end-of-message")
+        self._notify(Event.ABORT, msg)
+
+    def _connection_ended(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._drop_body()
+        self._notify(Event.CLOSE, None)
+        conn = self.session.connection
+        log.info(
+            "connection closed",
+            extra={
+                "fields": {
+                    "session": self.builder.session_id,
+                    "client": pl.client_address(conn.address).decode("utf-8", "replace") or None,
+                    "messages": conn.message_count,
+                    "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
+                }
+            },
+        )
+
+    def _log_message(
+        self,
+        msg: MessageContext,
+        reply: Reply | None,
+        *,
+        quarantined: bool,
+        reason: str | None,
+        modifications: int = 0,
+    ) -> None:
+        self._logged_message = msg.number
+        outcome = "aborted" if reply is None else _outcome_of(reply, quarantined)
+        self.metrics.message(outcome)
+        fields: dict[str, Any] = {
+            "session": self.builder.session_id,
+            "message": self.builder.message_id(msg),
+            "queue_id": msg.queue_id.decode("ascii", "replace") if msg.queue_id else None,
+            "outcome": outcome,
+            "reason": reason,
+            "endpoints": self._message_calls,
+            "ms": round((time.monotonic() - self._message_started) * 1000, 1) if self._message_started else None,
+        }
+        if reply is not None and _reply_text(reply):
+            fields["reply"] = _reply_text(reply)
+        if modifications:
+            fields["modifications"] = modifications
+        log.info("message %s", outcome, extra={"fields": fields})
+        self._message_calls = []
+
+
+__all__ = ["ConnectionHandler", "Dispatcher", "Snapshot", "WebhookPoster"]

@@ -1,0 +1,212 @@
+"""Webhook request bodies built from the session context (design.md §3.2).
+
+Text on the milter wire is bytes in no declared charset. Every text field is
+sent as UTF-8 text; when the bytes are not valid UTF-8 the field holds the
+text decoded with U+FFFD replacement and a sibling ``<field>_b64`` holds the
+exact bytes (for macro maps: a sibling ``macros_b64`` map). Bodies are
+always base64. The spec (openapi/milterbridge.yaml) documents the rule.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from milterbridge.milter.constants import Family
+from milterbridge.milter.context import MessageContext
+from milterbridge.milter.session import MilterSession
+
+JSON = dict[str, Any]
+
+FAMILY_NAMES = {Family.INET: "inet", Family.INET6: "inet6", Family.UNIX: "unix", Family.UNKNOWN: "unknown"}
+
+
+def new_id(prefix: str) -> str:
+    """A short random id (96 bits), e.g. ``ses_2f1c...``."""
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def put_text(obj: JSON, key: str, raw: bytes) -> None:
+    """Set ``obj[key]`` to the text of ``raw``, adding ``key_b64`` when it is not UTF-8."""
+    try:
+        obj[key] = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        obj[key] = raw.decode("utf-8", "replace")
+        obj[key + "_b64"] = b64(raw)
+
+
+def text_obj(key: str, raw: bytes) -> JSON:
+    out: JSON = {}
+    put_text(out, key, raw)
+    return out
+
+
+def put_macros(obj: JSON, macros: dict[bytes, bytes]) -> None:
+    """``macros`` (and ``macros_b64`` for values that are not UTF-8) from a macro map."""
+    out: dict[str, str] = {}
+    exact: dict[str, str] = {}
+    for name, value in macros.items():
+        key = name.decode("utf-8", "replace")
+        try:
+            out[key] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            out[key] = value.decode("utf-8", "replace")
+            exact[key] = b64(value)
+    obj["macros"] = out
+    if exact:
+        obj["macros_b64"] = exact
+
+
+def strip_address(raw: bytes) -> bytes:
+    """Remove one pair of surrounding angle brackets; ``<>`` and ``""`` are the null sender."""
+    if raw.startswith(b"<") and raw.endswith(b">"):
+        return raw[1:-1]
+    return raw
+
+
+def address_obj(raw: bytes, args: tuple[bytes, ...]) -> JSON:
+    out: JSON = {}
+    put_text(out, "address", strip_address(raw))
+    put_text(out, "raw", raw)
+    texts = []
+    exact = []
+    for arg in args:
+        try:
+            texts.append(arg.decode("utf-8"))
+        except UnicodeDecodeError:
+            texts.append(arg.decode("utf-8", "replace"))
+        exact.append(b64(arg))
+    out["args"] = texts
+    if any(a.decode("utf-8", "replace").encode() != a for a in args):
+        out["args_b64"] = exact
+    return out
+
+
+def header_obj(name: bytes, value: bytes) -> JSON:
+    out: JSON = {}
+    put_text(out, "name", name)
+    put_text(out, "value", value)
+    return out
+
+
+def client_address(raw: bytes) -> bytes:
+    """Drop sendmail's ``IPv6:`` prefix (milter-protocol.md §9 item 10)."""
+    if raw[:5].lower() == b"ipv6:":
+        return raw[5:]
+    return raw
+
+
+def rfc3339_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class PayloadBuilder:
+    """Builds request dicts for one connection, caching what does not change per event."""
+
+    def __init__(self, session: MilterSession) -> None:
+        self.session = session
+        self.session_id = new_id("ses")
+        self._client: JSON | None = None
+        self._session_obj: JSON | None = None
+        self._headers: list[JSON] = []
+        self._headers_of: MessageContext | None = None
+        self._message_ids: dict[int, str] = {}
+
+    def invalidate_session(self) -> None:
+        """Connection facts changed (CONNECT, HELO, new connection macros)."""
+        self._session_obj = None
+        self._client = None
+
+    def client(self) -> JSON:
+        if self._client is None:
+            conn = self.session.connection
+            client: JSON = {}
+            put_text(client, "name", conn.hostname)
+            if conn.address:
+                put_text(client, "address", client_address(conn.address))
+            else:
+                client["address"] = None
+            client["port"] = conn.port if conn.family in (Family.INET, Family.INET6) else None
+            client["family"] = FAMILY_NAMES[conn.family]
+            self._client = client
+        return self._client
+
+    def session_obj(self) -> JSON:
+        if self._session_obj is None:
+            conn = self.session.connection
+            obj: JSON = {"id": self.session_id, "client": self.client()}
+            if conn.helo is None:
+                obj["helo"] = None
+            else:
+                put_text(obj, "helo", conn.helo)
+            put_macros(obj, conn.macros)
+            self._session_obj = obj
+        return self._session_obj
+
+    def message_id(self, msg: MessageContext) -> str:
+        mid = self._message_ids.get(msg.number)
+        if mid is None:
+            self._message_ids = {msg.number: new_id("msg")}
+            mid = self._message_ids[msg.number]
+        return mid
+
+    def headers(self, msg: MessageContext) -> list[JSON]:
+        if self._headers_of is not msg:
+            self._headers_of = msg
+            self._headers = []
+        cached = self._headers
+        for name, value in msg.headers[len(cached) :]:
+            cached.append(header_obj(name, value))
+        return cached
+
+    def message_obj(self, msg: MessageContext | None) -> JSON | None:
+        if msg is None:
+            return None
+        obj: JSON = {
+            "id": self.message_id(msg),
+            "queue_id": msg.queue_id.decode("ascii", "replace") if msg.queue_id else None,
+            "mail_from": address_obj(msg.mail_from, msg.mail_args),
+            "rcpt_to": [address_obj(a, args) for a, args in msg.recipients],
+            "headers": self.headers(msg),
+        }
+        put_macros(obj, msg.macros)
+        return obj
+
+    def request(self, event: str, data: JSON, msg: MessageContext | None) -> JSON:
+        """The request without its ``id`` (set per endpoint call)."""
+        return {
+            "event": event,
+            "id": "",
+            "timestamp": rfc3339_now(),
+            "session": self.session_obj(),
+            "message": self.message_obj(msg),
+            "data": data,
+        }
+
+
+def unix_seconds() -> int:
+    return int(time.time())
+
+
+def encode(obj: JSON) -> bytes:
+    """Serialize a request with orjson (bytes, sent as is)."""
+    return orjson.dumps(obj)
+
+
+def decode(body: bytes) -> object:
+    """Parse a response body; empty means continue (None). Raises ValueError when it is not JSON."""
+    if not body.strip():
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None

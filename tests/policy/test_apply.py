@@ -1,0 +1,348 @@
+"""End-of-message modifications: order, values, and header indexes in Postfix's numbering.
+
+``PostfixHeaders`` is a tiny model of how Postfix's cleanup edits the queued
+header list (milter-protocol.md §6.1): CHGHEADER counts visible headers of a
+name and unlinks on delete, INSHEADER counts every header including Postfix's
+own hidden Received, ADDHEADER appends. ``intended`` is what the endpoints' ops
+mean on the list they received. Applying the plan through the model must give
+the intended list.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from milterbridge.milter import messages as m
+from milterbridge.milter.constants import ALL_ACTIONS, CHUNK_SIZE, Action
+from milterbridge.policy.apply import DropReason, crlf_body, plan_modifications, wire_value
+from milterbridge.policy.model import (
+    AddHeaderOp,
+    AddRcptOp,
+    AnyOp,
+    ChangeFromOp,
+    ChangeHeaderOp,
+    DeleteHeaderOp,
+    DeleteRcptOp,
+    InsertHeaderOp,
+    ReplaceBodyOp,
+)
+
+HIDDEN = (b"Received", b" from client.example by mx.example (Postfix)")
+Header = tuple[bytes, bytes]
+
+
+class PostfixHeaders:
+    """Postfix's queued header list under milter edits (hidden headers first)."""
+
+    def __init__(self, headers: Sequence[Header], received_offset: int = 1) -> None:
+        self.items: list[tuple[bytes, bytes, bool]] = [(*HIDDEN, True)] * received_offset
+        self.items += [(name, value, False) for name, value in headers]
+
+    def apply(self, mod: m.Modification) -> None:
+        match mod:
+            case m.ChangeHeader(index=index, name=name, value=value):
+                index = max(index, 1)  # idx 0 is treated as 1
+                same = [i for i, (n, _v, hidden) in enumerate(self.items) if not hidden and n.lower() == name.lower()]
+                if index <= len(same):
+                    if value:
+                        self.items[same[index - 1]] = (name, value, False)
+                    else:
+                        del self.items[same[index - 1]]
+                elif value:
+                    self.items.append((name, value, False))
+            case m.InsertHeader(index=index, name=name, value=value):
+                self.items.insert(min(index, len(self.items)), (name, value, False))
+            case m.AddHeader(name=name, value=value):
+                self.items.append((name, value, False))
+            case _:
+                pass
+
+    def result(self) -> list[Header]:
+        return [(n, v) for n, v, _hidden in self.items]
+
+
+def intended(headers: Sequence[Header], ops: Sequence[tuple[str, Sequence[AnyOp]]], received_offset: int = 1):
+    """What the ops mean on the received list: first edit of a header wins; see apply.py."""
+    count = len(headers)
+    edits: dict[int, AnyOp] = {}
+    inserts: dict[int, list[Header]] = defaultdict(list)
+    adds: list[Header] = []
+    for _endpoint, endpoint_ops in ops:
+        for op in endpoint_ops:
+            match op:
+                case ChangeHeaderOp() | DeleteHeaderOp():
+                    same = [i for i, (n, _v) in enumerate(headers) if n.lower() == op.name.encode().lower()]
+                    if op.index <= len(same):
+                        edits.setdefault(same[op.index - 1], op)
+                    elif isinstance(op, ChangeHeaderOp):
+                        adds.append((op.name.encode(), wire_value(op.value)))
+                case InsertHeaderOp():
+                    inserts[min(op.index, count)].append((op.name.encode(), wire_value(op.value)))
+                case AddHeaderOp():
+                    adds.append((op.name.encode(), wire_value(op.value)))
+    out = [*inserts[0], *[HIDDEN] * received_offset]
+    for pos, header in enumerate(headers):
+        edit = edits.get(pos)
+        if edit is None:
+            out.append(header)
+        elif isinstance(edit, ChangeHeaderOp):
+            out.append((edit.name.encode(), wire_value(edit.value)))
+        out.extend(inserts[pos + 1])
+    return out + adds
+
+
+def through_postfix(headers, ops, received_offset=1, actions=ALL_ACTIONS):
+    plan = plan_modifications(ops, headers, actions=actions, received_offset=received_offset)
+    model = PostfixHeaders(headers, received_offset)
+    for mod in plan.messages:
+        model.apply(mod)
+    return plan, model.result()
+
+
+HEADERS: list[Header] = [
+    (b"From", b" a@example.org"),
+    (b"X-Spam", b" old"),
+    (b"Subject", b" hi"),
+    (b"X-Spam", b" older"),
+    (b"To", b" b@example.org"),
+]
+
+
+# ----------------------------------------------------------------- values and order
+
+
+@pytest.mark.parametrize(
+    ("value", "wire"),
+    [("v", b" v"), (" v", b" v"), ("\tv", b"\tv"), ("", b" "), ("a\n\tb", b" a\n\tb"), ("é", b" \xc3\xa9")],
+)
+def test_wire_value(value, wire):
+    """One space is prepended unless the value starts with a space or tab; folds stay LF."""
+    assert wire_value(value) == wire
+
+
+@pytest.mark.parametrize(
+    ("body", "wire"),
+    [(b"a\nb\n", b"a\r\nb\r\n"), (b"a\r\nb", b"a\r\nb"), (b"a\rb\n", b"a\rb\r\n"), (b"\n\n", b"\r\n\r\n"), (b"", b"")],
+)
+def test_crlf_body(body, wire):
+    """Bare LF becomes CRLF; existing CRLF and lone CR are kept."""
+    assert crlf_body(body) == wire
+
+
+def test_fixed_order_and_encoding():
+    """Every op kind comes out in design §3.3's order, encoded for the wire."""
+    ops: list[tuple[str, list[AnyOp]]] = [
+        (
+            "a",
+            [
+                ReplaceBodyOp(body=b"new\n"),
+                AddHeaderOp(name="X-Add", value="1"),
+                InsertHeaderOp(index=0, name="X-Top", value="t"),
+                DeleteHeaderOp(name="X-Spam", index=1),
+                AddRcptOp(address="archive@example.org", args=("NOTIFY=NEVER", "ORCPT=rfc822;x@y")),
+                AddRcptOp(address="copy@example.org"),
+                DeleteRcptOp(address="bob@example.net"),
+                ChangeFromOp(address="bounce@example.org", args=("RET=HDRS",)),
+                ChangeHeaderOp(name="Subject", index=1, value="[SPAM] hi"),
+            ],
+        )
+    ]
+    plan = plan_modifications(ops, HEADERS, actions=ALL_ACTIONS)
+    assert plan.messages == (
+        m.ChangeSender(address=b"<bounce@example.org>", args=b"RET=HDRS"),
+        m.RemoveRecipient(address=b"<bob@example.net>"),
+        m.AddRecipientWithArgs(address=b"<archive@example.org>", args=b"NOTIFY=NEVER ORCPT=rfc822;x@y"),
+        m.AddRecipient(address=b"<copy@example.org>"),
+        m.ChangeHeader(index=1, name=b"Subject", value=b" [SPAM] hi"),
+        m.ChangeHeader(index=1, name=b"X-Spam", value=b""),
+        m.InsertHeader(index=0, name=b"X-Top", value=b" t"),
+        m.AddHeader(name=b"X-Add", value=b" 1"),
+        m.ReplaceBody(data=b"new\r\n"),
+    )
+    assert not plan.dropped
+    assert len(plan.applied) == 9
+
+
+def test_change_from_without_args_sends_one_string():
+    """change_from with no args sends the address only (no empty args string)."""
+    plan = plan_modifications([("a", [ChangeFromOp(address="x@y")])], [], actions=ALL_ACTIONS)
+    assert plan.messages == (m.ChangeSender(address=b"<x@y>", args=None),)
+
+
+def test_large_body_is_chunked_in_one_run():
+    """A replacement body larger than a packet is split into consecutive REPLBODY pieces."""
+    body = b"x" * (CHUNK_SIZE + 10)
+    plan = plan_modifications(
+        [("a", [ReplaceBodyOp(body=body), AddHeaderOp(name="X", value="1")])], [], actions=ALL_ACTIONS
+    )
+    kinds = [type(msg) for msg in plan.messages]
+    assert kinds == [m.AddHeader, m.ReplaceBody, m.ReplaceBody]
+    assert b"".join(msg.data for msg in plan.messages[1:]) == body  # type: ignore[attr-defined]
+
+
+def test_only_one_body_and_sender_first_listed_wins():
+    """Two endpoints replacing the body or sender: the first listed wins, the other is a conflict."""
+    ops: list[tuple[str, list[AnyOp]]] = [
+        ("a", [ReplaceBodyOp(body=b"A"), ChangeFromOp(address="a@x")]),
+        ("b", [ReplaceBodyOp(body=b"B"), ChangeFromOp(address="b@x")]),
+    ]
+    plan = plan_modifications(ops, [], actions=ALL_ACTIONS)
+    assert plan.messages == (m.ChangeSender(address=b"<a@x>"), m.ReplaceBody(data=b"A"))
+    assert [(d.endpoint, d.op.op, d.reason) for d in plan.dropped] == [
+        ("b", "replace_body", DropReason.CONFLICT),
+        ("b", "change_from", DropReason.CONFLICT),
+    ]
+
+
+def test_duplicate_recipient_removals_sent_once():
+    """Two endpoints deleting the same recipient send one DELRCPT."""
+    ops: list[tuple[str, list[AnyOp]]] = [("a", [DeleteRcptOp(address="x@y")]), ("b", [DeleteRcptOp(address="x@y")])]
+    plan = plan_modifications(ops, [], actions=ALL_ACTIONS)
+    assert plan.messages == (m.RemoveRecipient(address=b"<x@y>"),)
+    assert plan.dropped[0].reason is DropReason.DUPLICATE
+
+
+def test_change_of_missing_header_needs_addhdrs():
+    """A change that would become an add is dropped when only CHGHDRS was granted."""
+    ops: list[tuple[str, list[AnyOp]]] = [("a", [ChangeHeaderOp(name="X-Nope", index=1, value="v")])]
+    plan = plan_modifications(ops, HEADERS, actions=Action.CHANGE_HEADERS)
+    assert plan.messages == ()
+    assert plan.dropped[0].reason is DropReason.NOT_GRANTED
+
+
+def test_ops_not_granted_are_dropped():
+    """An op whose action bit the MTA did not grant is never sent."""
+    ops: list[tuple[str, list[AnyOp]]] = [
+        ("a", [AddHeaderOp(name="X", value="1"), AddRcptOp(address="r@x", args=("NOTIFY=NEVER",))]),
+    ]
+    plan = plan_modifications(ops, [], actions=Action.ADD_RCPT)
+    assert plan.messages == ()
+    assert {d.reason for d in plan.dropped} == {DropReason.NOT_GRANTED}
+
+
+# ----------------------------------------------------------------- header indexes
+
+
+@pytest.mark.parametrize(
+    ("ops", "expected"),
+    [
+        pytest.param(
+            [DeleteHeaderOp(name="X-Spam", index=1), DeleteHeaderOp(name="X-Spam", index=2)],
+            [m.ChangeHeader(index=2, name=b"X-Spam", value=b""), m.ChangeHeader(index=1, name=b"X-Spam", value=b"")],
+            id="deletes-highest-first",
+        ),
+        pytest.param(
+            [DeleteHeaderOp(name="x-spam", index=2)],
+            [m.ChangeHeader(index=2, name=b"x-spam", value=b"")],
+            id="case-insensitive",
+        ),
+        pytest.param(
+            [InsertHeaderOp(index=0, name="A", value="0"), InsertHeaderOp(index=1, name="B", value="1")],
+            [m.InsertHeader(index=0, name=b"A", value=b" 0"), m.InsertHeader(index=3, name=b"B", value=b" 1")],
+            id="top-goes-above-received",
+        ),
+        pytest.param(
+            [InsertHeaderOp(index=0, name="A", value="0"), InsertHeaderOp(index=0, name="B", value="0")],
+            [m.InsertHeader(index=0, name=b"A", value=b" 0"), m.InsertHeader(index=1, name=b"B", value=b" 0")],
+            id="same-gap-keeps-order",
+        ),
+        pytest.param(
+            [InsertHeaderOp(index=5, name="A", value="e"), InsertHeaderOp(index=99, name="B", value="e")],
+            [m.InsertHeader(index=6, name=b"A", value=b" e"), m.InsertHeader(index=7, name=b"B", value=b" e")],
+            id="end-and-past-end",
+        ),
+        pytest.param(
+            [DeleteHeaderOp(name="X-Spam", index=1), InsertHeaderOp(index=2, name="A", value="v")],
+            [m.ChangeHeader(index=1, name=b"X-Spam", value=b""), m.InsertHeader(index=2, name=b"A", value=b" v")],
+            id="insert-after-deleted",
+        ),
+        pytest.param(
+            [InsertHeaderOp(index=3, name="A", value="v"), DeleteHeaderOp(name="From", index=1)],
+            [m.ChangeHeader(index=1, name=b"From", value=b""), m.InsertHeader(index=3, name=b"A", value=b" v")],
+            id="insert-after-earlier-delete",
+        ),
+        pytest.param(
+            [ChangeHeaderOp(name="X-Spam", index=2, value="new"), DeleteHeaderOp(name="X-Spam", index=1)],
+            [
+                m.ChangeHeader(index=2, name=b"X-Spam", value=b" new"),
+                m.ChangeHeader(index=1, name=b"X-Spam", value=b""),
+            ],
+            id="change-before-lower-delete",
+        ),
+        pytest.param(
+            [ChangeHeaderOp(name="X-Spam", index=3, value="v")],
+            [m.AddHeader(name=b"X-Spam", value=b" v")],
+            id="change-missing-becomes-add",
+        ),
+        pytest.param([DeleteHeaderOp(name="X-Nope", index=1)], [], id="delete-missing-is-dropped"),
+    ],
+)
+def test_header_indexes(ops, expected):
+    """Header ops convert to the exact Postfix indexes, and the result is what was meant."""
+    plan, result = through_postfix(HEADERS, [("a", ops)])
+    assert list(plan.messages) == expected
+    assert result == intended(HEADERS, [("a", ops)])
+
+
+def test_without_hidden_received():
+    """With received_offset 0 an insert after header N is sent as N."""
+    ops: list[AnyOp] = [InsertHeaderOp(index=1, name="A", value="v")]
+    plan, result = through_postfix(HEADERS, [("a", ops)], received_offset=0)
+    assert plan.messages == (m.InsertHeader(index=1, name=b"A", value=b" v"),)
+    assert result == intended(HEADERS, [("a", ops)], received_offset=0)
+
+
+def test_conflicting_header_edits_first_listed_wins():
+    """Edits of one header by two endpoints: duplicates sent once, conflicts dropped."""
+    ops: list[tuple[str, list[AnyOp]]] = [
+        ("a", [DeleteHeaderOp(name="X-Spam", index=1), ChangeHeaderOp(name="Subject", index=1, value="A")]),
+        ("b", [DeleteHeaderOp(name="x-spam", index=1), DeleteHeaderOp(name="Subject", index=1)]),
+        ("c", [ChangeHeaderOp(name="Subject", index=1, value="A")]),
+    ]
+    plan, result = through_postfix(HEADERS, ops)
+    assert plan.messages == (
+        m.ChangeHeader(index=1, name=b"Subject", value=b" A"),
+        m.ChangeHeader(index=1, name=b"X-Spam", value=b""),
+    )
+    assert [(d.endpoint, d.reason) for d in plan.dropped] == [
+        ("b", DropReason.DUPLICATE),
+        ("b", DropReason.CONFLICT),
+        ("c", DropReason.DUPLICATE),
+    ]
+    assert result == intended(HEADERS, ops)
+
+
+# ----------------------------------------------------------------- property
+
+NAMES = st.sampled_from(["From", "To", "X-Spam", "x-spam", "Subject", "Received", "X-New"])
+VALUES = st.sampled_from(["v", " lead", "\ttab", "fold\n\tx", "", "é"])
+HEADER_LISTS = st.lists(
+    st.tuples(NAMES.map(str.encode), VALUES.map(wire_value)),
+    max_size=8,
+)
+INDEX = st.integers(1, 5)
+OPS = st.one_of(
+    st.builds(AddHeaderOp, name=NAMES, value=VALUES),
+    st.builds(InsertHeaderOp, index=st.integers(0, 10), name=NAMES, value=VALUES),
+    st.builds(ChangeHeaderOp, name=NAMES, index=INDEX, value=VALUES),
+    st.builds(DeleteHeaderOp, name=NAMES, index=INDEX),
+)
+ENDPOINT_OPS = st.lists(st.lists(OPS, max_size=6), min_size=1, max_size=3).map(
+    lambda lists: [(f"e{i}", ops) for i, ops in enumerate(lists)]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(headers=HEADER_LISTS, ops=ENDPOINT_OPS, received_offset=st.sampled_from([0, 1]))
+def test_plan_through_postfix_equals_intended(headers, ops, received_offset):
+    """Applying the plan through the Postfix model gives the endpoints' intended header list."""
+    plan, result = through_postfix(headers, ops, received_offset)
+    assert result == intended(headers, ops, received_offset)
+    kinds = [type(msg) for msg in plan.messages]
+    # Changes first, then inserts, then adds (design §3.3).
+    assert kinds == sorted(kinds, key=[m.ChangeHeader, m.InsertHeader, m.AddHeader].index)
