@@ -280,6 +280,8 @@ class ConnectionHandler:
         if kind is Quit or kind is QuitNewConnection:
             self._connection_ended()
             if kind is QuitNewConnection:
+                self._closed = False
+                self.started = time.monotonic()
                 self.builder = pl.PayloadBuilder(session)
                 self.policy = PolicyState(
                     self.snapshot.policies,

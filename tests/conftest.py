@@ -48,3 +48,10 @@ async def running_server(
             await asyncio.sleep(0)
         assert not server.state.connections
         assert_no_leaked_tasks()
+
+
+def pytest_report_header() -> str:
+    """Print the Postfix version the end-to-end tests run against."""
+    from tests.integration.postfix import installed_version
+
+    return f"Postfix version: {installed_version() or 'not installed'}"
