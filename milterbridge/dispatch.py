@@ -97,6 +97,10 @@ class WebhookPoster(Protocol):
         """POST ``body``; returns an object with ``status``, ``body``, ``attempts``; raises on failure."""
         ...
 
+    def mark_failed(self, endpoint: EndpointSettings) -> None:
+        """Count the last successful call as a failure (its answer was not a valid decision)."""
+        ...
+
 
 class Observer(Protocol):
     """Metric hooks the dispatcher calls (milterbridge.metrics.Metrics satisfies it)."""
@@ -240,6 +244,7 @@ class ConnectionHandler:
         self._message_calls: list[dict[str, Any]] = []
         self._logged_message: int | None = None
         self._closed = False
+        self._ended: MessageContext | None = None
         self.started = time.monotonic()
 
     # -------------------------------------------------------------- handler
@@ -526,9 +531,11 @@ class ConnectionHandler:
         except DecisionError as exc:
             label = "invalid_decision"
             outcome = Failure(reason=f"invalid decision: {exc}")
+            self.dispatcher.client.mark_failed(settings)
         except ValueError as exc:
             label = "invalid_body"
             outcome = Failure(reason=f"invalid response body: {exc}")
+            self.dispatcher.client.mark_failed(settings)
         except Exception as exc:  # the webhook client's errors carry safe messages
             label = getattr(exc, "outcome", None) or "connection_error"
             outcome = Failure(reason=str(exc))
@@ -596,7 +603,10 @@ class ConnectionHandler:
     # ------------------------------------------------------------ lifecycle
 
     def _message_ended(self, msg: MessageContext) -> None:
-        """A transaction ended without an end-of-message answer (abort, new MAIL, EOF)."""
+        """A transaction ended without an end-of-message answer (abort, new MAIL, QUIT, EOF)."""
+        if self._ended is msg:
+            return  # QUIT reported it already; EOF follows
+        self._ended = msg
         self.policy.reset_message()
         self._drop_body()
         if self._logged_message != msg.number:

@@ -24,6 +24,7 @@ by endpoint name; a reload that hands in changed settings rebuilds the entry.
 from __future__ import annotations
 
 import asyncio
+import io
 import ssl
 import time
 from collections.abc import Callable, Iterable
@@ -76,6 +77,10 @@ _DRAIN_ERROR_BODY_BYTES: Final = 4096
 _RESERVED_HEADERS: Final = frozenset(
     {"content-type", "content-length", "webhook-id", "webhook-timestamp", "webhook-signature", "host"}
 )
+
+
+#: Request bodies at least this large are sent as a stream.
+_STREAM_FROM_BYTES: Final = 512 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -387,7 +392,9 @@ class WebhookClient:
         """One HTTP request: (status, body) for 200/204; otherwise a ``WebhookError``."""
         headers = ep.headers_for(webhook_id, body)
         try:
-            async with session.post(ep.url, data=body, headers=headers, ssl=ep.ssl, allow_redirects=False) as response:
+            # aiohttp warns about (and may block on) raw bytes over 1 MiB; a stream avoids both.
+            data: bytes | io.BytesIO = body if len(body) < _STREAM_FROM_BYTES else io.BytesIO(body)
+            async with session.post(ep.url, data=data, headers=headers, ssl=ep.ssl, allow_redirects=False) as response:
                 status = response.status
                 if status in _SUCCESS_STATUSES:
                     if status == 204:

@@ -233,7 +233,7 @@ class FakeWebhooks:
             return
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
-        app = web.Application()
+        app = web.Application(client_max_size=256 * 1024 * 1024)  # tests send bodies of many MiB
         app.router.add_route("*", "/{tail:.*}", self._handle)
         server = TestServer(app, host=self._host)
         await server.start_server(ssl=self._ssl_context, shutdown_timeout=_SHUTDOWN_TIMEOUT)

@@ -1,0 +1,1 @@
+"""Integration tests of the webhook engine: MTA client -> bridge -> fake endpoints, on loopback."""
