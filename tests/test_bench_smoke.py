@@ -1,0 +1,206 @@
+"""Smoke tests of the benchmark (bench/): a few hundred messages, so the bench cannot rot.
+
+The real benchmark is ``python -m bench.run`` and is not part of the test run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from bench import procs
+from bench.endpoint import HOOK_PATH, build_app
+from bench.loadgen import idle_connections, run_load
+from bench.profiles import ALL_EVENTS, BENCH_HEADER_NAME, PROFILES, build_message
+from bench.reference_milter import running
+from bench.report import IdlePoint, Results, SinglePoint, SweepPoint, render, target_lines
+from bench.run import pymilter_available
+from milterbridge.connection import StaticHandler
+from tests.conftest import assert_no_leaked_tasks, running_server
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = ["inet:127.0.0.1:0"]
+
+
+def test_profile_message_has_the_requested_shape():
+    """Profile (a)'s message has exactly 10 headers and a 4 KiB body."""
+    profile = PROFILES["a"]
+    message = build_message(profile)
+    head, body = message.split(b"\r\n\r\n", 1)
+    assert len(head.split(b"\r\n")) == profile.headers == 10
+    assert len(body) == profile.body_bytes == 4096
+
+
+def test_include_body_profiles_make_references_read_the_body():
+    """A reference milter asks for body chunks when the bridge forwards the body (profile c)."""
+    assert "body" in PROFILES["c"].milter_events
+    assert "body" not in PROFILES["a"].milter_events
+    assert PROFILES["b"].milter_events == PROFILES["b"].events
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("events", [("eom",), ALL_EVENTS], ids=["eom-only", "every-event"])
+async def test_loadgen_against_reference_milter(events):
+    """200 messages over 4 connections through our minimal milter: all counted, none failed."""
+    async with running(LOOPBACK, events) as server:
+        result = await run_load(server.bound[0], PROFILES["a"], concurrency=4, max_messages=200, duration_seconds=20)
+    assert (result.messages, result.errors) == (200, 0), result.error_samples
+    assert result.connections >= 200 // PROFILES["a"].messages_per_connection
+    assert len(result.latencies_seconds) == 200
+    assert 0 < result.percentile_seconds(50) <= result.percentile_seconds(90) <= result.percentile_seconds(99)
+    assert result.messages_per_second > 0
+    assert_no_leaked_tasks()
+
+
+@pytest.mark.asyncio
+async def test_loadgen_counts_a_missing_bench_header_as_an_error():
+    """A milter that accepts without adding the bench header fails every message."""
+    async with running_server(StaticHandler) as server:
+        result = await run_load(server.bound[0], PROFILES["a"], concurrency=2, max_messages=20, duration_seconds=20)
+    assert result.messages == 0
+    assert result.errors == 20
+    assert any(BENCH_HEADER_NAME in text for text in result.error_samples)
+
+
+@pytest.mark.asyncio
+async def test_idle_connections_stay_open_then_quit():
+    """Idle connections are all open at once inside the block and all gone after it."""
+    async with running(LOOPBACK, ("eom",)) as server:
+        async with idle_connections(server.bound[0], 30, batch=10) as clients:
+            assert len(clients) == 30
+            await asyncio.sleep(0.05)
+            assert len(server.state.connections) == 30
+        async with asyncio.timeout(5):
+            await server.state.idle.wait()
+        assert not server.state.connections
+
+
+@pytest.mark.asyncio
+async def test_endpoint_adds_the_header_at_eom_only():
+    """The trivial endpoint answers continue, plus one add_header at eom, and counts requests."""
+    async with TestClient(TestServer(build_app())) as client:
+        eom = await client.post(HOOK_PATH, json={"event": "eom"})
+        rcpt = await client.post(HOOK_PATH, json={"event": "rcpt"})
+        stats = await client.get("/stats")
+        assert eom.status == rcpt.status == 200
+        assert await eom.json() == {
+            "action": "continue",
+            "modifications": [{"op": "add_header", "name": BENCH_HEADER_NAME, "value": "ok"}],
+        }
+        assert await rcpt.json() == {"action": "continue"}
+        assert await stats.json() == {"eom": 1, "rcpt": 1}
+
+
+def test_proc_measurements_see_this_process():
+    """CPU time and memory read from /proc are positive for a live process and grow monotonically."""
+    cpu = procs.cpu_seconds(os.getpid())
+    assert procs.memory_bytes(os.getpid(), "VmHWM") >= procs.memory_bytes(os.getpid(), "VmRSS") > 0
+    sum(range(200_000))  # burn a little CPU
+    assert procs.cpu_seconds(os.getpid()) >= cpu > 0
+
+
+def _point(target: str, msg_s: float, cpu_us: float, p99: float = 1.0, conc: int = 16) -> SweepPoint:
+    return SweepPoint(
+        profile="a",
+        target=target,
+        concurrency=conc,
+        messages=100,
+        errors=0,
+        elapsed_seconds=1.0,
+        messages_per_second=msg_s,
+        p50_ms=0.5,
+        p90_ms=0.8,
+        p99_ms=p99,
+        cpu_us_per_message=cpu_us,
+        endpoint_cpu_us_per_message=None,
+        rss_bytes=1,
+        peak_rss_bytes=1,
+        loadgen_busy=0.5,
+        milter_busy=0.5,
+    )
+
+
+def test_report_prints_the_issue_ratios():
+    """Ratios, the p99 difference, the idle delta and the peak-RSS verdict come out of the numbers."""
+    mib = 1024 * 1024
+    results = Results(
+        sweeps=[
+            _point("bridge", 500, 900),
+            _point("pymilter", 1000, 300),
+            _point("minimal-all", 800, 450),
+            _point("bridge", 400, 900, p99=3.0, conc=1),
+            _point("pymilter", 900, 300, p99=1.0, conc=1),
+        ],
+        idle=[IdlePoint(target="bridge", connections=1000, rss_before_bytes=40 * mib, rss_after_bytes=50 * mib)],
+        single=[
+            SinglePoint(
+                target="bridge",
+                body_bytes=50 * mib,
+                peak_rss_before_bytes=40 * mib,
+                peak_rss_bytes=70 * mib,
+                seconds=1.0,
+                errors=0,
+                body_memory_bytes=mib,
+            )
+        ],
+    )
+    lines = list(target_lines(results))
+    assert "(a) throughput bridge / pymilter at 16 concurrent: 0.50x (500 vs 1000 msg/s)" in lines
+    assert "(a) CPU/msg bridge / pymilter at 16 concurrent: 3.00x (900 vs 300 µs/msg)" in lines
+    assert "(a) CPU/msg bridge / minimal-all at 16 concurrent: 2.00x (900 vs 450 µs/msg)" in lines
+    assert any(line.startswith("(a) p99 latency at 1 concurrent, bridge - pymilter: +2.00 ms") for line in lines)
+    assert any("10.0 MiB (10.2 KiB per connection)" in line for line in lines)
+    assert any("70.0 MiB vs budget 62.0 MiB" in line and line.endswith("OVER") for line in lines)
+    assert any(line.startswith("(b) throughput bridge / minimal: n/a") for line in lines)
+    assert "Targets" in render(results)
+
+
+def _bench(tmp_path: Path, *args: str) -> tuple[str, dict]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--no-pin", "--results-dir", str(tmp_path), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout, json.loads((tmp_path / "results.json").read_text())
+
+
+def test_bench_run_smoke_with_reference_milter(tmp_path):
+    """``python -m bench.run --smoke`` drives the minimal milter in its own process and writes results."""
+    out, data = _bench(tmp_path, "--targets", "minimal")
+    assert "(a) eom-only webhook" in out
+    assert "Targets" in out
+    points = data["sweeps"]
+    assert [(p["target"], p["concurrency"], p["messages"], p["errors"]) for p in points] == [
+        ("minimal", 1, 150, 0),
+        ("minimal", 4, 150, 0),
+    ]
+    assert all(p["cpu_us_per_message"] > 0 and p["peak_rss_bytes"] > 0 for p in points)
+
+
+def test_bench_run_smoke_with_bridge(tmp_path):
+    """The bridge target: ``milterbridge serve`` with a generated config calling the bench endpoint."""
+    _, data = _bench(tmp_path, "--targets", "bridge", "--bridge-workers", "1")
+    points = data["sweeps"]
+    assert [(p["target"], p["messages"], p["errors"]) for p in points] == [("bridge", 150, 0), ("bridge", 150, 0)]
+    assert all(p["endpoint_cpu_us_per_message"] is not None for p in points)
+
+
+@pytest.mark.skipif(not pymilter_available(), reason="pymilter not installed (bench/install-pymilter)")
+def test_bench_run_smoke_with_pymilter(tmp_path):
+    """The pymilter reference answers every message with the bench header, without libmilter's Nagle stall."""
+    _, data = _bench(tmp_path, "--targets", "pymilter")
+    points = data["sweeps"]
+    assert [(p["target"], p["messages"], p["errors"]) for p in points] == [("pymilter", 150, 0)] * 2
+    # Without TCP_NODELAY on its listener every message waits ~40 ms for a delayed ACK.
+    assert points[0]["p50_ms"] < 20
