@@ -150,6 +150,9 @@ class Snapshot:
         self.policies = [ep.policy for ep in self.endpoints]
         self.keep_body = any(ep.settings.include_body for ep in self.endpoints)
         self.requirements = self._requirements()
+        subscribed = {e for ep in self.endpoints for e in ep.settings.events}
+        #: Commands whose event no endpoint subscribes to: no payload is built for them.
+        self.quiet = frozenset(kind for kind, event in EVENT_OF.items() if event not in subscribed)
 
     def subscribers(self, event: Event, mode: Mode | None = None) -> list[Endpoint]:
         return [
@@ -280,49 +283,58 @@ class ConnectionHandler:
         event = EVENT_OF.get(kind)
         if event is not None:
             self.metrics.event(event.value)
-        if kind is Abort:
-            return None
-        if kind is Quit or kind is QuitNewConnection:
-            self._connection_ended()
-            if kind is QuitNewConnection:
-                self._closed = False
-                self.started = time.monotonic()
-                self.builder = pl.PayloadBuilder(session)
-                self.policy = PolicyState(
-                    self.snapshot.policies,
-                    actions=self.policy.actions,
-                    skip_negotiated=self.policy.skip_negotiated,
-                )
-            return None
-        assert event is not None
-        msg = session.message
-        data: pl.JSON
-        if kind is Connect:
+        if kind is Connect or kind is Helo:
             self.builder.invalidate_session()
-            data = self.builder.client()
-        elif kind is Helo:
-            self.builder.invalidate_session()
-            data = pl.text_obj("hostname", command.hostname)  # type: ignore[attr-defined]
         elif kind is MailFrom:
             self._message_started = time.monotonic()
             self._message_calls = []
             self._new_body()
-            data = pl.address_obj(command.address, command.args)  # type: ignore[attr-defined]
-        elif kind is RcptTo:
-            data = pl.address_obj(command.address, command.args)  # type: ignore[attr-defined]
-        elif kind is Header:
-            data = pl.header_obj(command.name, command.value)  # type: ignore[attr-defined]
         elif kind is BodyChunk:
             return self._body_chunk(command)  # type: ignore[arg-type]
         elif kind is EndOfMessage:
             return self._eom(command)  # type: ignore[arg-type]
-        elif kind is Unknown:
-            data = pl.text_obj("command", command.line)  # type: ignore[attr-defined]
-        else:
-            data = {}
+        elif kind is Abort:
+            return None
+        elif kind is Quit or kind is QuitNewConnection:
+            self._connection_ended()
+            if kind is QuitNewConnection:
+                self._restart()
+            return None
+        if kind in self.snapshot.quiet and not session.needs_reply:
+            return None  # the fast path: nobody listens and the MTA does not wait
+        assert event is not None
+        msg = session.message
         if msg is not None and self.body is None:
             self._new_body()  # MAIL was not seen (negotiated away)
-        return self._decide(event, data, msg)
+        return self._decide(event, command, msg)
+
+    def _restart(self) -> None:
+        """QUIT_NC: a new session on the same socket."""
+        self._closed = False
+        self.started = time.monotonic()
+        self.builder = pl.PayloadBuilder(self.session)
+        self.policy = PolicyState(
+            self.snapshot.policies,
+            actions=self.policy.actions,
+            skip_negotiated=self.policy.skip_negotiated,
+        )
+
+    def _data(self, command: Command) -> pl.JSON:
+        """The ``data`` member of a request: what this event adds."""
+        match command:
+            case Connect():
+                return self.builder.client()
+            case Helo(hostname=hostname):
+                return pl.text_obj("hostname", hostname)
+            case MailFrom(address=address, args=args) | RcptTo(address=address, args=args):
+                return pl.address_obj(address, args)
+            case Header(name=name, value=value):
+                return pl.header_obj(name, value)
+            case BodyChunk(data=data):
+                return {"offset": self._body_offset - len(data), "base64": pl.b64(data)}
+            case Unknown(line=line):
+                return pl.text_obj("command", line)
+        return {}
 
     def connection_lost(self) -> None:
         if self.session.aborted is not None:
@@ -331,13 +343,13 @@ class ConnectionHandler:
 
     # ---------------------------------------------------------------- events
 
-    def _decide(self, event: Event, data: pl.JSON, msg: MessageContext | None) -> HandlerResult:
+    def _decide(self, event: Event, command: Command, msg: MessageContext | None) -> HandlerResult:
         targets = self.policy.targets(event)
         observers = self.policy.observers(event)
         needs_reply = self.session.needs_reply
         if not targets and not observers:
             return self._apply(event, {}) if needs_reply else None
-        request = self.builder.request(event.value, data, msg)
+        request = self.builder.request(event.value, self._data(command), msg)
         for ep in observers:
             self._observe(event, ep.name, request)
         if not needs_reply:
@@ -414,7 +426,6 @@ class ConnectionHandler:
         body = self.body
         assert body is not None
         was_spooled, was_oversize = body.spooled, body.oversize
-        offset = self._body_offset
         body.append(command.data)
         self._body_offset += len(command.data)
         if body.spooled:
@@ -428,8 +439,9 @@ class ConnectionHandler:
         if body.oversize and refuse is not OnOversize.CONTINUE:
             # Refuse now if the MTA waits for an answer; else at end-of-message.
             return (OVERSIZE_REPLIES[refuse],) if self.session.needs_reply else None
-        data = {"offset": offset, "base64": pl.b64(command.data)}
-        return self._decide(Event.BODY, data, self.session.message)
+        if BodyChunk in self.snapshot.quiet and not self.session.needs_reply:
+            return None
+        return self._decide(Event.BODY, command, self.session.message)
 
     # ------------------------------------------------------------------- eom
 

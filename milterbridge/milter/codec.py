@@ -40,7 +40,7 @@ class FrameDecoder(Generic[M]):
         if max_frame_bytes < 1:
             raise ValueError("max_frame_bytes must be positive")
         self._table = {code[0]: cls for code, cls in table.items()}
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         #: Largest accepted payload, code byte not counted.
         self.max_frame_bytes = max_frame_bytes
@@ -57,7 +57,17 @@ class FrameDecoder(Generic[M]):
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes; refuses an oversized frame header at once."""
-        self._buf += data
+        buf = self._buf
+        if self._pos == len(buf):
+            # Nothing pending (the common case: whole frames per read): keep the
+            # chunk as is, so payloads are sliced from it with a single copy.
+            self._buf = data if type(data) is bytes else bytes(data)
+            self._pos = 0
+        else:
+            if type(buf) is bytes:
+                buf = self._buf = bytearray(buf[self._pos :])
+                self._pos = 0
+            buf += data
         self._check_header()
 
     def _check_header(self) -> int:
@@ -74,26 +84,37 @@ class FrameDecoder(Generic[M]):
 
     def next_message(self) -> M | None:
         """The next complete message, or ``None`` if more bytes are needed."""
-        length = self._check_header()
         buf = self._buf
         pos = self._pos
-        if length < 0 or len(buf) - pos < LEN_BYTES + length:
-            if pos > _COMPACT_AFTER:
-                del buf[:pos]
-                self._pos = 0
+        if len(buf) - pos < LEN_BYTES:
+            self._compact()
+            return None
+        length = self._check_header()
+        end = pos + LEN_BYTES + length
+        if end > len(buf):
+            self._compact()
             return None
         code = buf[pos + LEN_BYTES]
-        end = pos + LEN_BYTES + length
-        payload = bytes(buf[pos + _HEADER_BYTES : end])
-        if end == len(buf):
-            buf.clear()
-            self._pos = 0
-        else:
-            self._pos = end
+        payload = buf[pos + _HEADER_BYTES : end]
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        self._pos = end
         cls = self._table.get(code)
         if cls is None:
             raise RemoteProtocolError(f"unknown message code {bytes([code])!r}")
         return cls.decode_payload(payload)
+
+    def _compact(self) -> None:
+        """Drop consumed bytes once enough of them sit in front of the buffer."""
+        pos = self._pos
+        buf = self._buf
+        if pos == len(buf):
+            if pos:
+                self._buf = b""
+                self._pos = 0
+        elif pos > _COMPACT_AFTER:
+            self._buf = bytearray(buf[pos:])
+            self._pos = 0
 
     def messages(self) -> list[M]:
         """Every complete message currently buffered."""

@@ -21,6 +21,7 @@ Rules kept here, all from milter-protocol.md:
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -154,6 +155,7 @@ SKIP_FLAG: Final[dict[type[Command], Protocol]] = {
 }
 
 
+@functools.lru_cache(maxsize=64)
 def effective_transitions(protocol: Protocol, version: int) -> dict[type[Command], dict[State, State]]:
     """:data:`TRANSITIONS` widened by the commands negotiated away.
 
@@ -190,7 +192,7 @@ def effective_transitions(protocol: Protocol, version: int) -> dict[type[Command
 
 
 #: Commands that are never answered.
-NEVER_ANSWERED: Final = frozenset({Macro, Abort, Quit, QuitNewConnection})
+NEVER_ANSWERED: Final[frozenset[type[Command]]] = frozenset({Macro, Abort, Quit, QuitNewConnection})
 
 _DECISIONS: frozenset[type[Reply]] = frozenset({Continue, Accept, Reject, TempFail, ReplyCode, Shutdown})
 
@@ -249,6 +251,8 @@ class MilterSession:
         self.protocol = Protocol.NONE
         self._pending_macros: list[Macro] = []
         self._transitions = TRANSITIONS
+        #: Commands answered by nobody: NEVER_ANSWERED plus the negotiated no-reply events.
+        self._silent: frozenset[type[Command]] = NEVER_ANSWERED
         self._body_replaced = 0  # 0 none yet, 1 in a REPLBODY run, 2 run ended
 
     # ------------------------------------------------------------------ input
@@ -333,7 +337,7 @@ class MilterSession:
             self.connection = ConnectionContext()
         if self._pending_macros:
             self._fold_macros()
-        if kind not in NEVER_ANSWERED and not (self.protocol & NO_REPLY_FLAG.get(kind, Protocol.NONE)):
+        if kind not in self._silent:
             self.pending = cmd
 
     def _open_message(self, mail_from: bytes, args: tuple[bytes, ...]) -> None:
@@ -438,6 +442,7 @@ class MilterSession:
         self.actions = reply.actions
         self.protocol = reply.protocol
         self._transitions = effective_transitions(reply.protocol, reply.version)
+        self._silent = NEVER_ANSWERED | {kind for kind, bit in NO_REPLY_FLAG.items() if reply.protocol & bit}
 
     def _check_body_run(self, is_body: bool) -> None:
         # Postfix refuses REPLBODY pieces interleaved with other requests (§8.7).
