@@ -9,6 +9,7 @@ oversize; what happens then is ``server.on_oversize``.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from typing import IO
 
 
@@ -53,6 +54,25 @@ class BodyBuffer:
             return bytes(self._memory[:limit])
         self._file.seek(0)
         return self._file.read(limit)
+
+    def chunks(self, limit: int, size: int = 3 * 16384) -> Iterator[bytes]:
+        """The first ``limit`` bytes in pieces of ``size`` (a multiple of 3 keeps base64 joinable).
+
+        Each step seeks before it reads, so several readers may interleave.
+        """
+        offset = 0
+        end = min(limit, self.size)
+        while offset < end:
+            n = min(size, end - offset)
+            if self._file is None:
+                piece = bytes(self._memory[offset : offset + n])
+            else:
+                self._file.seek(offset)
+                piece = self._file.read(n)
+            if not piece:
+                return
+            offset += len(piece)
+            yield piece
 
     def discard(self) -> None:
         """Free the memory and the temporary file."""

@@ -93,7 +93,7 @@ OVERSIZE_REPLIES: Mapping[OnOversize, Reply] = {
 class WebhookPoster(Protocol):
     """The webhook client as the dispatcher sees it (milterbridge.webhook.client.WebhookClient)."""
 
-    async def post(self, endpoint: EndpointSettings, body: bytes, *, webhook_id: str) -> Any:
+    async def post(self, endpoint: EndpointSettings, body: bytes | pl.StreamedRequest, *, webhook_id: str) -> Any:
         """POST ``body``; returns an object with ``status``, ``body``, ``attempts``; raises on failure."""
         ...
 
@@ -464,13 +464,19 @@ class ConnectionHandler:
             return self._finish(msg, {})
         request = self.builder.request(Event.EOM.value, {}, msg)
         for ep in observers:
-            self._observe(Event.EOM, ep.name, self._with_body(ep.name, request))
+            # Observe calls outlive this message's body buffer: they get the bytes now.
+            self._observe(Event.EOM, ep.name, self._with_body(ep.name, request, stream=False))
         if not targets:
             return self._finish(msg, {})
-        requests = [self._with_body(ep.name, request) for ep in targets]
+        requests = [self._with_body(ep.name, request, stream=True) for ep in targets]
         return self._eom_async(msg, targets, requests)
 
-    def _with_body(self, name: str, request: pl.JSON) -> pl.JSON:
+    def _with_body(self, name: str, request: pl.JSON, *, stream: bool) -> pl.JSON:
+        """The eom request for one endpoint: with ``message.body`` when it has include_body.
+
+        With ``stream`` the base64 is a placeholder filled from the body
+        buffer while the request is sent (see ``payload.StreamedRequest``).
+        """
         settings = self.snapshot.by_name[name].settings
         body = self.body
         if not settings.include_body or body is None or request["message"] is None:
@@ -478,8 +484,9 @@ class ConnectionHandler:
         if body.oversize:
             content: pl.JSON = {"size": body.size, "base64": "", "truncated": True}
         else:
-            raw = body.read(settings.max_body_bytes)
-            content = {"size": body.size, "base64": pl.b64(raw), "truncated": len(raw) < body.size}
+            kept = min(settings.max_body_bytes, body.size)
+            encoded = pl.BODY_PLACEHOLDER if stream else pl.b64(body.read(kept))
+            content = {"size": body.size, "base64": encoded, "truncated": kept < body.size}
         return {**request, "message": {**request["message"], "body": content}}
 
     async def _eom_async(
@@ -533,7 +540,12 @@ class ConnectionHandler:
         outcome: Outcome
         label = "ok"
         try:
-            body = pl.encode({**request, "id": webhook_id})
+            encoded = pl.encode({**request, "id": webhook_id})
+            body: bytes | pl.StreamedRequest = encoded
+            message = request.get("message")
+            if message is not None and message.get("body", {}).get("base64") == pl.BODY_PLACEHOLDER:
+                assert self.body is not None
+                body = pl.StreamedRequest(encoded, self.body, settings.max_body_bytes)
             response = await self.dispatcher.client.post(settings, body, webhook_id=webhook_id)
             decoded = pl.decode(response.body)
             actions = self.negotiated.actions if self.negotiated else ALL_ACTIONS

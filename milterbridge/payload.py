@@ -12,11 +12,13 @@ from __future__ import annotations
 import base64
 import secrets
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from milterbridge.body import BodyBuffer
 from milterbridge.milter.constants import Family
 from milterbridge.milter.context import MessageContext
 from milterbridge.milter.session import MilterSession
@@ -210,3 +212,39 @@ def decode(body: bytes) -> object:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"not JSON: {exc}") from None
+
+
+#: Stands in for ``message.body.base64`` until the body is streamed into the request.
+BODY_PLACEHOLDER = "\x00milterbridge-body\x00"
+_PLACEHOLDER_JSON = orjson.dumps(BODY_PLACEHOLDER)
+
+
+class StreamedRequest:
+    """A JSON request whose body bytes are base64-encoded from a BodyBuffer while it is sent.
+
+    So a large message at eom never sits in memory as one base64 string: the
+    request is the JSON before the body, the body in 48 KiB pieces, and the
+    JSON after it. ``len()`` is exact (for Content-Length and signing).
+    """
+
+    __slots__ = ("_size", "head", "limit", "source", "tail")
+
+    def __init__(self, encoded: bytes, source: BodyBuffer, limit: int) -> None:
+        head, sep, tail = encoded.partition(_PLACEHOLDER_JSON)
+        if not sep:
+            raise ValueError("request has no body placeholder")
+        self.head = head + b'"'
+        self.tail = b'"' + tail
+        self.source = source
+        self.limit = limit
+        raw = min(limit, source.size)
+        self._size = len(self.head) + 4 * ((raw + 2) // 3) + len(self.tail)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def chunks(self) -> Iterator[bytes]:
+        yield self.head
+        for piece in self.source.chunks(self.limit):
+            yield base64.b64encode(piece)
+        yield self.tail

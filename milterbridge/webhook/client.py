@@ -27,7 +27,7 @@ import asyncio
 import io
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Protocol, Self
@@ -77,6 +77,19 @@ _DRAIN_ERROR_BODY_BYTES: Final = 4096
 _RESERVED_HEADERS: Final = frozenset(
     {"content-type", "content-length", "webhook-id", "webhook-timestamp", "webhook-signature", "host"}
 )
+
+
+class BodySource(Protocol):
+    """A request body produced piece by piece (a large message at eom), re-readable per attempt."""
+
+    def __len__(self) -> int: ...
+
+    def chunks(self) -> Iterator[bytes]: ...
+
+
+async def _stream(body: BodySource) -> AsyncIterator[bytes]:
+    for piece in body.chunks():
+        yield piece
 
 
 #: Request bodies at least this large are sent as a stream.
@@ -163,14 +176,17 @@ class _Endpoint:
         headers["Content-Type"] = "application/json"
         self.base_headers = headers
 
-    def headers_for(self, webhook_id: str, body: bytes) -> dict[str, str]:
+    def headers_for(self, webhook_id: str, body: bytes | BodySource) -> dict[str, str]:
         """The headers of one attempt; the timestamp is taken now (design.md §3.2)."""
         timestamp = int(time.time())
         headers = self.base_headers.copy()
         headers["webhook-id"] = webhook_id
         headers["webhook-timestamp"] = str(timestamp)
         if self.signer is not None:
-            headers["webhook-signature"] = self.signer.sign(webhook_id, timestamp, body)
+            pieces = body if isinstance(body, bytes) else body.chunks()
+            headers["webhook-signature"] = self.signer.sign(webhook_id, timestamp, pieces)
+        if not isinstance(body, bytes):
+            headers["Content-Length"] = str(len(body))
         return headers
 
 
@@ -309,7 +325,7 @@ class WebhookClient:
     async def post(
         self,
         endpoint: EndpointSettings,
-        body: bytes,
+        body: bytes | BodySource,
         *,
         webhook_id: str,
         # The retry decision needs the budget up front, which a caller's asyncio.timeout hides.
@@ -347,7 +363,7 @@ class WebhookClient:
         return response
 
     async def _call(
-        self, session: aiohttp.ClientSession, ep: _Endpoint, body: bytes, webhook_id: str, budget: float
+        self, session: aiohttp.ClientSession, ep: _Endpoint, body: bytes | BodySource, webhook_id: str, budget: float
     ) -> WebhookResponse:
         loop = asyncio.get_running_loop()
         started = attempt_started = loop.time()
@@ -387,13 +403,19 @@ class WebhookClient:
             raise
 
     async def _attempt(
-        self, session: aiohttp.ClientSession, ep: _Endpoint, body: bytes, webhook_id: str
+        self, session: aiohttp.ClientSession, ep: _Endpoint, body: bytes | BodySource, webhook_id: str
     ) -> tuple[int, bytes]:
         """One HTTP request: (status, body) for 200/204; otherwise a ``WebhookError``."""
         headers = ep.headers_for(webhook_id, body)
         try:
             # aiohttp warns about (and may block on) raw bytes over 1 MiB; a stream avoids both.
-            data: bytes | io.BytesIO = body if len(body) < _STREAM_FROM_BYTES else io.BytesIO(body)
+            data: bytes | io.BytesIO | AsyncIterator[bytes]
+            if not isinstance(body, bytes):
+                data = _stream(body)
+            elif len(body) < _STREAM_FROM_BYTES:
+                data = body
+            else:
+                data = io.BytesIO(body)
             async with session.post(ep.url, data=data, headers=headers, ssl=ep.ssl, allow_redirects=False) as response:
                 status = response.status
                 if status in _SUCCESS_STATUSES:

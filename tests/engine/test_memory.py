@@ -169,3 +169,25 @@ async def test_include_body_request_over_1_mib(engine: Engine) -> None:
     assert result.reply == Continue()
     (eom,) = engine.bodies("archive", "eom")
     assert eom["message"]["body"]["size"] == 2 * MIB
+
+
+@pytest.mark.asyncio
+async def test_streamed_body_is_exact_and_signed(engine: Engine) -> None:
+    """A spooled body streamed into the eom request arrives byte-exact and the signature verifies."""
+    from standardwebhooks.webhooks import Webhook
+
+    secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    await engine.start(
+        engine.endpoint("archive", include_body=True, secrets=(secret,), max_body_bytes=3 * MIB + 5),
+        server=server(),
+    )
+    client = await engine.client()
+    result = await stream_message(client, 3 * MIB + 7)
+    assert result.reply == Continue()
+    (request,) = engine.requests("archive", "eom")
+    body = request.json["message"]["body"]
+    assert body["size"] == 3 * MIB + 7
+    assert body["truncated"] is True
+    assert base64.b64decode(body["base64"]) == body_prefix(3 * MIB + 5)
+    assert int(request.headers["Content-Length"]) == len(request.body)
+    Webhook(secret).verify(request.body, dict(request.headers))
