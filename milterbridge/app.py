@@ -78,9 +78,7 @@ class Bridge:
             prebound=prebound,
         )
         admin_listen = config.admin.listen if admin_listen is None else admin_listen
-        self.admin: AdminServer | None = (
-            AdminServer(config.admin.listen, self.metrics, self) if config.admin.listen else None
-        )
+        self.admin: AdminServer | None = AdminServer(admin_listen, self.metrics, self) if admin_listen else None
         self.draining = False
         self.started = False
 
@@ -152,9 +150,9 @@ async def run_bridge(bridge: Bridge, *, demo: DemoFilter | None = None, ready_me
             loop.add_signal_handler(sig, action)
             installed.append(sig)
     try:
-        if demo is not None:
-            await demo.start()
         try:
+            if demo is not None:
+                await demo.start()
             await bridge.start()
         except OSError as exc:
             log.error("cannot start: %s", exc)  # noqa: TRY400 - the message names the address
@@ -266,7 +264,8 @@ def supervise(config: Config, path: str | None, workers: int) -> int:
                 continue
             log.error("worker %d (pid %d) exited with %d; restarting", index, pid, code)
             time.sleep(1.0)
-            spawn(index)
+            if not stopping:  # a SIGTERM during the pause must not start a worker nobody stops
+                spawn(index)
         return min(worst, 1)
     finally:
         for sig, handler in previous.items():

@@ -1,0 +1,170 @@
+"""``milterbridge serve --workers N``: worker processes sharing the listeners (design.md §6)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+
+from milterbridge.milter.messages import Continue
+
+from .conftest import (
+    WAIT_TIMEOUT,
+    BridgeLauncher,
+    BridgeProcess,
+    children_of,
+    free_port,
+    free_port_run,
+    metric_value,
+    pid_alive,
+    send_message,
+    write_config,
+)
+
+WORKERS = 2
+
+
+def worker_pids(bridge: BridgeProcess) -> list[int]:
+    """The pids the parent logged when it started the workers."""
+    started = bridge.logs("started ")
+    assert started, bridge.describe()
+    return list(started[0]["pids"])
+
+
+def admin_addresses(bridge: BridgeProcess) -> list[str]:
+    """Every admin listener a worker logged, in start order."""
+    return [f"127.0.0.1:{r['port']}" for r in bridge.logs("admin listening on")]
+
+
+async def send_many(milter: str, count: int, *, stagger: float = 0.005) -> None:
+    """``count`` messages on ``count`` connections, started ``stagger`` seconds apart; all must pass."""
+    tasks = []
+    for n in range(count):
+        tasks.append(asyncio.create_task(send_message(milter, queue_id=f"W{n}")))
+        await asyncio.sleep(stagger)
+    results = await asyncio.wait_for(asyncio.gather(*tasks), WAIT_TIMEOUT)
+    assert all(isinstance(r.final, Continue) for r in results)
+
+
+async def connections_per_worker(bridge: BridgeProcess, admins: list[str]) -> list[float]:
+    """``milterbridge_connections_total`` from each worker's admin listener."""
+    return [metric_value(await bridge.metrics(admin=a), "milterbridge_connections_total") for a in admins]
+
+
+async def start_workers(tmp_path: Path, bridges: BridgeLauncher, listen: list[str]) -> BridgeProcess:
+    """A ``--workers 2`` bridge with per-worker admin listeners on free ports (port 0)."""
+    path = write_config(tmp_path, listen=listen, admin="127.0.0.1:0", drain_timeout=3.0)
+    bridge = await bridges.start(path, workers=WORKERS)
+    assert len(worker_pids(bridge)) == WORKERS
+    return bridge
+
+
+async def stop(bridge: BridgeProcess) -> None:
+    """SIGTERM to the parent: every worker drains and the parent exits 0."""
+    pids = worker_pids(bridge)
+    bridge.send_signal(signal.SIGTERM)
+    assert await bridge.wait_exit(timeout=5.0) == 0
+    assert not [pid for pid in pids if pid_alive(pid)]
+
+
+@pytest.mark.asyncio
+async def test_two_workers_share_a_tcp_listener(tmp_path, bridges):
+    """40 connections to one TCP port are spread over both worker processes."""
+    bridge = await start_workers(tmp_path, bridges, [f"inet:127.0.0.1:{free_port()}"])
+    admins = admin_addresses(bridge)
+    assert len(set(admins)) == WORKERS
+    await send_many(bridge.milter, 40)
+    counts = await connections_per_worker(bridge, admins)
+    assert sum(counts) == 40
+    assert all(count > 0 for count in counts), f"connections per worker: {counts}"
+    for admin in admins:
+        assert (await bridge.get("/readyz", admin=admin))[0] == 200
+    await stop(bridge)
+
+
+@pytest.mark.asyncio
+async def test_two_workers_share_a_unix_socket(tmp_path, bridges):
+    """A unix socket bound once by the parent serves through both workers and is removed at exit."""
+    sock = tmp_path / "mb.sock"
+    bridge = await start_workers(tmp_path, bridges, [f"unix:{sock}"])
+    assert bridge.milter == f"unix:{sock}"
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+    await send_many(bridge.milter, 20)
+    counts = await connections_per_worker(bridge, admin_addresses(bridge))
+    assert sum(counts) == 20
+    await stop(bridge)
+    assert not sock.exists()
+
+
+@pytest.mark.asyncio
+async def test_sigterm_to_the_parent_stops_every_worker(tmp_path, bridges):
+    """SIGTERM to the parent drains both workers; the parent exits 0 and no worker is left."""
+    bridge = await start_workers(tmp_path, bridges, [f"inet:127.0.0.1:{free_port()}"])
+    pids = worker_pids(bridge)
+    assert children_of(bridge.pid) == set(pids)
+    await stop(bridge)
+    assert len(bridge.logs("stopped")) == WORKERS
+
+
+@pytest.mark.asyncio
+async def test_a_killed_worker_is_restarted(tmp_path, bridges):
+    """A worker that dies is replaced by a new process that serves, and shutdown still exits 0."""
+    bridge = await start_workers(tmp_path, bridges, [f"inet:127.0.0.1:{free_port()}"])
+    victim, survivor = worker_pids(bridge)
+    os.kill(victim, signal.SIGKILL)
+    await bridge.wait_log("worker ")
+    assert "restarting" in bridge.logs("worker ")[0]["msg"]
+    await bridge.wait_log("milterbridge ", count=WORKERS + 1)  # the replacement's "ready" line
+    children = children_of(bridge.pid)
+    assert survivor in children
+    assert victim not in children
+    assert len(children) == WORKERS
+    (replacement,) = children - {survivor}
+    new_admin = admin_addresses(bridge)[-1]
+    assert (await bridge.get("/readyz", admin=new_admin))[0] == 200
+    await send_many(bridge.milter, 10)
+    bridge.send_signal(signal.SIGTERM)
+    assert await bridge.wait_exit(timeout=5.0) == 0
+    assert not pid_alive(replacement)
+    assert not pid_alive(survivor)
+
+
+@pytest.mark.asyncio
+async def test_each_worker_serves_admin_on_port_plus_index(tmp_path, bridges):
+    """With admin on port P, worker 0 answers on P and worker 1 on P+1; both count their connections."""
+    admin_port = free_port_run(WORKERS)
+    path = write_config(
+        tmp_path, listen=[f"inet:127.0.0.1:{free_port()}"], admin=f"127.0.0.1:{admin_port}", drain_timeout=3.0
+    )
+    bridge = await bridges.start(path, workers=WORKERS, wait_ready=False)
+    # Fail fast on the first error line instead of waiting for a readiness that never comes.
+    await bridge.wait_until(
+        lambda: len(bridge.logs("milterbridge ")) >= WORKERS or any(r["level"] == "error" for r in bridge.records()),
+        "both workers ready (or an error)",
+    )
+    errors = [r["msg"] for r in bridge.records() if r["level"] == "error"]
+    assert not errors, errors
+    await bridge.wait_ready(workers=WORKERS)
+    admins = [f"127.0.0.1:{admin_port + n}" for n in range(WORKERS)]
+    assert sorted(admin_addresses(bridge)) == sorted(admins)
+    await send_many(bridge.milter, 40)
+    counts = await connections_per_worker(bridge, admins)
+    assert sum(counts) == 40
+    assert all(count > 0 for count in counts), f"connections per worker: {counts}"
+    await stop(bridge)
+
+
+@pytest.mark.asyncio
+async def test_sigterm_while_a_worker_restarts_still_stops(tmp_path, bridges):
+    """SIGTERM during a worker's restart delay stops everything and the parent exits 0."""
+    bridge = await start_workers(tmp_path, bridges, [f"inet:127.0.0.1:{free_port()}"])
+    victim, _ = worker_pids(bridge)
+    os.kill(victim, signal.SIGKILL)
+    await bridge.wait_log("worker ")  # logged just before the restart delay
+    bridge.send_signal(signal.SIGTERM)
+    assert await bridge.wait_exit(timeout=3.0) == 0
+    assert not children_of(bridge.pid)
