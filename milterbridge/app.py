@@ -94,6 +94,8 @@ class Bridge:
         await self.client.start()
         self.client.update_endpoints(self.config.endpoints)
         self.metrics.set_breaker_source(self.client.breaker_states)
+        loop = asyncio.get_running_loop()
+        self.metrics.set_task_source(lambda: len(asyncio.all_tasks(loop)))
         try:
             await self.server.start()
             if self.admin is not None:

@@ -23,7 +23,15 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final, Generic, TypeVar
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 
 import milterbridge
@@ -192,6 +200,9 @@ class Metrics:
             PREFIX + "draining", "1 while the server drains for shutdown, else 0.", registry=registry
         )
         info = Gauge(PREFIX + "info", "Build information; always 1.", ("version",), registry=registry)
+        self._tasks = Gauge(PREFIX + "asyncio_tasks", "asyncio tasks alive in this process.", registry=registry)
+        # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
+        ProcessCollector(registry=registry)
         info.labels(version).set(1)
 
     # -- connections (server, connection) -----------------------------------------------
@@ -280,6 +291,10 @@ class Metrics:
     def set_draining(self, draining: bool) -> None:
         """The server started (True) or stopped (False) draining."""
         self._draining.set(1 if draining else 0)
+
+    def set_task_source(self, source: Callable[[], float]) -> None:
+        """Read the number of live asyncio tasks from ``source`` at each scrape."""
+        self._tasks.set_function(source)
 
     def set_breaker_source(self, source: BreakerSource | None) -> None:
         """Read breaker states from ``source`` at each scrape (None: export none)."""

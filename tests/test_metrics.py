@@ -193,7 +193,8 @@ def test_render_parses_as_prometheus_text(metrics):
         "milterbridge_info",
     }
     assert expected <= set(families)
-    assert all(name.startswith("milterbridge_") for name in families)
+    assert all(name.startswith(("milterbridge_", "process_")) for name in families)
+    assert "process_resident_memory_bytes" in families
     assert families["milterbridge_webhook_request_duration_seconds"].type == "histogram"
 
 
