@@ -196,9 +196,12 @@ def test_bench_run_smoke_with_bridge(tmp_path):
     assert all(p["endpoint_cpu_us_per_message"] is not None for p in points)
 
 
-@pytest.mark.skipif(not pymilter_available(), reason="pymilter not installed (bench/install-pymilter)")
 def test_bench_run_smoke_with_pymilter(tmp_path):
     """The pymilter reference answers every message with the bench header, without libmilter's Nagle stall."""
+    if not pymilter_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("pymilter is not installed: scripts/test runs bench/install-pymilter as root")
+        pytest.skip("pymilter not installed (run bench/install-pymilter)")
     _, data = _bench(tmp_path, "--targets", "pymilter")
     points = data["sweeps"]
     assert [(p["target"], p["messages"], p["errors"]) for p in points] == [("pymilter", 150, 0)] * 2
