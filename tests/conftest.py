@@ -55,3 +55,14 @@ def pytest_report_header() -> str:
     from tests.integration.postfix import installed_version
 
     return f"Postfix version: {installed_version() or 'not installed'}"
+
+
+def missing_prerequisite(what: str) -> None:
+    """Skip loudly for a missing prerequisite, but fail when CI=true (CI must never skip)."""
+    import os
+
+    import pytest
+
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"prerequisite missing under CI: {what}")
+    pytest.skip(f"PREREQUISITE MISSING: {what}")

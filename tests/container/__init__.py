@@ -1,0 +1,3 @@
+"""Checks of the container image (docker/Dockerfile); the build-and-run test is opt-in."""
+
+from __future__ import annotations
