@@ -23,7 +23,7 @@ from milterbridge import __version__
 from milterbridge.admin import AdminServer
 from milterbridge.config import Config, ConfigError, load_config
 from milterbridge.connection import ConnectionSettings
-from milterbridge.demo import DemoFilter, banner, demo_config
+from milterbridge.demo import DEMO_ADMIN, DEMO_MILTER, DemoFilter, banner, demo_config
 from milterbridge.dispatch import Dispatcher
 from milterbridge.log import configure_logging
 from milterbridge.metrics import Metrics
@@ -285,7 +285,15 @@ def serve(config_path: str | None, *, workers: int | None = None) -> int:
     if path is None:
         configure_logging("info")
         demo = DemoFilter()
-        config = demo_config(demo.url)
+        # The demo honours listen overrides, e.g. MILTERBRIDGE_SERVER__LISTEN=inet:0.0.0.0:8890 in a container.
+        try:
+            overrides = load_config(None)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        milter = overrides.server.listen[0] if "MILTERBRIDGE_SERVER__LISTEN" in os.environ else DEMO_MILTER
+        admin = overrides.admin.listen if "MILTERBRIDGE_ADMIN__LISTEN" in os.environ else DEMO_ADMIN
+        config = demo_config(demo.url, milter=milter, admin=admin)
 
         async def main_demo() -> int:
             bridge = Bridge(config)
