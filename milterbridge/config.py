@@ -49,7 +49,8 @@ class EndpointSettings:
     """One webhook endpoint ([[endpoints]] in the TOML)."""
 
     name: str
-    url: str
+    #: May carry credentials or tokens in its userinfo or query: kept out of repr().
+    url: str = field(repr=False)
     events: frozenset[Event] = frozenset({Event.EOM})
     mode: Mode = Mode.ENFORCE
     on_error: OnError = OnError.TEMPFAIL

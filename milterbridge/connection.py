@@ -203,7 +203,6 @@ class MilterConnection(asyncio.Protocol):
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)  # type: ignore[arg-type]
-        self._last_activity = time.monotonic()
         try:
             self.session.receive_data(data)
         except RemoteProtocolError as exc:
@@ -253,6 +252,9 @@ class MilterConnection(asyncio.Protocol):
                 return
             if command is NEED_DATA:
                 break
+            # Idleness counts from the last complete command, so a peer trickling
+            # bytes that never finish a frame is still closed (slowloris).
+            self._last_activity = time.monotonic()
             if type(command) is Negotiate:
                 if not self._negotiate(handler, command):
                     return
@@ -377,4 +379,4 @@ class MilterConnection(asyncio.Protocol):
             log.info("closing idle milter connection %s after %.0f s", self.peer, idle_for)
             self._close()
             return
-        self._arm_idle_timer(max(self._settings.idle_timeout - idle_for, 1.0))
+        self._arm_idle_timer(max(self._settings.idle_timeout - idle_for, 0.01))

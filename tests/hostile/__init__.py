@@ -1,0 +1,182 @@
+"""Hostile-input tests: fuzzing, illegal sequences, abusive MTAs and broken endpoints.
+
+Shared pieces live here so the test modules stay about their cases:
+
+* :data:`BUDGET` — example counts for the hypothesis tests. The default is short
+  enough for CI; ``HYPOTHESIS_PROFILE=long`` multiplies it for a longer local run
+  (see docs/reliability.md).
+* :class:`Bridge` — a small in-process bridge: fake endpoints, webhook client,
+  dispatcher and milter listener on 127.0.0.1.
+* :func:`well_behaved` — one complete, ordinary message, used as the "someone else
+  still gets served" check next to every hostile case.
+* :func:`rss_kib` — this process's resident memory from ``/proc/self/status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Any, Self
+
+import pytest
+
+from milterbridge.app import connection_settings
+from milterbridge.client import Envelope, MilterClient, TransactionResult
+from milterbridge.config import Config, EndpointSettings, ServerSettings
+from milterbridge.connection import ConnectionSettings
+from milterbridge.dispatch import Dispatcher
+from milterbridge.metrics import Metrics
+from milterbridge.milter.constants import ALL_ACTIONS, ALL_PROTOCOL
+from milterbridge.server import MilterServer
+from milterbridge.webhook.client import WebhookClient
+from tests.conftest import assert_no_leaked_tasks
+from tests.fakes.webhooks import FakeWebhooks
+
+#: True for ``HYPOTHESIS_PROFILE=long``: every example budget below grows.
+LONG_RUN = os.environ.get("HYPOTHESIS_PROFILE", "").lower() == "long"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Budget:
+    """Hypothesis example counts for one run of the hostile suite."""
+
+    #: Random frame/garbage streams through a negotiated session.
+    fuzz_examples: int
+    #: Runs of the session state machine (each up to ``session_steps`` commands).
+    session_examples: int
+    session_steps: int
+    #: Runs of the dispatcher state machine (real sockets and HTTP: kept small).
+    dispatch_examples: int
+    dispatch_steps: int
+
+
+CI_BUDGET = Budget(fuzz_examples=2_000, session_examples=300, session_steps=60, dispatch_examples=20, dispatch_steps=30)
+LONG_BUDGET = Budget(
+    fuzz_examples=100_000, session_examples=10_000, session_steps=100, dispatch_examples=500, dispatch_steps=50
+)
+BUDGET = LONG_BUDGET if LONG_RUN else CI_BUDGET
+#: Per-test time limit for the hypothesis tests: the project's 60 s, or an hour for the long run.
+budget_timeout = pytest.mark.timeout(3600 if LONG_RUN else 60)
+
+#: The usual test message: three headers and a one-line body.
+MESSAGE = b"From: Alice <alice@example.org>\r\nTo: bob@example.net\r\nSubject: hello\r\n\r\nHello Bob.\r\n"
+
+
+def rss_kib() -> int:
+    """Resident set size of this process in KiB (VmRSS in /proc/self/status)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS line in /proc/self/status")
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """``inet:127.0.0.1:PORT`` -> ("127.0.0.1", PORT)."""
+    host, port = address.removeprefix("inet:").rsplit(":", 1)
+    return host, int(port)
+
+
+async def well_behaved(address: str, message: bytes = MESSAGE) -> TransactionResult:
+    """A complete, ordinary session (negotiate, connect, helo, one message, quit)."""
+    client = await MilterClient.open(address)
+    try:
+        await client.negotiate()
+        result = await client.send_message(Envelope(), message)
+        await client.quit()
+    finally:
+        await client.aclose()
+    return result
+
+
+class Bridge:
+    """Fake endpoints, webhook client, dispatcher and milter listener, all on loopback.
+
+    ``async with Bridge(fake, endpoint, ...) as bridge`` starts them; leaving closes
+    clients, drains the listener, awaits background calls, closes the HTTP pool and
+    checks that no milterbridge task is left.
+    """
+
+    def __init__(
+        self,
+        fake: FakeWebhooks,
+        *endpoints: EndpointSettings,
+        server: ServerSettings | None = None,
+        settings: ConnectionSettings | None = None,
+        metrics: Metrics | None = None,
+        **server_kwargs: Any,
+    ) -> None:
+        self.fake = fake
+        self.config = Config(server=server or ServerSettings(listen=("inet:127.0.0.1:0",)), endpoints=endpoints)
+        self.settings = settings or connection_settings(self.config)
+        self.server_kwargs = server_kwargs
+        self.metrics = metrics
+        self.webhooks = WebhookClient(endpoints, observer=metrics)
+        self.dispatcher = Dispatcher(self.config, self.webhooks, metrics=metrics)
+        self.server = MilterServer(["inet:127.0.0.1:0"], self.dispatcher, self.settings, **server_kwargs)
+        self._clients: list[MilterClient] = []
+
+    async def __aenter__(self) -> Self:
+        await self.webhooks.start()
+        await self.server.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for client in self._clients:
+            await client.aclose()
+        await self.server.shutdown(timeout=2.0)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        await self.dispatcher.aclose(timeout=5.0)
+        await self.webhooks.aclose()
+        await asyncio.sleep(0)
+        if exc is None:
+            assert not self.server.state.connections
+            assert_no_leaked_tasks()
+
+    @property
+    def address(self) -> str:
+        """The listener's milter address."""
+        return self.server.bound[0]
+
+    async def client(self, *, actions: int = ALL_ACTIONS, protocol: int = ALL_PROTOCOL) -> MilterClient:
+        """A connected client that negotiated (Postfix's offer unless told otherwise)."""
+        client = await MilterClient.open(self.address)
+        self._clients.append(client)
+        await client.negotiate(actions=actions, protocol=protocol)
+        return client
+
+    async def session(self, client: MilterClient, envelope: Envelope | None = None) -> TransactionResult:
+        """CONNECT and HELO on ``client``."""
+        return await client.open_session(envelope or Envelope())
+
+
+def endpoint(fake: FakeWebhooks, name: str = "policy", **overrides: Any) -> EndpointSettings:
+    """Settings of an endpoint served by ``fake`` at ``/<name>`` (breaker off unless asked)."""
+    overrides.setdefault("breaker_failures", 0)
+    return fake.endpoint(name, path=f"/{name}", **overrides)
+
+
+def limited(settings: ConnectionSettings, **limits: int) -> ConnectionSettings:
+    """``settings`` with some SessionLimits fields replaced."""
+    return replace(settings, limits=replace(settings.limits, **limits))
+
+
+__all__: Sequence[str] = (
+    "BUDGET",
+    "LONG_RUN",
+    "MESSAGE",
+    "Bridge",
+    "Budget",
+    "budget_timeout",
+    "endpoint",
+    "host_port",
+    "limited",
+    "rss_kib",
+    "well_behaved",
+)
