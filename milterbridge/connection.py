@@ -272,7 +272,7 @@ class MilterConnection(asyncio.Protocol):
                     self._close()
                     return
                 continue
-            if result is not None and isawaitable(result):
+            if result is not None and type(result) is not tuple and type(result) is not list and isawaitable(result):
                 self._busy = self._loop.create_task(self._finish(command, result))  # type: ignore[arg-type]
                 return
             if not self._write(result or (Continue(),)):

@@ -25,7 +25,6 @@ from milterbridge.body import BodyBuffer
 from milterbridge.config import Config, EndpointSettings
 from milterbridge.connection import HandlerResult
 from milterbridge.milter.constants import ALL_ACTIONS, Action, Event, MacroStage
-from milterbridge.milter.constants import Protocol as ProtocolBits
 from milterbridge.milter.context import MessageContext
 from milterbridge.milter.messages import (
     Abort,
@@ -150,9 +149,27 @@ class Snapshot:
         self.policies = [ep.policy for ep in self.endpoints]
         self.keep_body = any(ep.settings.include_body for ep in self.endpoints)
         self.requirements = self._requirements()
+        self._negotiations: dict[tuple[int, int, int], tuple[Negotiated, NegotiateReply]] = {}
+        #: A placeholder policy until a connection has negotiated (it is never asked to decide).
+        self.idle_policy = PolicyState(self.policies, actions=Action.NONE, skip_negotiated=False)
         subscribed = {e for ep in self.endpoints for e in ep.settings.events}
         #: Commands whose event no endpoint subscribes to: no payload is built for them.
         self.quiet = frozenset(kind for kind, event in EVENT_OF.items() if event not in subscribed)
+
+    def negotiate(self, offer: Negotiate) -> tuple[Negotiated, NegotiateReply, bool]:
+        """Our answer to an offer, computed once per distinct offer (Postfix always sends the same).
+
+        Returns the outcome, the reply and whether this offer was new (so its
+        warnings are logged once, not per connection).
+        """
+        key = (offer.version, int(offer.actions), int(offer.protocol))
+        cached = self._negotiations.get(key)
+        if cached is not None:
+            return cached[0], cached[1], False
+        got = negotiate(offer, self.requirements)
+        if len(self._negotiations) < 64:
+            self._negotiations[key] = (got, got.reply())
+        return got, got.reply(), True
 
     def subscribers(self, event: Event, mode: Mode | None = None) -> list[Endpoint]:
         return [
@@ -240,7 +257,7 @@ class ConnectionHandler:
         self.metrics = dispatcher.metrics
         self.builder = pl.PayloadBuilder(session)
         self.negotiated: Negotiated | None = None
-        self.policy = PolicyState(snapshot.policies, actions=Action.NONE, skip_negotiated=False)
+        self.policy = snapshot.idle_policy
         self.body: BodyBuffer | None = None
         self._body_offset = 0
         self._message_started = 0.0
@@ -253,14 +270,14 @@ class ConnectionHandler:
     # -------------------------------------------------------------- handler
 
     def negotiate(self, offer: Negotiate) -> NegotiateReply:
-        got = negotiate(offer, self.snapshot.requirements)
-        if got.missing_actions:
+        got, reply, new = self.snapshot.negotiate(offer)
+        if new and got.missing_actions:
             log.warning(
                 "MTA does not offer actions %s; responses that need them will be refused",
                 got.missing_actions,
                 extra={"fields": {"session": self.builder.session_id}},
             )
-        if got.unavailable_events:
+        if new and got.unavailable_events:
             log.warning(
                 "MTA protocol version %d does not send events %s",
                 got.version,
@@ -268,12 +285,8 @@ class ConnectionHandler:
                 extra={"fields": {"session": self.builder.session_id}},
             )
         self.negotiated = got
-        self.policy = PolicyState(
-            self.snapshot.policies,
-            actions=got.actions,
-            skip_negotiated=bool(got.protocol & ProtocolBits.SKIP),
-        )
-        return got.reply()
+        self.policy = PolicyState(self.snapshot.policies, actions=got.actions, skip_negotiated=got.skip)
+        return reply
 
     def handle(self, command: Command) -> HandlerResult:
         session = self.session
@@ -282,7 +295,7 @@ class ConnectionHandler:
             self._message_ended(session.aborted)
         event = EVENT_OF.get(kind)
         if event is not None:
-            self.metrics.event(event.value)
+            self.metrics.event(event)
         if kind is Connect or kind is Helo:
             self.builder.invalidate_session()
         elif kind is MailFrom:

@@ -32,7 +32,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import milterbridge
 
@@ -114,6 +114,25 @@ class _BreakerCollector:
         return [family]
 
 
+class _EventCollector:
+    """``events_total`` from a plain dict of counts, read at scrape time."""
+
+    name: Final = PREFIX + "events"
+    documentation: Final = "Milter events received, by event name."
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.documentation, labels=("event",))]
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=("event",))
+        for event, count in sorted(self.counts.items()):
+            family.add_metric((event,), float(count))
+        return [family]
+
+
 class Metrics:
     """The bridge's metrics and the registry that holds them.
 
@@ -136,9 +155,10 @@ class Metrics:
         )
         messages = Counter(PREFIX + "messages_total", "Messages finished, by outcome.", ("outcome",), registry=registry)
         self._messages = _Children(messages, MESSAGE_OUTCOMES)
-        self._events = _Children(
-            Counter(PREFIX + "events_total", "Milter events received, by event name.", ("event",), registry=registry)
-        )
+        # Counted in a plain dict (no lock, one dict update per milter command) and
+        # exported at scrape time: this is the hottest counter of all.
+        self._events = _EventCollector()
+        registry.register(self._events)
         self._webhook_requests = _Children(
             Counter(
                 PREFIX + "webhook_requests_total",
@@ -236,7 +256,8 @@ class Metrics:
 
     def event(self, name: str) -> None:
         """A milter event (``connect``, ``rcpt``, ``eom`` ...) was received."""
-        self._events.get(name).inc()
+        counts = self._events.counts
+        counts[name] = counts.get(name, 0) + 1
 
     def webhook(self, endpoint: str, event: str, outcome: str, seconds: float | None) -> None:
         """A webhook call ended; ``seconds`` is its duration, retry included.

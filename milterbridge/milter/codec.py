@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .constants import DEFAULT_MAX_FRAME_BYTES, LEN_BYTES
 from .errors import FrameTooLargeError, RemoteProtocolError
@@ -19,10 +19,22 @@ from .messages import COMMANDS, RESPONSES, Command, Message, Modification, Reply
 
 _U32 = struct.Struct(">I")
 _HEADER_BYTES = LEN_BYTES + 1
+_unpack_u32 = _U32.unpack_from
 #: Compact the buffer once this many consumed bytes sit in front of it.
 _COMPACT_AFTER = 64 * 1024
 
 M = TypeVar("M", bound=Message)
+
+
+_INT_KEYED: dict[int, dict[int, type[Any]]] = {}
+
+
+def _int_keyed(table: Mapping[bytes, type[M]]) -> dict[int, type[M]]:
+    """The table keyed by the code's int value, built once per table (one per connection otherwise)."""
+    cached = _INT_KEYED.get(id(table))
+    if cached is None or len(cached) != len(table):
+        cached = _INT_KEYED[id(table)] = {code[0]: cls for code, cls in table.items()}
+    return cached
 
 
 class FrameDecoder(Generic[M]):
@@ -39,7 +51,7 @@ class FrameDecoder(Generic[M]):
     def __init__(self, table: Mapping[bytes, type[M]], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         if max_frame_bytes < 1:
             raise ValueError("max_frame_bytes must be positive")
-        self._table = {code[0]: cls for code, cls in table.items()}
+        self._table = _int_keyed(table)
         self._buf: bytes | bytearray = b""
         self._pos = 0
         #: Largest accepted payload, code byte not counted.
@@ -89,7 +101,9 @@ class FrameDecoder(Generic[M]):
         if len(buf) - pos < LEN_BYTES:
             self._compact()
             return None
-        length = self._check_header()
+        (length,) = _unpack_u32(buf, pos)  # inlined _check_header: this runs per frame
+        if length < 1 or length - 1 > self.max_frame_bytes:
+            self._check_header()  # raises with the precise reason
         end = pos + LEN_BYTES + length
         if end > len(buf):
             self._compact()

@@ -127,6 +127,10 @@ class Event(enum.StrEnum):
     ABORT = "abort"
     CLOSE = "close"
 
+    # Hash like the plain string (consistent with str equality) in C, instead of
+    # Enum's Python-level __hash__: events key several hot dictionaries.
+    __hash__ = str.__hash__
+
 
 #: Events a milter can switch off (skip flag) or leave unanswered (no-reply flag),
 #: with the oldest protocol version that sends them. ``eom`` has neither flag.

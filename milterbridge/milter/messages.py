@@ -188,6 +188,12 @@ class Macro(Command, code=b"D"):  # SMFIC_MACRO
 
     @classmethod
     def decode_payload(cls, payload: bytes) -> Self:
+        if len(payload) == 1:
+            # Postfix sends a macro packet before every event, often empty.
+            empty = _EMPTY_MACROS.get(payload)
+            if empty is None:
+                empty = _EMPTY_MACROS[payload] = cls(stage=payload)
+            return empty  # type: ignore[return-value]
         if not payload:
             raise RemoteProtocolError("macro packet without a stage byte")
         parts = _cstrings(payload[1:])
@@ -195,6 +201,9 @@ class Macro(Command, code=b"D"):  # SMFIC_MACRO
             parts.append(b"")
         pairs = tuple(zip(parts[0::2], parts[1::2], strict=True))
         return cls(stage=payload[:1], macros=pairs)
+
+
+_EMPTY_MACROS: dict[bytes, Macro] = {}
 
 
 @dataclass(**_FROZEN)

@@ -78,6 +78,11 @@ class Negotiated:
     #: Wanted events the MTA will not send at this version or offer.
     unavailable_events: frozenset[Event]
 
+    @property
+    def skip(self) -> bool:
+        """SMFIP_SKIP was agreed: 's' may answer a body chunk."""
+        return bool(self.protocol & Protocol.SKIP)
+
     def reply(self) -> NegotiateReply:
         """The OPTNEG answer to send."""
         return NegotiateReply(version=self.version, actions=self.actions, protocol=self.protocol, macros=self.macros)

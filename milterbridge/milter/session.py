@@ -88,6 +88,10 @@ class State(enum.Enum):
     BODY = "body"  # after a body chunk
     CLOSED = "closed"  # after QUIT or EOF
 
+    # Members are singletons: identity hashing is right and skips Enum's Python-level
+    # __hash__, which ran twice per command in the transition lookup.
+    __hash__ = object.__hash__
+
 
 _S = State
 _MESSAGE_STATES = frozenset({_S.ENVELOPE, _S.DATA, _S.HEADERS, _S.EOH, _S.BODY})
@@ -189,6 +193,12 @@ def effective_transitions(protocol: Protocol, version: int) -> dict[type[Command
                     break
         table[cmd] = widened
     return table
+
+
+@functools.lru_cache(maxsize=64)
+def silent_commands(protocol: Protocol) -> frozenset[type[Command]]:
+    """Commands never answered under ``protocol``: MACRO, ABORT, QUIT(_NC) and the no-reply events."""
+    return NEVER_ANSWERED | {kind for kind, bit in NO_REPLY_FLAG.items() if protocol & bit}
 
 
 #: Commands that are never answered.
@@ -442,7 +452,7 @@ class MilterSession:
         self.actions = reply.actions
         self.protocol = reply.protocol
         self._transitions = effective_transitions(reply.protocol, reply.version)
-        self._silent = NEVER_ANSWERED | {kind for kind, bit in NO_REPLY_FLAG.items() if reply.protocol & bit}
+        self._silent = silent_commands(reply.protocol)
 
     def _check_body_run(self, is_body: bool) -> None:
         # Postfix refuses REPLBODY pieces interleaved with other requests (§8.7).
