@@ -19,7 +19,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+# The end-to-end suite's fixtures (a bridge runner and fake endpoints) live with their helpers.
+from .bridge import bridges, milter_listen, mta, settle_logging, webhooks
 from .postfix import PostfixInstance, closed_port, installed_version, prerequisites_problem
+
+__all__ = ["bridges", "milter_listen", "mta", "webhooks"]
 
 _SUMMARY = pytest.StashKey[list[str]]()
 _SKIPPED = pytest.StashKey[str]()
@@ -70,6 +74,18 @@ def postfix(postfix_instance: PostfixInstance) -> PostfixInstance:
     # previous one broke the instance's state halfway through a teardown.
     postfix_instance.reset()
     return postfix_instance
+
+
+@pytest.fixture(autouse=True)
+def _settled_postlog(request: pytest.FixtureRequest) -> None:
+    """After ``postfix`` reset (and reloaded) the instance, wait until postlogd runs again.
+
+    A test that changes main.cf right after the reset could otherwise catch the new postlogd
+    while it starts and wedge the whole instance (see ``bridge.settle_logging``). Tests that
+    do not use ``postfix`` are left alone.
+    """
+    if "postfix" in request.fixturenames:
+        settle_logging(request.getfixturevalue("postfix"))
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ import json
 import os
 import pwd
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -632,6 +633,7 @@ class PostfixInstance:
         """Set main.cf parameters, backdate the file and reload (when running and asked to)."""
         if not params:
             return
+        self.settle_logging()
         self._postfix_cmd("postconf", "-e", *(f"{name}={value}" for name, value in params.items()))
         self._backdate_config()
         self._changed.update(params)
@@ -674,6 +676,7 @@ class PostfixInstance:
             return False
         restore = {name: self._defaults[name] for name in self._changed if name in self._defaults}
         extra = sorted(self._changed - restore.keys())
+        self.settle_logging()
         if restore:
             self._postfix_cmd("postconf", "-e", *(f"{name}={value}" for name, value in restore.items()))
         if extra:
@@ -714,6 +717,36 @@ class PostfixInstance:
         deadline = time.monotonic() + settle_timeout
         while old and old & self._smtpd_pids() and time.monotonic() < deadline:
             time.sleep(0.01)
+        self.settle_logging()
+
+    def settle_logging(self, timeout: float = 5.0) -> None:
+        """Log a marker through postlogd and wait until it is written.
+
+        Why: after ``postfix reload`` the old postlogd exits and log records queue in its
+        datagram socket (10 by default before senders block); the next record starts a new
+        postlogd, which reads main.cf twice while starting. If main.cf changes in between
+        (the next ``postconf -e``), it warns "overriding earlier entry" into its own full
+        socket and blocks for good, and so does every process that logs, master included
+        (seen with Postfix 3.7.11). Settling after every reload and before every main.cf
+        change closes that window. A no-op when the instance is not running.
+        """
+        if not self._running:
+            return
+        postlog = _which("postlog")
+        if postlog is None:
+            raise PostfixUnavailableError("the postlog command is missing")
+        mark = self.log_mark()
+        token = f"milterbridge-settle-{secrets.token_hex(6)}"
+        try:
+            subprocess.run(
+                [postlog, "-c", str(self.config_dir), "-t", f"{self._syslog_name}/settle", token],
+                timeout=timeout,
+                check=True,
+                capture_output=True,
+            )
+            self.wait_for_log(re.escape(token), since=mark, timeout=timeout)
+        except (subprocess.TimeoutExpired, subprocess.CalledProcessError, PostfixTimeoutError) as exc:
+            raise PostfixTimeoutError(f"postlogd of {self.base} does not write its log: {exc}") from exc
 
     # ----------------------------------------------------------------- mail and queue
 

@@ -1,0 +1,354 @@
+"""Run milterbridge and fake webhook endpoints next to the real Postfix, for end-to-end tests.
+
+The bridge runs inside the test's own event loop, composed the way ``app.Bridge`` composes it
+(``WebhookClient`` -> ``Dispatcher`` -> ``MilterServer``) minus the admin listener, so a test
+can stop it halfway through and see what Postfix does with a milter that is gone.
+
+smtplib and the Postfix commands block, so the SMTP side runs in a worker thread
+(``await smtp(...)``, ``await blocking(...)``) while the bridge and the fake endpoints keep
+serving in the loop.
+
+Fixtures (re-exported by ``conftest.py``)::
+
+    async def test_x(mta, webhooks, bridges):
+        webhooks.set_default(FakeResponse.decision("reject"), event="eom")
+        bridge = await bridges.start(webhooks.endpoint("policy"))   # Postfix now points at it
+        result = await smtp(mta, SENDER, [RCPT], make_message())
+        await bridge.stop()                                          # the milter is down now
+
+``mta`` is the session's Postfix with an empty queue and Maildir, like the harness's
+``postfix`` fixture, but it keeps the milter settings of the previous test: every bridge
+listens on one fixed loopback address per run, so Postfix is reloaded only when a test
+needs other settings (a unix socket, another ``milter_default_action``, other timeouts).
+That keeps the suite fast and avoids the postlogd wedge described at ``settle_logging``.
+
+``bridges.start`` binds that fixed address unless told otherwise, then makes sure Postfix
+points at it with the given ``default_action`` and ``set_milter`` keywords;
+``point_postfix=False`` leaves Postfix alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import email
+import email.message
+import email.policy
+import functools
+import os
+import re
+import secrets
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from milterbridge.config import Config, EndpointSettings, ServerSettings
+from milterbridge.connection import ConnectionSettings
+from milterbridge.dispatch import Dispatcher
+from milterbridge.milter.session import SessionLimits
+from milterbridge.server import MilterServer
+from milterbridge.webhook.client import WebhookClient
+from tests.fakes.webhooks import FakeWebhooks
+
+from .postfix import (
+    DEFAULT_HELO,
+    MILTER_TIMEOUTS,
+    PostfixInstance,
+    PostfixTimeoutError,
+    SmtpResult,
+    free_port,
+)
+
+__all__ = [
+    "BIG_BODY_MAX_BYTES",
+    "BigFakeWebhooks",
+    "BridgeRunner",
+    "PostlogWedgedError",
+    "RunningBridge",
+    "blocking",
+    "body_of",
+    "bridges",
+    "configure_milter",
+    "decode_b64",
+    "header_lines",
+    "milter_listen",
+    "mta",
+    "parse",
+    "settle_logging",
+    "smtp",
+    "webhooks",
+]
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+#: Request bodies FakeWebhooks must accept for the multi-MiB message test (base64 of 5 MiB
+#: plus JSON); aiohttp's default ``client_max_size`` of 1 MiB would answer 413.
+BIG_BODY_MAX_BYTES = 32 * 1024 * 1024
+
+
+async def blocking(func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """Run a blocking call (SMTP, a Postfix command, a poll) in a thread so the loop keeps serving."""
+    return await asyncio.to_thread(functools.partial(func, *args, **kwargs))
+
+
+async def smtp(
+    postfix: PostfixInstance, mail_from: str, rcpts: Sequence[str], message: bytes, *, helo: str = DEFAULT_HELO
+) -> SmtpResult:
+    """One SMTP session with one transaction against ``postfix``, run in a thread."""
+    return await blocking(postfix.send, mail_from, rcpts, message, helo=helo)
+
+
+def parse(raw: bytes) -> email.message.EmailMessage:
+    """A delivered message, parsed with the modern policy (for header look-ups)."""
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, email.message.EmailMessage)
+    return message
+
+
+def header_lines(raw: bytes) -> list[tuple[str, str]]:
+    """The header block of a delivered file as (name, raw value) in file order, folds kept.
+
+    The value is everything after the colon, leading whitespace included, with continuation
+    lines joined by LF, which is how Postfix hands headers to a milter.
+    """
+    head = raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode("utf-8", "replace")
+    out: list[tuple[str, str]] = []
+    for line in head.split("\n"):
+        if line[:1] in (" ", "\t") and out:
+            name, value = out[-1]
+            out[-1] = (name, f"{value}\n{line}")
+        else:
+            name, _, value = line.partition(":")
+            out.append((name, value))
+    return out
+
+
+def body_of(raw: bytes) -> bytes:
+    """The body of a delivered file, exactly as stored (virtual(8) writes LF line ends)."""
+    return raw.split(b"\n\n", 1)[1]
+
+
+def decode_b64(text: str) -> bytes:
+    """Strict base64 decoding of a payload field."""
+    return base64.b64decode(text, validate=True)
+
+
+class PostlogWedgedError(AssertionError):
+    """Postfix's postlogd stopped reading its socket; the instance cannot log (or run) any more."""
+
+
+def settle_logging(postfix: PostfixInstance, timeout: float = 5.0) -> None:
+    """Log a marker through postlogd and wait for it: postlogd is running and done starting.
+
+    Why: after ``postfix reload`` the old postlogd exits, log records queue up in its
+    datagram socket (at most ``net.unix.max_dgram_qlen``, 10 by default, before senders
+    block), and the next record starts a new postlogd. That postlogd reads main.cf twice
+    while starting; when main.cf changes in between (the next ``postconf -e``), it warns
+    "overriding earlier entry" and sends the warning to its own full socket, so it blocks
+    for good, and every Postfix process that logs (master included) blocks behind it.
+    Observed with Postfix 3.7.11: the whole instance hangs. Settling after every reload and
+    before every main.cf change closes that window.
+    """
+    postlog = shutil.which("postlog", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    if postlog is None:
+        raise PostlogWedgedError("the postlog command is missing")
+    mark = postfix.log_mark()
+    token = f"milterbridge-e2e-settle-{secrets.token_hex(6)}"
+    argv = [postlog, "-c", str(postfix.config_dir), "-t", "postfix-test/e2e", token]
+    try:
+        subprocess.run(argv, timeout=timeout, check=True, capture_output=True)
+        postfix.wait_for_log(re.escape(token), since=mark, timeout=timeout)
+    except (subprocess.TimeoutExpired, PostfixTimeoutError) as exc:
+        raise PostlogWedgedError(
+            f"postlogd of {postfix.base} does not read its socket (wedged after a reload?): {exc}"
+        ) from exc
+
+
+def _milter_params(address: str | None, default_action: str, milter: Mapping[str, Any]) -> dict[str, str]:
+    """The main.cf values ``PostfixInstance.set_milter`` writes for these arguments."""
+    return {
+        "smtpd_milters": address or "",
+        "milter_default_action": default_action,
+        "milter_protocol": str(milter.get("protocol", "6")),
+        "milter_connect_timeout": milter.get("connect_timeout", MILTER_TIMEOUTS["milter_connect_timeout"]),
+        "milter_command_timeout": milter.get("command_timeout", MILTER_TIMEOUTS["milter_command_timeout"]),
+        "milter_content_timeout": milter.get("content_timeout", MILTER_TIMEOUTS["milter_content_timeout"]),
+        **milter.get("macros", {}),
+    }
+
+
+def _main_cf(postfix: PostfixInstance) -> dict[str, str]:
+    """main.cf as ``name -> value`` (postconf writes one ``name = value`` per line)."""
+    values = {}
+    for line in (postfix.config_dir / "main.cf").read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not line.startswith(("#", " ", "\t")):
+            values[name.strip()] = value.strip()
+    return values
+
+
+def configure_milter(
+    postfix: PostfixInstance, address: str | None, default_action: str = "tempfail", **milter: Any
+) -> bool:
+    """``postfix.set_milter(...)`` unless main.cf already says so; return True when Postfix was reloaded."""
+    wanted = _milter_params(address, default_action, milter)
+    current = _main_cf(postfix)
+    if all(current.get(name) == value for name, value in wanted.items()):
+        return False
+    settle_logging(postfix)
+    postfix.set_milter(address, default_action, **milter)
+    settle_logging(postfix)
+    return True
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class RunningBridge:
+    """One started bridge: its config and the three parts it is made of."""
+
+    config: Config
+    client: WebhookClient
+    dispatcher: Dispatcher
+    server: MilterServer
+    stopped: bool = False
+
+    @property
+    def address(self) -> str:
+        """The first bound address in Postfix's syntax (``inet:127.0.0.1:PORT`` or ``unix:/path``)."""
+        return self.server.bound[0]
+
+    async def stop(self, drain_timeout: float = 2.0) -> None:
+        """Stop listening, drain, close the webhook pool (idempotent)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        await self.server.shutdown(drain_timeout)
+        await self.dispatcher.aclose(timeout=2.0)
+        await self.client.aclose()
+
+
+def _connection_settings(server: ServerSettings) -> ConnectionSettings:
+    # The same mapping app.connection_settings does, kept here so these tests need only the
+    # listener, the dispatcher and the webhook client.
+    return ConnectionSettings(
+        limits=SessionLimits(
+            max_frame_bytes=server.max_frame_bytes,
+            max_recipients=server.max_recipients,
+            max_headers=server.max_headers,
+            max_header_bytes=server.max_header_bytes,
+            max_macros=server.max_macros,
+        ),
+        idle_timeout=server.idle_timeout,
+        progress_interval=server.progress_interval,
+    )
+
+
+class BridgeRunner:
+    """Starts bridges for one test and stops every one of them at the end."""
+
+    def __init__(self, postfix: PostfixInstance, listen: str) -> None:
+        self.postfix = postfix
+        #: The run's fixed milter address; the default for ``start``.
+        self.listen = listen
+        self.started: list[RunningBridge] = []
+
+    async def start(
+        self,
+        *endpoints: EndpointSettings,
+        listen: Sequence[str] | None = None,
+        server: Mapping[str, Any] | None = None,
+        point_postfix: bool = True,
+        default_action: str = "tempfail",
+        **milter: Any,
+    ) -> RunningBridge:
+        """Start a bridge for ``endpoints``; point Postfix's ``smtpd_milters`` at it unless told not to.
+
+        ``server`` overrides ``ServerSettings`` fields (``listen`` is taken from ``listen``);
+        ``default_action`` and ``milter`` go to ``PostfixInstance.set_milter``.
+        """
+        settings = ServerSettings(**{**(server or {}), "listen": tuple(listen or (self.listen,))})
+        config = Config(server=settings, endpoints=tuple(endpoints))
+        client = WebhookClient(config.endpoints)
+        await client.start()
+        dispatcher = Dispatcher(config, client)
+        milter_server = MilterServer(
+            settings.listen,
+            dispatcher,
+            _connection_settings(settings),
+            max_connections=settings.max_connections,
+            socket_mode=settings.socket_mode,
+        )
+        try:
+            await milter_server.start()
+        except BaseException:
+            await client.aclose()
+            raise
+        bridge = RunningBridge(config=config, client=client, dispatcher=dispatcher, server=milter_server)
+        self.started.append(bridge)
+        if point_postfix:
+            await blocking(configure_milter, self.postfix, bridge.address, default_action, **milter)
+        return bridge
+
+    async def aclose(self) -> None:
+        """Stop every bridge this runner started."""
+        for bridge in reversed(self.started):
+            await bridge.stop()
+
+
+class BigFakeWebhooks(FakeWebhooks):
+    """FakeWebhooks that accepts request bodies up to ``BIG_BODY_MAX_BYTES`` (include_body of MiBs)."""
+
+    async def serve(self) -> None:
+        """Start listening with a raised request size limit (idempotent)."""
+        if self._server is not None:
+            return
+        # FakeWebhooks builds a default web.Application (1 MiB limit); this one differs only
+        # in client_max_size, and reuses the same handler and shutdown events.
+        self._changed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        app = web.Application(client_max_size=BIG_BODY_MAX_BYTES)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server(shutdown_timeout=0.5)
+        self._server = server
+
+
+@pytest_asyncio.fixture
+async def webhooks() -> AsyncIterator[FakeWebhooks]:
+    """A started fake endpoint server on 127.0.0.1 that also takes multi-MiB requests."""
+    async with BigFakeWebhooks() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def milter_listen() -> str:
+    """The loopback address every bridge of this run listens on, unless a test says otherwise."""
+    return f"inet:127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def mta(postfix_instance: PostfixInstance) -> PostfixInstance:
+    """The run's Postfix with an empty queue and Maildir; milter settings stay as the last test left them."""
+    settle_logging(postfix_instance)
+    # A delivery still in flight would land after the Maildir is emptied.
+    postfix_instance.wait_for_queue_idle(timeout=5.0)
+    postfix_instance.delete_all()
+    postfix_instance.clear_maildir()
+    return postfix_instance
+
+
+@pytest_asyncio.fixture
+async def bridges(mta: PostfixInstance, milter_listen: str) -> AsyncIterator[BridgeRunner]:
+    """Start bridges with ``await bridges.start(...)``; all are stopped after the test."""
+    runner = BridgeRunner(mta, milter_listen)
+    try:
+        yield runner
+    finally:
+        await runner.aclose()
