@@ -96,6 +96,20 @@ class FrameDecoder(Generic[M]):
 
     def next_message(self) -> M | None:
         """The next complete message, or ``None`` if more bytes are needed."""
+        frame = self.next_frame()
+        if frame is None:
+            return None
+        return self.decode(*frame)
+
+    def decode(self, code: int, payload: bytes) -> M:
+        """The typed message of one frame; raises RemoteProtocolError."""
+        cls = self._table.get(code)
+        if cls is None:
+            raise RemoteProtocolError(f"unknown message code {bytes([code])!r}")
+        return cls.decode_payload(payload)
+
+    def next_frame(self) -> tuple[int, bytes] | None:
+        """The next complete frame as (code, payload), or ``None`` if more bytes are needed."""
         buf = self._buf
         pos = self._pos
         if len(buf) - pos < LEN_BYTES:
@@ -113,10 +127,7 @@ class FrameDecoder(Generic[M]):
         if type(payload) is not bytes:
             payload = bytes(payload)
         self._pos = end
-        cls = self._table.get(code)
-        if cls is None:
-            raise RemoteProtocolError(f"unknown message code {bytes([code])!r}")
-        return cls.decode_payload(payload)
+        return code, payload
 
     def _compact(self) -> None:
         """Drop consumed bytes once enough of them sit in front of the buffer."""

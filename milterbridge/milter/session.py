@@ -28,7 +28,7 @@ from typing import Final
 
 from .codec import FrameDecoder, command_decoder
 from .constants import DEFAULT_MAX_FRAME_BYTES, Action, Event, Protocol
-from .context import CONNECTION_MACRO_STAGES, ConnectionContext, MessageContext
+from .context import CONNECTION_MACRO_STAGES, ConnectionContext, MacroStore, MessageContext
 from .errors import LocalProtocolError, RemoteProtocolError
 from .messages import (
     Abort,
@@ -146,6 +146,8 @@ NO_REPLY_FLAG: Final[dict[type[Command], Protocol]] = {
     Unknown: Protocol.NR_UNKNOWN,
 }
 
+_MACRO_CODE: Final = Macro.code[0]
+
 #: Forward commands a milter can switch off; when one is off, the states it
 #: would lead to are also reachable without it (libmilter skips them too).
 SKIP_FLAG: Final[dict[type[Command], Protocol]] = {
@@ -247,7 +249,7 @@ class MilterSession:
         self.limits = limits or SessionLimits()
         self._decoder: FrameDecoder[Command] = command_decoder(self.limits.max_frame_bytes)
         self.state = State.INIT
-        self.connection = ConnectionContext()
+        self.connection = ConnectionContext(store=MacroStore(self.limits.max_macros))
         self.message: MessageContext | None = None
         #: The message the last command ended without end-of-message (ABORT, a
         #: new HELO or MAIL, QUIT, EOF); ``None`` if it ended none.
@@ -259,7 +261,7 @@ class MilterSession:
         self.version = 0
         self.actions = Action.NONE
         self.protocol = Protocol.NONE
-        self._pending_macros: list[Macro] = []
+        self._pending_macros: dict[bytes, bytes] = {}
         self._transitions = TRANSITIONS
         #: Commands answered by nobody: NEVER_ANSWERED plus the negotiated no-reply events.
         self._silent: frozenset[type[Command]] = NEVER_ANSWERED
@@ -295,21 +297,29 @@ class MilterSession:
             raise LocalProtocolError(f"reply to {type(self.pending).__name__} before reading on")
         decoder = self._decoder
         while True:
-            msg = decoder.next_message()
-            if msg is None:
+            frame = decoder.next_frame()
+            if frame is None:
                 return NEED_DATA
-            if type(msg) is Macro:
-                self._receive_macro(msg)
+            code, payload = frame
+            if code == _MACRO_CODE:
+                self._receive_macro(payload)
                 continue
+            msg = decoder.decode(code, payload)
             self._receive_command(msg)
             return msg
 
-    def _receive_macro(self, msg: Macro) -> None:
-        if self.state in (State.INIT, State.CLOSED):
+    def _receive_macro(self, payload: bytes) -> None:
+        """Keep a macro packet's raw payload until its command arrives (parsed only when read)."""
+        if self.state is State.INIT or self.state is State.CLOSED:
             raise RemoteProtocolError(f"macros in state {self.state.value}")
-        if len(msg.macros) > self.limits.max_macros:
-            raise RemoteProtocolError(f"{len(msg.macros)} macros in one packet (limit {self.limits.max_macros})")
-        self._pending_macros.append(msg)
+        if not payload:
+            raise RemoteProtocolError("macro packet without a stage byte")
+        pairs = (payload.count(b"\0") + 1) // 2
+        if pairs > self.limits.max_macros:
+            raise RemoteProtocolError(f"{pairs} macros in one packet (limit {self.limits.max_macros})")
+        # A new packet for a stage replaces an unclaimed one (libmilter keeps one set per
+        # stage), so a peer sending macro packets without commands cannot grow this.
+        self._pending_macros[payload[:1]] = payload
 
     def _receive_command(self, cmd: Command) -> None:
         kind = type(cmd)
@@ -344,7 +354,7 @@ class MilterSession:
             self.message.body_bytes += len(cmd.data)  # type: ignore[attr-defined]
             self._body_replaced = 0
         elif kind is QuitNewConnection:
-            self.connection = ConnectionContext()
+            self.connection = ConnectionContext(store=MacroStore(self.limits.max_macros))
         if self._pending_macros:
             self._fold_macros()
         if kind not in self._silent:
@@ -353,7 +363,12 @@ class MilterSession:
     def _open_message(self, mail_from: bytes, args: tuple[bytes, ...]) -> None:
         conn = self.connection
         conn.message_count += 1
-        self.message = MessageContext(number=conn.message_count, mail_from=mail_from, mail_args=args)
+        self.message = MessageContext(
+            number=conn.message_count,
+            mail_from=mail_from,
+            mail_args=args,
+            store=MacroStore(self.limits.max_macros),
+        )
 
     def _on_connect(self, cmd: Connect) -> None:
         conn = self.connection
@@ -380,19 +395,13 @@ class MilterSession:
         msg.headers.append((cmd.name, cmd.value))
 
     def _fold_macros(self) -> None:
-        for packet in self._pending_macros:
-            target = self.connection.macros
-            if packet.stage not in CONNECTION_MACRO_STAGES and self.message is not None:
-                target = self.message.macros
-            target.update(packet.macros)
-            if len(target) > self.limits.max_macros:
-                raise RemoteProtocolError(f"more than {self.limits.max_macros} macros")
+        message = self.message
+        for stage, payload in self._pending_macros.items():
+            if stage in CONNECTION_MACRO_STAGES or message is None:
+                self.connection.store.add_raw(payload)
+            else:
+                message.store.add_raw(payload)
         self._pending_macros.clear()
-        msg = self.message
-        if msg is not None and msg.queue_id is None:
-            qid = msg.macros.get(b"i")
-            if qid:
-                msg.queue_id = qid
 
     def _end_message(self) -> MessageContext | None:
         msg = self.message
