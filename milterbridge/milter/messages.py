@@ -581,10 +581,7 @@ class ChangeHeader(_IndexedHeader, code=b"m"):  # SMFIR_CHGHEADER
 
 
 @dataclass(**_FROZEN)
-class AddRecipient(Modification, code=b"+"):  # SMFIR_ADDRCPT
-    """Add a recipient."""
-
-    action: ClassVar[Action] = Action.ADD_RCPT
+class _Recipient(Modification):
     address: bytes
 
     def encode_payload(self) -> bytes:
@@ -592,8 +589,15 @@ class AddRecipient(Modification, code=b"+"):  # SMFIR_ADDRCPT
 
     @classmethod
     def decode_payload(cls, payload: bytes) -> Self:
-        (address,) = _exact_cstrings(payload, 1, "ADDRCPT")
+        (address,) = _exact_cstrings(payload, 1, cls.__name__)
         return cls(address=address)
+
+
+@dataclass(**_FROZEN)
+class AddRecipient(_Recipient, code=b"+"):  # SMFIR_ADDRCPT
+    """Add a recipient."""
+
+    action: ClassVar[Action] = Action.ADD_RCPT
 
 
 @dataclass(**_FROZEN)
@@ -624,19 +628,10 @@ class AddRecipientWithArgs(_AddressWithArgs, code=b"2"):  # SMFIR_ADDRCPT_PAR
 
 
 @dataclass(**_FROZEN)
-class RemoveRecipient(Modification, code=b"-"):  # SMFIR_DELRCPT
+class RemoveRecipient(_Recipient, code=b"-"):  # SMFIR_DELRCPT
     """Remove a recipient (exact match on the address as received)."""
 
     action: ClassVar[Action] = Action.DELETE_RCPT
-    address: bytes
-
-    def encode_payload(self) -> bytes:
-        return _cstr(self.address, "recipient")
-
-    @classmethod
-    def decode_payload(cls, payload: bytes) -> Self:
-        (address,) = _exact_cstrings(payload, 1, "DELRCPT")
-        return cls(address=address)
 
 
 @dataclass(**_FROZEN)

@@ -49,10 +49,9 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from milterbridge.app import connection_settings
 from milterbridge.config import Config, EndpointSettings, ServerSettings
-from milterbridge.connection import ConnectionSettings
 from milterbridge.dispatch import Dispatcher
-from milterbridge.milter.session import SessionLimits
 from milterbridge.server import MilterServer
 from milterbridge.webhook.client import WebhookClient
 from tests.fakes.webhooks import FakeWebhooks
@@ -234,22 +233,6 @@ class RunningBridge:
         await self.client.aclose()
 
 
-def _connection_settings(server: ServerSettings) -> ConnectionSettings:
-    # The same mapping app.connection_settings does, kept here so these tests need only the
-    # listener, the dispatcher and the webhook client.
-    return ConnectionSettings(
-        limits=SessionLimits(
-            max_frame_bytes=server.max_frame_bytes,
-            max_recipients=server.max_recipients,
-            max_headers=server.max_headers,
-            max_header_bytes=server.max_header_bytes,
-            max_macros=server.max_macros,
-        ),
-        idle_timeout=server.idle_timeout,
-        progress_interval=server.progress_interval,
-    )
-
-
 class BridgeRunner:
     """Starts bridges for one test and stops every one of them at the end."""
 
@@ -281,7 +264,7 @@ class BridgeRunner:
         milter_server = MilterServer(
             settings.listen,
             dispatcher,
-            _connection_settings(settings),
+            connection_settings(config),
             max_connections=settings.max_connections,
             socket_mode=settings.socket_mode,
         )
