@@ -385,7 +385,8 @@ class ConnectionHandler:
 
     def _note_decision(self, event: Event, result: EventResult) -> None:
         msg = self.session.message
-        if result.ends_message and msg is not None and event is not Event.RCPT:
+        # At rcpt a refusal ends only that recipient; a discard ends the whole message.
+        if result.ends_message and msg is not None and (event is not Event.RCPT or isinstance(result.reply, Discard)):
             self._log_message(msg, result.reply, quarantined=False, reason=self._reason(result.winner))
         if result.ends_session or (
             event in (Event.CONNECT, Event.HELO) and not isinstance(result.reply, Continue | Accept)
