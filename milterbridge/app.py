@@ -121,7 +121,13 @@ class Bridge:
         if config.server != self.config.server or config.admin != self.config.admin:
             log.warning("config reload: [server] and [admin] changes need a restart; applying endpoints only")
         config = Config(server=self.config.server, admin=self.config.admin, log=config.log, endpoints=config.endpoints)
-        self.client.update_endpoints(config.endpoints)
+        try:
+            # Reads TLS files and decodes secrets; on error the running endpoints stay.
+            self.client.update_endpoints(config.endpoints)
+        except (ValueError, OSError) as exc:
+            self.metrics.reload(False)
+            log.error("config reload refused, keeping the running config: %s", exc)  # noqa: TRY400
+            return False
         self.dispatcher.reload(config)
         self.config = config
         configure_logging(config.log.level)

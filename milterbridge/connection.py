@@ -268,9 +268,6 @@ class MilterConnection(asyncio.Protocol):
                 if type(command) is Quit:
                     self._close()
                     return
-                if self._state.draining and session.message is None:
-                    self._close()
-                    return
                 continue
             if result is not None and type(result) is not tuple and type(result) is not list and isawaitable(result):
                 self._busy = self._loop.create_task(self._finish(command, result))  # type: ignore[arg-type]
@@ -332,10 +329,6 @@ class MilterConnection(asyncio.Protocol):
             return False
         assert self.transport is not None
         self.transport.write(data)
-        if self._state.draining and self.session.message is None and not self.session.needs_reply:
-            # A message boundary: stop here while draining.
-            self._close()
-            return False
         return True
 
     # ------------------------------------------------------------- closing
@@ -352,14 +345,15 @@ class MilterConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    @property
-    def is_idle(self) -> bool:
-        """No reply is being computed and no message is open."""
-        return self._busy is None and self.session.message is None and not self.session.needs_reply
-
     def shutdown(self) -> None:
-        """Close now if idle; otherwise close at the next message boundary."""
-        if self.is_idle:
+        """Draining: close a connection that has not negotiated yet; leave live sessions alone.
+
+        Postfix holds one milter connection per SMTP session. Closing one between two
+        messages, or before its first, would make Postfix apply milter_default_action to
+        that session's next command, so live sessions run until they end (QUIT/EOF) or the
+        drain deadline passes.
+        """
+        if self.session.state is State.INIT and self._busy is None:
             self._close()
 
     def abort(self) -> None:

@@ -263,6 +263,7 @@ class ConnectionHandler:
         self._message_started = 0.0
         self._message_calls: list[dict[str, Any]] = []
         self._logged_message: int | None = None
+        self._accepted: int | None = None
         self._closed = False
         self._ended: MessageContext | None = None
         self.started = time.monotonic()
@@ -388,6 +389,10 @@ class ConnectionHandler:
         # At rcpt a refusal ends only that recipient; a discard ends the whole message.
         if result.ends_message and msg is not None and (event is not Event.RCPT or isinstance(result.reply, Discard)):
             self._log_message(msg, result.reply, quarantined=False, reason=self._reason(result.winner))
+        elif isinstance(result.reply, Accept) and msg is not None:
+            # 'a' before end-of-message: Postfix delivers the message without asking us again.
+            self._log_message(msg, result.reply, quarantined=False, reason="accepted by every enforcing endpoint")
+            self._accepted = msg.number
         if result.ends_session or (
             event in (Event.CONNECT, Event.HELO) and not isinstance(result.reply, Continue | Accept)
         ):
@@ -435,27 +440,38 @@ class ConnectionHandler:
             self.body = None
 
     def _body_chunk(self, command: BodyChunk) -> HandlerResult:
+        body = self._store_chunk(command.data)
+        refuse = self.snapshot.config.server.on_oversize
+        if body.oversize and refuse is not OnOversize.CONTINUE:
+            if not self.session.needs_reply:
+                return None  # refused at end-of-message
+            reply = OVERSIZE_REPLIES[refuse]
+            msg = self.session.message
+            self.policy.reset_message()
+            if msg is not None:
+                self._log_message(msg, reply, quarantined=False, reason=f"message larger than {body.max_bytes} bytes")
+            return (reply,)
+        if BodyChunk in self.snapshot.quiet and not self.session.needs_reply:
+            return None
+        return self._decide(Event.BODY, command, self.session.message)
+
+    def _store_chunk(self, data: bytes) -> BodyBuffer:
+        """Count (and, for include_body endpoints, keep) a piece of the body."""
         if self.body is None:
             self._new_body()
         body = self.body
         assert body is not None
         was_spooled, was_oversize = body.spooled, body.oversize
-        body.append(command.data)
-        self._body_offset += len(command.data)
+        body.append(data)
+        self._body_offset += len(data)
         if body.spooled:
             # The gauge follows the bytes on disk; a new file is counted once.
-            self.metrics.spooled(body.size if not was_spooled else len(command.data), new_file=not was_spooled)
+            self.metrics.spooled(body.size if not was_spooled else len(data), new_file=not was_spooled)
         if body.oversize and not was_oversize:
             self.metrics.oversize()
             if was_spooled:
-                self.metrics.unspooled(body.size - len(command.data))
-        refuse = self.snapshot.config.server.on_oversize
-        if body.oversize and refuse is not OnOversize.CONTINUE:
-            # Refuse now if the MTA waits for an answer; else at end-of-message.
-            return (OVERSIZE_REPLIES[refuse],) if self.session.needs_reply else None
-        if BodyChunk in self.snapshot.quiet and not self.session.needs_reply:
-            return None
-        return self._decide(Event.BODY, command, self.session.message)
+                self.metrics.unspooled(body.size - len(data))
+        return body
 
     # ------------------------------------------------------------------- eom
 
@@ -463,8 +479,7 @@ class ConnectionHandler:
         msg = self.session.message
         assert msg is not None
         if command.data:
-            chunk = self._body_chunk(BodyChunk(data=command.data))
-            del chunk  # a body tail inside EOM (libmilter style): stored, no separate reply
+            self._store_chunk(command.data)  # a body tail inside EOM (libmilter style): no body event
         body = self.body
         refuse = self.snapshot.config.server.on_oversize
         if body is not None and body.oversize and refuse is not OnOversize.CONTINUE:
@@ -546,17 +561,27 @@ class ConnectionHandler:
         )
         return {ep.name: outcome for ep, outcome in zip(targets, results, strict=True)}
 
-    async def _call(self, event: Event, name: str, request: pl.JSON) -> Outcome:
+    async def _call(
+        self,
+        event: Event,
+        name: str,
+        request: pl.JSON | None,
+        prepared: tuple[str, bytes] | None = None,
+        *,
+        record: bool = True,
+    ) -> Outcome:
+        """One webhook call; ``prepared`` is (id, encoded body) when the request was encoded earlier."""
         endpoint = self.snapshot.by_name[name]
         settings = endpoint.settings
-        webhook_id = pl.new_id("evt")
+        webhook_id, encoded = prepared if prepared is not None else (pl.new_id("evt"), b"")
         started = time.monotonic()
         outcome: Outcome
         label = "ok"
         try:
-            encoded = pl.encode({**request, "id": webhook_id})
+            if request is not None:
+                encoded = pl.encode({**request, "id": webhook_id})
             body: bytes | pl.StreamedRequest = encoded
-            message = request.get("message")
+            message = request.get("message") if request is not None else None
             if message is not None and message.get("body", {}).get("base64") == pl.BODY_PLACEHOLDER:
                 assert self.body is not None
                 body = pl.StreamedRequest(encoded, self.body, settings.max_body_bytes)
@@ -582,10 +607,11 @@ class ConnectionHandler:
         action = outcome.action.value if not isinstance(outcome, Failure) else "failure"
         if not isinstance(outcome, Failure):
             self.metrics.decision(name, event.value, action, settings.mode.value)
-        self._message_calls.append(
-            {"endpoint": name, "event": event.value, "action": action, "ms": round(elapsed * 1000, 1)}
-            | ({"error": outcome.reason} if isinstance(outcome, Failure) else {})
-        )
+        if record:
+            self._message_calls.append(
+                {"endpoint": name, "event": event.value, "action": action, "ms": round(elapsed * 1000, 1)}
+                | ({"error": outcome.reason} if isinstance(outcome, Failure) else {})
+            )
         if isinstance(outcome, Failure):
             log.warning(
                 "endpoint %s failed at %s: %s",
@@ -603,12 +629,17 @@ class ConnectionHandler:
             )
         return outcome
 
-    def _observe(self, event: Event, name: str, request: pl.JSON) -> None:
-        """Call an observe endpoint (or send a notification) without waiting for it."""
-        self.dispatcher.spawn(self._observe_call(event, name, request))
+    def _prepare(self, request: pl.JSON) -> tuple[str, bytes]:
+        """Encode a request now: the context it refers to keeps changing after this event."""
+        webhook_id = pl.new_id("evt")
+        return webhook_id, pl.encode({**request, "id": webhook_id})
 
-    async def _observe_call(self, event: Event, name: str, request: pl.JSON) -> None:
-        outcome = await self._call(event, name, request)
+    def _observe(self, event: Event, name: str, request: pl.JSON) -> None:
+        """Call an observe endpoint without waiting for it (its calls are not in the message's log line)."""
+        self.dispatcher.spawn(self._observe_call(event, name, self._prepare(request)))
+
+    async def _observe_call(self, event: Event, name: str, prepared: tuple[str, bytes]) -> None:
+        outcome = await self._call(event, name, None, prepared, record=False)
         if log.isEnabledFor(logging.INFO) and event not in (Event.ABORT, Event.CLOSE):
             action = "failure" if isinstance(outcome, Failure) else outcome.action.value
             log.info(
@@ -633,10 +664,10 @@ class ConnectionHandler:
             return
         request = self.builder.request(event.value, {}, msg)
         for ep in subscribers:
-            self.dispatcher.spawn(self._notify_call(event, ep.settings.name, request))
+            self.dispatcher.spawn(self._notify_call(event, ep.settings.name, self._prepare(request)))
 
-    async def _notify_call(self, event: Event, name: str, request: pl.JSON) -> None:
-        await self._call(event, name, request)
+    async def _notify_call(self, event: Event, name: str, prepared: tuple[str, bytes]) -> None:
+        await self._call(event, name, None, prepared, record=False)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -649,7 +680,8 @@ class ConnectionHandler:
         self._drop_body()
         if self._logged_message != msg.number:
             self._log_message(msg, None, quarantined=False, reason="ended by the client before end-of-message")
-        self._notify(Event.ABORT, msg)
+        if self._accepted != msg.number:
+            self._notify(Event.ABORT, msg)  # an accepted message was delivered: no abort
 
     def _connection_ended(self) -> None:
         if self._closed:

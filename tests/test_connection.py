@@ -228,8 +228,8 @@ async def test_unix_socket_mode_and_stale_file() -> None:
 
 
 @pytest.mark.asyncio
-async def test_drain_finishes_busy_message_and_closes_idle() -> None:
-    """shutdown() closes idle connections at once and lets a busy one finish its message."""
+async def test_drain_finishes_busy_message_and_keeps_sessions() -> None:
+    """shutdown() stops accepting, lets a busy message finish and keeps open sessions until they end."""
     settings = ConnectionSettings(progress_interval=5)
     async with running_server(lambda s: Recorder(s, slow_eom=0.3), settings=settings) as server:
         idle = await MilterClient.open(server.bound[0])
@@ -241,13 +241,19 @@ async def test_drain_finishes_busy_message_and_closes_idle() -> None:
         await busy.rcpt_to(b"<c@d>")
         eom_task = asyncio.ensure_future(busy.end_of_message())
         await asyncio.sleep(0.05)
-        await server.shutdown(timeout=2.0)
+        started = asyncio.get_running_loop().time()
+        drain = asyncio.ensure_future(server.shutdown(timeout=5.0))
         eom = await eom_task
         assert eom.reply == m.Accept()
-        with pytest.raises(MilterClientError):
-            await idle.helo(b"late")
-        await idle.aclose()
-        await busy.aclose()
+        # The idle session is still served (an SMTP session in flight); it ends the drain by quitting.
+        opened = await idle.open_session(Envelope())
+        assert opened.connect == m.Continue()
+        assert not drain.done()
+        await idle.quit()
+        await busy.quit()
+        await drain
+        assert asyncio.get_running_loop().time() - started < 4.0
+        assert not server.is_serving
 
 
 @pytest.mark.asyncio

@@ -92,6 +92,8 @@ async def _stream(body: BodySource) -> AsyncIterator[bytes]:
         yield piece
 
 
+#: Endpoint settings of old snapshots kept prepared at once (sessions opened before reloads).
+_MAX_STALE_ENDPOINTS: Final = 64
 #: Request bodies at least this large are sent as a stream.
 _STREAM_FROM_BYTES: Final = 512 * 1024
 
@@ -220,6 +222,7 @@ class WebhookClient:
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._endpoints: dict[str, _Endpoint] = {}
+        self._stale: dict[EndpointSettings, _Endpoint] = {}
         self._ssl_cache: dict[TlsSettings, ssl.SSLContext | bool] = {}
 
     async def start(self) -> None:
@@ -290,7 +293,25 @@ class WebhookClient:
         ep = self._endpoints.get(settings.name)
         if ep is not None and ep.settings is settings:
             return ep
-        return self._prepare(settings)
+        if ep is None or ep.settings == settings:
+            return self._prepare(settings)
+        # Settings from before a reload (a session still on the old snapshot): serve them
+        # from a side table, so the current endpoint (and its breaker) is not replaced
+        # back and forth between old and new sessions.
+        stale = self._stale.get(settings)
+        if stale is None:
+            if len(self._stale) >= _MAX_STALE_ENDPOINTS:
+                self._stale.clear()
+            breaker = CircuitBreaker(
+                failure_threshold=settings.breaker_failures,
+                reset_timeout=settings.breaker_reset,
+                clock=self._clock,
+            )
+            ssl_value = self._ssl_cache.get(settings.tls)
+            if ssl_value is None:
+                ssl_value = self._ssl_cache[settings.tls] = build_ssl_context(settings.tls)
+            stale = self._stale[settings] = _Endpoint(settings, ssl_value, breaker)
+        return stale
 
     def _prepare(self, settings: EndpointSettings, *, rebuild: bool = False) -> _Endpoint:
         previous = self._endpoints.get(settings.name)

@@ -712,3 +712,19 @@ async def test_fake_wait_for_background_calls(fake: FakeWebhooks, client: Webhoo
         await fake.wait_for(2, event="close", timeout=0.05)
     fake.clear()
     assert fake.requests == []
+
+
+@pytest.mark.asyncio
+async def test_sessions_from_before_a_reload_keep_the_new_breaker(fake: FakeWebhooks, client: WebhookClient) -> None:
+    """Calls with an old snapshot's settings do not replace the current endpoint or reset its breaker."""
+    fake.set_default(FakeResponse.status_code(500), path="/new")
+    fake.set_default(FakeResponse.no_content(), path="/old")
+    old = fake.endpoint("policy", path="/old", breaker_failures=2, retry=False)
+    new = fake.endpoint("policy", path="/new", breaker_failures=2, retry=False)
+    client.update_endpoints([new])
+    for _ in range(2):
+        await client.post(old, b"{}", webhook_id="evt_old")
+        with pytest.raises(WebhookStatusError):
+            await client.post(new, b"{}", webhook_id="evt_new")
+    assert client.breaker_states() == {"policy": "open"}
+    await client.post(old, b"{}", webhook_id="evt_old")  # the old session still works
