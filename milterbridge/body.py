@@ -8,6 +8,7 @@ oversize; what happens then is ``server.on_oversize``.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from typing import IO
@@ -52,13 +53,14 @@ class BodyBuffer:
         """Up to ``limit`` bytes from the start of the body."""
         if self._file is None:
             return bytes(self._memory[:limit])
-        self._file.seek(0)
-        return self._file.read(limit)
+        self._file.flush()
+        return os.pread(self._file.fileno(), min(limit, self.size), 0)
 
     def chunks(self, limit: int, size: int = 3 * 16384) -> Iterator[bytes]:
         """The first ``limit`` bytes in pieces of ``size`` (a multiple of 3 keeps base64 joinable).
 
-        Each step seeks before it reads, so several readers may interleave.
+        Reads are positional (``pread``), so several readers may interleave, in the event
+        loop and in a worker thread alike.
         """
         offset = 0
         end = min(limit, self.size)
@@ -67,8 +69,8 @@ class BodyBuffer:
             if self._file is None:
                 piece = bytes(self._memory[offset : offset + n])
             else:
-                self._file.seek(offset)
-                piece = self._file.read(n)
+                self._file.flush()
+                piece = os.pread(self._file.fileno(), n, offset)
             if not piece:
                 return
             offset += len(piece)

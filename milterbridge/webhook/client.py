@@ -427,7 +427,12 @@ class WebhookClient:
         self, session: aiohttp.ClientSession, ep: _Endpoint, body: bytes | BodySource, webhook_id: str
     ) -> tuple[int, bytes]:
         """One HTTP request: (status, body) for 200/204; otherwise a ``WebhookError``."""
-        headers = ep.headers_for(webhook_id, body)
+        if isinstance(body, bytes) or ep.signer is None:
+            headers = ep.headers_for(webhook_id, body)
+        else:
+            # Signing a streamed body reads and hashes all of it (a large message at eom):
+            # do it off the event loop so other sessions are not stalled meanwhile.
+            headers = await asyncio.to_thread(ep.headers_for, webhook_id, body)
         try:
             # aiohttp warns about (and may block on) raw bytes over 1 MiB; a stream avoids both.
             data: bytes | io.BytesIO | AsyncIterator[bytes]

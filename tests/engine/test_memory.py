@@ -191,3 +191,21 @@ async def test_streamed_body_is_exact_and_signed(engine: Engine) -> None:
     assert base64.b64decode(body["base64"]) == body_prefix(3 * MIB + 5)
     assert int(request.headers["Content-Length"]) == len(request.body)
     Webhook(secret).verify(request.body, dict(request.headers))
+
+
+@pytest.mark.asyncio
+async def test_observe_endpoint_gets_a_spooled_body(engine: Engine) -> None:
+    """An observe endpoint with include_body receives a spooled body byte-exact (read positionally)."""
+    from milterbridge.policy.model import Mode
+
+    await engine.start(
+        engine.endpoint("policy"),
+        engine.endpoint("watch", include_body=True, mode=Mode.OBSERVE, max_body_bytes=3 * MIB),
+        server=server(),
+    )
+    client = await engine.client()
+    result = await stream_message(client, 2 * MIB + 1)
+    await engine.settle()
+    assert result.reply == Continue()
+    (eom,) = engine.bodies("watch", "eom")
+    assert base64.b64decode(eom["message"]["body"]["base64"]) == body_prefix(2 * MIB + 1)
