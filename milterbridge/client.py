@@ -29,6 +29,7 @@ from milterbridge.milter.constants import (
     ALL_PROTOCOL,
     CHUNK_SIZE,
     MILTER_VERSION,
+    Action,
     Family,
     Protocol,
 )
@@ -53,8 +54,11 @@ from milterbridge.milter.messages import (
     Quit,
     QuitNewConnection,
     RcptTo,
+    Reject,
     Reply,
+    ReplyCode,
     Skip,
+    TempFail,
     Unknown,
 )
 
@@ -251,8 +255,6 @@ class MilterClient:
         self, version: int = MILTER_VERSION, actions: int = ALL_ACTIONS, protocol: int = ALL_PROTOCOL
     ) -> NegotiateReply:
         """Send OPTNEG (Postfix's default offer unless told otherwise) and read the answer."""
-        from milterbridge.milter.constants import Action
-
         self.offer = Negotiate(version=version, actions=Action(actions), protocol=Protocol(protocol))
         self._send(self.offer)
         reply = await self._read()
@@ -440,6 +442,4 @@ def _stops(reply: Reply | None) -> bool:
 
 
 def _is_refusal(reply: Reply) -> bool:
-    from milterbridge.milter.messages import Reject, ReplyCode, TempFail
-
     return isinstance(reply, Reject | TempFail | ReplyCode)

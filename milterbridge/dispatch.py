@@ -171,10 +171,9 @@ class Snapshot:
             self._negotiations[key] = (got, got.reply())
         return got, got.reply(), True
 
-    def subscribers(self, event: Event, mode: Mode | None = None) -> list[Endpoint]:
-        return [
-            ep for ep in self.endpoints if event in ep.settings.events and (mode is None or ep.settings.mode is mode)
-        ]
+    def subscribers(self, event: Event) -> list[Endpoint]:
+        """Every endpoint subscribed to ``event`` (both modes; used for the notifications)."""
+        return [ep for ep in self.endpoints if event in ep.settings.events]
 
     def _requirements(self) -> Requirements:
         """Negotiation derived from the config (design.md §3.6)."""

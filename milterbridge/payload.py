@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import secrets
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -121,7 +120,8 @@ class PayloadBuilder:
         self._session_obj: JSON | None = None
         self._headers: list[JSON] = []
         self._headers_of: MessageContext | None = None
-        self._message_ids: dict[int, str] = {}
+        #: (message number, id) of the current message; ids are made once per message.
+        self._message_id: tuple[int, str] = (0, "")
 
     def invalidate_session(self) -> None:
         """Connection facts changed (CONNECT, HELO, new connection macros)."""
@@ -155,10 +155,10 @@ class PayloadBuilder:
         return self._session_obj
 
     def message_id(self, msg: MessageContext) -> str:
-        mid = self._message_ids.get(msg.number)
-        if mid is None:
-            self._message_ids = {msg.number: new_id("msg")}
-            mid = self._message_ids[msg.number]
+        number, mid = self._message_id
+        if number != msg.number:
+            mid = new_id("msg")
+            self._message_id = (msg.number, mid)
         return mid
 
     def headers(self, msg: MessageContext) -> list[JSON]:
@@ -193,10 +193,6 @@ class PayloadBuilder:
             "message": self.message_obj(msg),
             "data": data,
         }
-
-
-def unix_seconds() -> int:
-    return int(time.time())
 
 
 def encode(obj: JSON) -> bytes:

@@ -162,8 +162,3 @@ def response_decoder(max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> FrameDec
 def encode(messages: Iterable[Message]) -> bytes:
     """Frames for several messages, joined for a single write."""
     return b"".join(m.to_frame() for m in messages)
-
-
-def frame_header(length: int) -> bytes:
-    """The 4-byte length prefix for a frame of ``length`` (code byte included)."""
-    return _U32.pack(length)

@@ -145,14 +145,3 @@ EVENT_FLAGS: Final[dict[Event, tuple[Protocol, Protocol, int]]] = {
     Event.BODY: (Protocol.NO_BODY, Protocol.NR_BODY, 2),
     Event.UNKNOWN: (Protocol.NO_UNKNOWN, Protocol.NR_UNKNOWN, 3),
 }
-
-#: Which macro stage id carries the macros for an event's command.
-EVENT_MACRO_STAGE: Final[dict[Event, MacroStage]] = {
-    Event.CONNECT: MacroStage.CONNECT,
-    Event.HELO: MacroStage.HELO,
-    Event.MAIL: MacroStage.ENVFROM,
-    Event.RCPT: MacroStage.ENVRCPT,
-    Event.DATA: MacroStage.DATA,
-    Event.EOH: MacroStage.EOH,
-    Event.EOM: MacroStage.EOM,
-}

@@ -302,41 +302,36 @@ class WebhookClient:
         if stale is None:
             if len(self._stale) >= _MAX_STALE_ENDPOINTS:
                 self._stale.clear()
-            breaker = CircuitBreaker(
-                failure_threshold=settings.breaker_failures,
-                reset_timeout=settings.breaker_reset,
-                clock=self._clock,
-            )
-            ssl_value = self._ssl_cache.get(settings.tls)
-            if ssl_value is None:
-                ssl_value = self._ssl_cache[settings.tls] = build_ssl_context(settings.tls)
-            stale = self._stale[settings] = _Endpoint(settings, ssl_value, breaker)
+            stale = self._stale[settings] = self._build(settings, self._new_breaker(settings))
         return stale
+
+    def _new_breaker(self, settings: EndpointSettings) -> CircuitBreaker:
+        return CircuitBreaker(
+            failure_threshold=settings.breaker_failures,
+            reset_timeout=settings.breaker_reset,
+            clock=self._clock,
+        )
+
+    def _build(self, settings: EndpointSettings, breaker: CircuitBreaker) -> _Endpoint:
+        """An endpoint with its (cached) TLS context and the given breaker."""
+        ssl_value = self._ssl_cache.get(settings.tls)
+        if ssl_value is None:
+            ssl_value = self._ssl_cache[settings.tls] = build_ssl_context(settings.tls)
+        return _Endpoint(settings, ssl_value, breaker)
 
     def _prepare(self, settings: EndpointSettings, *, rebuild: bool = False) -> _Endpoint:
         previous = self._endpoints.get(settings.name)
         if previous is not None and not rebuild and previous.settings == settings:
             previous.settings = settings  # identical content: next lookup takes the fast path
             return previous
-        breaker: CircuitBreaker
-        if (
+        keep_breaker = (
             previous is not None
             and previous.url == settings.url
             and previous.settings.breaker_failures == settings.breaker_failures
             and previous.settings.breaker_reset == settings.breaker_reset
-        ):
-            breaker = previous.breaker
-        else:
-            breaker = CircuitBreaker(
-                failure_threshold=settings.breaker_failures,
-                reset_timeout=settings.breaker_reset,
-                clock=self._clock,
-            )
-        ssl_value = self._ssl_cache.get(settings.tls)
-        if ssl_value is None:
-            ssl_value = self._ssl_cache[settings.tls] = build_ssl_context(settings.tls)
-        ep = _Endpoint(settings, ssl_value, breaker)
-        self._endpoints[settings.name] = ep
+        )
+        breaker = previous.breaker if keep_breaker and previous is not None else self._new_breaker(settings)
+        ep = self._endpoints[settings.name] = self._build(settings, breaker)
         return ep
 
     def _observe(self, ep: _Endpoint, attempt: int, outcome: AttemptOutcome, elapsed: float) -> None:

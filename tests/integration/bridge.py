@@ -20,7 +20,7 @@ Fixtures (re-exported by ``conftest.py``)::
 ``postfix`` fixture, but it keeps the milter settings of the previous test: every bridge
 listens on one fixed loopback address per run, so Postfix is reloaded only when a test
 needs other settings (a unix socket, another ``milter_default_action``, other timeouts).
-That keeps the suite fast and avoids the postlogd wedge described at ``settle_logging``.
+That keeps the suite fast and avoids the postlogd wedge described at ``PostfixInstance.settle_logging``.
 
 ``bridges.start`` binds that fixed address unless told otherwise, then makes sure Postfix
 points at it with the given ``default_action`` and ``set_milter`` keywords;
@@ -36,11 +36,6 @@ import email
 import email.message
 import email.policy
 import functools
-import os
-import re
-import secrets
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -60,7 +55,6 @@ from .postfix import (
     DEFAULT_HELO,
     MILTER_TIMEOUTS,
     PostfixInstance,
-    PostfixTimeoutError,
     SmtpResult,
     free_port,
 )
@@ -69,7 +63,6 @@ __all__ = [
     "BIG_BODY_MAX_BYTES",
     "BigFakeWebhooks",
     "BridgeRunner",
-    "PostlogWedgedError",
     "RunningBridge",
     "blocking",
     "body_of",
@@ -80,7 +73,6 @@ __all__ = [
     "milter_listen",
     "mta",
     "parse",
-    "settle_logging",
     "smtp",
     "webhooks",
 ]
@@ -140,37 +132,6 @@ def decode_b64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
 
 
-class PostlogWedgedError(AssertionError):
-    """Postfix's postlogd stopped reading its socket; the instance cannot log (or run) any more."""
-
-
-def settle_logging(postfix: PostfixInstance, timeout: float = 5.0) -> None:
-    """Log a marker through postlogd and wait for it: postlogd is running and done starting.
-
-    Why: after ``postfix reload`` the old postlogd exits, log records queue up in its
-    datagram socket (at most ``net.unix.max_dgram_qlen``, 10 by default, before senders
-    block), and the next record starts a new postlogd. That postlogd reads main.cf twice
-    while starting; when main.cf changes in between (the next ``postconf -e``), it warns
-    "overriding earlier entry" and sends the warning to its own full socket, so it blocks
-    for good, and every Postfix process that logs (master included) blocks behind it.
-    Observed with Postfix 3.7.11: the whole instance hangs. Settling after every reload and
-    before every main.cf change closes that window.
-    """
-    postlog = shutil.which("postlog", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
-    if postlog is None:
-        raise PostlogWedgedError("the postlog command is missing")
-    mark = postfix.log_mark()
-    token = f"milterbridge-e2e-settle-{secrets.token_hex(6)}"
-    argv = [postlog, "-c", str(postfix.config_dir), "-t", "postfix-test/e2e", token]
-    try:
-        subprocess.run(argv, timeout=timeout, check=True, capture_output=True)
-        postfix.wait_for_log(re.escape(token), since=mark, timeout=timeout)
-    except (subprocess.TimeoutExpired, PostfixTimeoutError) as exc:
-        raise PostlogWedgedError(
-            f"postlogd of {postfix.base} does not read its socket (wedged after a reload?): {exc}"
-        ) from exc
-
-
 def _milter_params(address: str | None, default_action: str, milter: Mapping[str, Any]) -> dict[str, str]:
     """The main.cf values ``PostfixInstance.set_milter`` writes for these arguments."""
     return {
@@ -202,9 +163,7 @@ def configure_milter(
     current = _main_cf(postfix)
     if all(current.get(name) == value for name, value in wanted.items()):
         return False
-    settle_logging(postfix)
-    postfix.set_milter(address, default_action, **milter)
-    settle_logging(postfix)
+    postfix.set_milter(address, default_action, **milter)  # settles postlogd before and after
     return True
 
 
@@ -319,7 +278,7 @@ def milter_listen() -> str:
 @pytest.fixture
 def mta(postfix_instance: PostfixInstance) -> PostfixInstance:
     """The run's Postfix with an empty queue and Maildir; milter settings stay as the last test left them."""
-    settle_logging(postfix_instance)
+    postfix_instance.settle_logging()
     # A delivery still in flight would land after the Maildir is emptied.
     postfix_instance.wait_for_queue_idle(timeout=5.0)
     postfix_instance.delete_all()

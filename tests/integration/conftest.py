@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 # The end-to-end suite's fixtures (a bridge runner and fake endpoints) live with their helpers.
-from .bridge import bridges, milter_listen, mta, settle_logging, webhooks
+from .bridge import bridges, milter_listen, mta, webhooks
 from .postfix import PostfixInstance, closed_port, installed_version, prerequisites_problem
 
 __all__ = ["bridges", "milter_listen", "mta", "webhooks"]
@@ -81,11 +81,11 @@ def _settled_postlog(request: pytest.FixtureRequest) -> None:
     """After ``postfix`` reset (and reloaded) the instance, wait until postlogd runs again.
 
     A test that changes main.cf right after the reset could otherwise catch the new postlogd
-    while it starts and wedge the whole instance (see ``bridge.settle_logging``). Tests that
+    while it starts and wedge the whole instance (see ``PostfixInstance.settle_logging``). Tests that
     do not use ``postfix`` are left alone.
     """
     if "postfix" in request.fixturenames:
-        settle_logging(request.getfixturevalue("postfix"))
+        request.getfixturevalue("postfix").settle_logging()
 
 
 @pytest.fixture

@@ -83,9 +83,7 @@ import os
 import random
 import re
 import secrets
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -385,36 +383,13 @@ class SoakEndpoints:
 # -- Postfix and the bridge ------------------------------------------------------------------
 
 
-def settle_postlog(postfix: PostfixInstance, timeout: float = 5.0) -> None:
-    """Send a token through postlogd and wait until it is in the maillog.
-
-    After a reload a new postlogd starts with the next log record; if main.cf changes while
-    it starts, it can block on its own socket and take the instance with it (see the
-    end-to-end fixtures). Waiting for a token before and after each reload avoids that.
-    """
-    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-    postlog = shutil.which("postlog", path=search)
-    assert postlog is not None, "the postlog command is missing"
-    token = f"milterbridge-soak-{secrets.token_hex(6)}"
-    mark = postfix.log_mark()
-    subprocess.run(
-        [postlog, "-c", str(postfix.config_dir), "-t", "postfix-test/soak", token],
-        check=True,
-        capture_output=True,
-        timeout=timeout,
-    )
-    postfix.wait_for_log(re.escape(token), since=mark, timeout=timeout)
-
-
 def point_postfix(postfix: PostfixInstance, address: str) -> None:
     """Empty the queue and the Maildir and send Postfix's SMTP sessions to ``address``."""
     with contextlib.suppress(PostfixTimeoutError):
         postfix.wait_for_queue_idle(timeout=5.0)
     postfix.delete_all()
     postfix.clear_maildir()
-    settle_postlog(postfix)
-    postfix.set_milter(address, "tempfail")
-    settle_postlog(postfix)
+    postfix.set_milter(address, "tempfail")  # settles postlogd before and after
 
 
 def bridge_config(milter_port: int, webhooks: FakeWebhooks) -> str:
