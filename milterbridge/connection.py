@@ -244,6 +244,7 @@ class MilterConnection(asyncio.Protocol):
         session = self.session
         handler = self.handler
         assert handler is not None
+        absorbed = session.absorbed
         while not self._closed:
             try:
                 command = session.next_event()
@@ -251,6 +252,8 @@ class MilterConnection(asyncio.Protocol):
                 self._fail(f"protocol error: {exc}")
                 return
             if command is NEED_DATA:
+                if session.absorbed != absorbed:
+                    self._last_activity = time.monotonic()  # quiet commands were taken in
                 break
             # Idleness counts from the last complete command, so a peer trickling
             # bytes that never finish a frame is still closed (slowloris).

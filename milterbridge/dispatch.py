@@ -105,6 +105,7 @@ class Observer(Protocol):
     """Metric hooks the dispatcher calls (milterbridge.metrics.Metrics satisfies it)."""
 
     def event(self, name: str) -> None: ...
+    def event_counts(self) -> dict[str, int]: ...
     def message(self, outcome: str) -> None: ...
     def webhook(self, endpoint: str, event: str, outcome: str, seconds: float) -> None: ...
     def decision(self, endpoint: str, event: str, action: str, mode: str) -> None: ...
@@ -201,6 +202,8 @@ class Dispatcher:
     def __init__(self, config: Config, client: WebhookPoster, *, metrics: Observer | None = None) -> None:
         self.client = client
         self.metrics: Observer = metrics or _NoMetrics()
+        #: Where events the session takes in by itself are counted (``MilterSession.set_quiet``).
+        self.event_counts: dict[str, int] = metrics.event_counts() if metrics is not None else {}
         self.snapshot = Snapshot(config)
         self._background: set[asyncio.Task[None]] = set()
 
@@ -266,6 +269,9 @@ class ConnectionHandler:
         self._closed = False
         self._ended: MessageContext | None = None
         self.started = time.monotonic()
+        # Quiet no-reply commands (headers, recipients ...) need no handling here: let the
+        # session fold them into the context without returning them.
+        session.set_quiet(snapshot.quiet, dispatcher.event_counts)
 
     # -------------------------------------------------------------- handler
 

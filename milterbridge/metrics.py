@@ -259,6 +259,10 @@ class Metrics:
         counts = self._events.counts
         counts[name] = counts.get(name, 0) + 1
 
+    def event_counts(self) -> dict[str, int]:
+        """The live event tally behind ``event``: a caller on the hot path may add to it directly."""
+        return self._events.counts
+
     def webhook(self, endpoint: str, event: str, outcome: str, seconds: float | None) -> None:
         """A webhook call ended; ``seconds`` is its duration, retry included.
 

@@ -35,6 +35,11 @@ class MacroStore:
 
     def add_raw(self, payload: bytes) -> None:
         """Fold one ``'D'`` payload (stage byte, then name/value strings) in later."""
+        raw = self._raw
+        if len(payload) <= 1 or (raw and raw[-1] == payload):
+            # No values, or the packet just added again (Postfix repeats the eoh macros
+            # before every header): folding it in would change nothing.
+            return
         pairs = (payload.count(b"\0") + 1) // 2
         self._count += pairs
         if self._count > self.max_macros:
@@ -42,7 +47,7 @@ class MacroStore:
             self._count = len(self._parsed) + pairs
             if self._count > self.max_macros:
                 raise RemoteProtocolError(f"more than {self.max_macros} macros")
-        self._raw.append(payload)
+        raw.append(payload)
 
     def values(self) -> dict[bytes, bytes]:
         """Every macro seen so far (later packets override earlier ones)."""

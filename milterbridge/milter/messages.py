@@ -58,6 +58,20 @@ def _cstr(value: bytes, what: str) -> bytes:
     return value + b"\0"
 
 
+def envelope_fields(payload: bytes, what: str) -> tuple[bytes, tuple[bytes, ...]]:
+    """(address, ESMTP args) of a MAIL or RCPT payload, without building the message."""
+    parts = _cstrings(payload)
+    if not parts:
+        raise RemoteProtocolError(f"{what}: missing address")
+    return parts[0], tuple(parts[1:])
+
+
+def header_fields(payload: bytes) -> tuple[bytes, bytes]:
+    """(name, value) of a HEADER payload, without building the message."""
+    name, value = _exact_cstrings(payload, 2, "HEADER")
+    return name, value
+
+
 def _empty(payload: bytes, what: str) -> None:
     if payload:
         # Postfix: "reply ... was followed by N data bytes" is a protocol error.
@@ -268,10 +282,8 @@ class _Envelope(Command):
 
     @classmethod
     def decode_payload(cls, payload: bytes) -> Self:
-        parts = _cstrings(payload)
-        if not parts:
-            raise RemoteProtocolError(f"{cls.__name__}: missing address")
-        return cls(address=parts[0], args=tuple(parts[1:]))
+        address, args = envelope_fields(payload, cls.__name__)
+        return cls(address=address, args=args)
 
 
 @dataclass(**_FROZEN)
@@ -301,7 +313,7 @@ class Header(Command, code=b"L"):  # SMFIC_HEADER
 
     @classmethod
     def decode_payload(cls, payload: bytes) -> Self:
-        name, value = _exact_cstrings(payload, 2, "HEADER")
+        name, value = header_fields(payload)
         return cls(name=name, value=value)
 
 
@@ -742,6 +754,8 @@ __all__ = [
     "Skip",
     "TempFail",
     "Unknown",
+    "envelope_fields",
     "field",
+    "header_fields",
     "replace_body",
 ]

@@ -16,6 +16,13 @@ Rules kept here, all from milter-protocol.md:
 * No reply to MACRO, ABORT, QUIT, QUIT_NC, nor to an event negotiated as
   no-reply (:data:`NO_REPLY_FLAG`).
 * Macros are folded into the context, never surfaced as events.
+
+Hot path: Postfix sends every event before end-of-message even when the milter
+only wants the end (the payload needs the envelope and headers), as no-reply
+events, each after a macro packet. A caller that does not need to see some of
+them says so with :meth:`MilterSession.set_quiet`; ``next_event`` then folds
+those (of :data:`ABSORBABLE`) into the context itself and reads on, instead of
+building a message object and returning it.
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ from .messages import (
     Skip,
     TempFail,
     Unknown,
+    envelope_fields,
+    header_fields,
 )
 
 
@@ -203,6 +212,10 @@ def silent_commands(protocol: Protocol) -> frozenset[type[Command]]:
     return NEVER_ANSWERED | {kind for kind, bit in NO_REPLY_FLAG.items() if protocol & bit}
 
 
+#: Commands ``next_event`` may take in without returning them (see ``set_quiet``): they only
+#: add to the message context, and nothing else about the connection depends on them.
+ABSORBABLE: Final[frozenset[type[Command]]] = frozenset({RcptTo, Data, Header, EndOfHeaders})
+
 #: Commands that are never answered.
 NEVER_ANSWERED: Final[frozenset[type[Command]]] = frozenset({Macro, Abort, Quit, QuitNewConnection})
 
@@ -266,6 +279,26 @@ class MilterSession:
         #: Commands answered by nobody: NEVER_ANSWERED plus the negotiated no-reply events.
         self._silent: frozenset[type[Command]] = NEVER_ANSWERED
         self._body_replaced = 0  # 0 none yet, 1 in a REPLBODY run, 2 run ended
+        self._quiet: frozenset[type[Command]] = frozenset()
+        #: Wire code -> command class, for the commands next_event takes in itself.
+        self._absorb: dict[int, type[Command]] = {}
+        #: Commands taken in without being returned, per event name (see ``set_quiet``).
+        self.quiet_counts: dict[str, int] = {}
+        #: How many commands were taken in without being returned, in all.
+        self.absorbed = 0
+
+    def set_quiet(self, kinds: Iterable[type[Command]], counts: dict[str, int] | None = None) -> None:
+        """Commands the caller does not need to see when they need no reply.
+
+        Those of :data:`ABSORBABLE` that were negotiated no-reply are then folded into the
+        context by ``next_event``, which reads on instead of returning them; each is counted
+        in ``counts`` (default :attr:`quiet_counts`) under its event name, and in
+        :attr:`absorbed`. Legality is checked exactly as for a returned command.
+        """
+        self._quiet = frozenset(kinds) & ABSORBABLE
+        if counts is not None:
+            self.quiet_counts = counts
+        self._absorb = {kind.code[0]: kind for kind in self._quiet if kind in self._silent}
 
     # ------------------------------------------------------------------ input
 
@@ -296,6 +329,7 @@ class MilterSession:
         if self.pending is not None:
             raise LocalProtocolError(f"reply to {type(self.pending).__name__} before reading on")
         decoder = self._decoder
+        absorb = self._absorb
         while True:
             frame = decoder.next_frame()
             if frame is None:
@@ -303,6 +337,10 @@ class MilterSession:
             code, payload = frame
             if code == _MACRO_CODE:
                 self._receive_macro(payload)
+                continue
+            kind = absorb.get(code)
+            if kind is not None:
+                self._absorb_command(kind, payload)
                 continue
             msg = decoder.decode(code, payload)
             self._receive_command(msg)
@@ -320,6 +358,34 @@ class MilterSession:
         # A new packet for a stage replaces an unclaimed one (libmilter keeps one set per
         # stage), so a peer sending macro packets without commands cannot grow this.
         self._pending_macros[payload[:1]] = payload
+
+    def _absorb_command(self, kind: type[Command], payload: bytes) -> None:
+        """``_receive_command`` for a quiet no-reply command, from its payload (see ``set_quiet``)."""
+        if kind is Header:
+            name, value = header_fields(payload)
+        elif kind is RcptTo:
+            address, args = envelope_fields(payload, "RcptTo")
+        else:
+            kind.decode_payload(payload)  # DATA and EOH: the payload must be empty
+        state = self.state
+        new_state = self._transitions[kind].get(state)
+        if new_state is None:
+            raise RemoteProtocolError(f"{kind.__name__} not allowed in state {state.value}")
+        self.aborted = None
+        self.completed = None
+        self.state = new_state
+        if self.message is None:
+            self._open_message(b"", ())  # MAIL was negotiated away
+        if kind is Header:
+            self._add_header(name, value)
+        elif kind is RcptTo:
+            self._add_recipient(address, args)
+        if self._pending_macros:
+            self._fold_macros()
+        event = EVENT_OF[kind]
+        counts = self.quiet_counts
+        counts[event] = counts.get(event, 0) + 1
+        self.absorbed += 1
 
     def _receive_command(self, cmd: Command) -> None:
         kind = type(cmd)
@@ -343,9 +409,9 @@ class MilterSession:
         elif kind is MailFrom:
             self._open_message(cmd.address, cmd.args)  # type: ignore[attr-defined]
         elif kind is RcptTo:
-            self._on_rcpt(cmd)  # type: ignore[arg-type]
+            self._add_recipient(cmd.address, cmd.args)  # type: ignore[attr-defined]
         elif kind is Header:
-            self._on_header(cmd)  # type: ignore[arg-type]
+            self._add_header(cmd.name, cmd.value)  # type: ignore[attr-defined]
         elif kind is BodyChunk:
             assert self.message is not None
             self.message.body_bytes += len(cmd.data)  # type: ignore[attr-defined]
@@ -377,22 +443,22 @@ class MilterSession:
         conn.port = cmd.port
         conn.address = cmd.address
 
-    def _on_rcpt(self, cmd: RcptTo) -> None:
+    def _add_recipient(self, address: bytes, args: tuple[bytes, ...]) -> None:
         msg = self.message
         assert msg is not None
         if len(msg.recipients) >= self.limits.max_recipients:
             raise RemoteProtocolError(f"more than {self.limits.max_recipients} recipients")
-        msg.recipients.append((cmd.address, cmd.args))
+        msg.recipients.append((address, args))
 
-    def _on_header(self, cmd: Header) -> None:
+    def _add_header(self, name: bytes, value: bytes) -> None:
         msg = self.message
         assert msg is not None
         if len(msg.headers) >= self.limits.max_headers:
             raise RemoteProtocolError(f"more than {self.limits.max_headers} headers")
-        msg.header_bytes += len(cmd.name) + len(cmd.value)
+        msg.header_bytes += len(name) + len(value)
         if msg.header_bytes > self.limits.max_header_bytes:
             raise RemoteProtocolError(f"headers larger than {self.limits.max_header_bytes} bytes")
-        msg.headers.append((cmd.name, cmd.value))
+        msg.headers.append((name, value))
 
     def _fold_macros(self) -> None:
         message = self.message
@@ -462,6 +528,7 @@ class MilterSession:
         self.protocol = reply.protocol
         self._transitions = effective_transitions(reply.protocol, reply.version)
         self._silent = silent_commands(reply.protocol)
+        self.set_quiet(self._quiet)
 
     def _check_body_run(self, is_body: bool) -> None:
         # Postfix refuses REPLBODY pieces interleaved with other requests (§8.7).

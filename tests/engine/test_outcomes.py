@@ -8,7 +8,7 @@ from milterbridge.config import ServerSettings
 from milterbridge.milter.constants import Event
 from milterbridge.milter.messages import Accept, ReplyCode
 from milterbridge.policy.model import Mode, OnOversize
-from tests.engine.conftest import Engine
+from tests.engine.conftest import ENVELOPE, Engine
 from tests.fakes.webhooks import FakeResponse
 
 MESSAGE = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nbody\r\n"
@@ -62,3 +62,20 @@ async def test_observe_header_payload_has_only_headers_so_far(engine: Engine) ->
     await engine.settle()
     seen = [[h["name"] for h in body["message"]["headers"]] for body in engine.bodies("watch", "header")]
     assert seen == [["From"], ["From", "To"], ["From", "To", "Subject"]]
+
+
+@pytest.mark.asyncio
+async def test_every_event_is_counted_when_only_eom_is_subscribed(engine: Engine) -> None:
+    """Headers and recipients the session takes in without the dispatcher still count in events_total."""
+    await engine.start(engine.endpoint("policy", events=frozenset({Event.EOM})))
+    result = await engine.send()
+    assert result.eom is not None
+
+    def events(name: str) -> float:
+        sample = engine.metrics.registry.get_sample_value("milterbridge_events_total", {"event": name})
+        return sample or 0.0
+
+    # MESSAGE has three headers; the default envelope two recipients.
+    assert events("header") == 3
+    assert events("rcpt") == len(ENVELOPE.recipients)
+    assert events("mail") == events("eom") == events("connect") == events("helo") == 1

@@ -239,6 +239,32 @@ async def test_slowloris_never_completing_a_frame_is_closed() -> None:
         assert closed, "still open after 2.5 s of trickling, idle_timeout 0.3 s"
 
 
+def quiet_headers(session: MilterSession) -> StaticHandler:
+    """Every event delivered without a reply, the context-only ones taken in by the session."""
+    session.set_quiet({m.RcptTo, m.Data, m.Header, m.EndOfHeaders})
+    return StaticHandler(session, Requirements(reply_events=frozenset()))
+
+
+@pytest.mark.asyncio
+async def test_quiet_commands_count_as_activity() -> None:
+    """Headers the session takes in by itself keep the connection alive like any other command."""
+    settings = ConnectionSettings(idle_timeout=0.3)
+    async with (
+        running_server(quiet_headers, settings=settings) as server,
+        await MilterClient.open(server.bound[0]) as client,
+    ):
+        await client.negotiate()
+        await client.open_session(Envelope())
+        assert await client.mail_from(b"<a@b>") is None  # no-reply
+        started = time.monotonic()
+        while time.monotonic() - started < 1.2:  # 4x the idle timeout, a header every 0.1 s
+            assert await client.header(b"X-Slow", b"drip") is None
+            await asyncio.sleep(0.1)
+        result = await client.end_of_message()
+        assert result.reply == m.Accept()
+        await client.quit()
+
+
 # --------------------------------------------------------------------------
 # many idle connections
 

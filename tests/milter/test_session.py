@@ -336,3 +336,137 @@ def test_limits(limits: SessionLimits, commands: list[m.Command], match: str) ->
     feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
     with pytest.raises(RemoteProtocolError, match=match):
         feed(s, *commands)
+
+
+# ------------------------------------------------------------------ quiet commands
+
+QUIET = frozenset({m.MailFrom, m.RcptTo, m.Data, m.Header, m.EndOfHeaders})
+
+
+def quiet_session(reply_events: frozenset[Event] = frozenset()) -> tuple[MilterSession, dict[str, int]]:
+    """A session told that MAIL, RCPT, DATA, headers and EOH are not needed, every event no-reply."""
+    counts: dict[str, int] = {}
+    session = MilterSession()
+    session.set_quiet(QUIET, counts)
+    session.receive_data(POSTFIX_OFFER.to_frame())
+    session.next_event()
+    session.send(negotiate(POSTFIX_OFFER, Requirements(reply_events=reply_events)).reply())
+    return session, counts
+
+
+def drain(session: MilterSession) -> list[str]:
+    """Names of the commands next_event returns, answering those that need it with continue."""
+    seen = []
+    while (ev := session.next_event()) is not NEED_DATA:
+        seen.append(type(ev).__name__)
+        if session.needs_reply:
+            session.send(m.Continue())
+    return seen
+
+
+def test_quiet_no_reply_commands_are_taken_in_without_being_returned() -> None:
+    """Recipients, DATA, headers and EOH land in the context and the tally, not in next_event."""
+    s, counts = quiet_session()
+    eoh_macros = m.Macro(stage=b"L", macros=((b"i", b"QID1"),))
+    header = m.Header(name=b"Subject", value=b" hi")
+    s.receive_data(
+        b"".join(c.to_frame() for c in (*OPENING, *TRANSACTION[:6], eoh_macros, header, eoh_macros, header))
+        + m.EndOfHeaders().to_frame()
+        + m.EndOfMessage().to_frame()
+    )
+    # MAIL is quiet too, but only the commands in ABSORBABLE are taken in.
+    assert drain(s) == ["Connect", "Helo", "MailFrom", "EndOfMessage"]
+    assert s.completed is not None
+    msg = s.completed
+    assert msg.recipients == [(b"<c@d>", ()), (b"<e@f>", ())]
+    assert msg.headers == [(b"Subject", b" hi"), (b"Subject", b" hi")]
+    assert msg.queue_id == b"QID1"
+    assert counts == {Event.RCPT: 2, Event.DATA: 1, Event.HEADER: 2, Event.EOH: 1}
+    assert s.absorbed == 6
+
+
+def test_quiet_commands_that_need_a_reply_are_returned() -> None:
+    """A quiet command the MTA waits for is returned as usual; the no-reply ones are still taken in."""
+    s, counts = quiet_session(reply_events=frozenset({Event.RCPT}))
+    s.receive_data(b"".join(c.to_frame() for c in (*OPENING, *TRANSACTION[:7])))
+    assert drain(s) == ["Connect", "Helo", "MailFrom", "RcptTo", "RcptTo"]
+    assert counts == {Event.DATA: 1, Event.HEADER: 1}
+    assert s.message is not None
+    assert s.message.headers == [(b"Subject", b" hi")]
+
+
+def test_quiet_commands_before_negotiation_are_not_taken_in() -> None:
+    """Whether a command needs a reply is known only after negotiation: until then nothing is absorbed."""
+    s = MilterSession()
+    s.set_quiet(QUIET)
+    s.receive_data(m.Header(name=b"a", value=b"b").to_frame())
+    with pytest.raises(RemoteProtocolError, match="not allowed in state init"):
+        s.next_event()
+
+
+@pytest.mark.parametrize(
+    ("prefix", "bad", "match"),
+    [
+        pytest.param((), m.RcptTo(address=b"<r>"), "not allowed in state connected", id="rcpt-before-mail"),
+        pytest.param((m.MailFrom(address=b"<a@b>"),), m.Header(name=b"a", value=b"b"), None, id="ok-control"),
+    ],
+)
+def test_quiet_commands_are_checked_like_returned_ones(
+    prefix: tuple[m.Command, ...], bad: m.Command, match: str | None
+) -> None:
+    """Order rules hold for commands taken in; a legal one passes (the control case)."""
+    s, _ = quiet_session()
+    s.receive_data(b"".join(c.to_frame() for c in (*OPENING, *prefix)))
+    drain(s)
+    s.receive_data(bad.to_frame())
+    if match is None:
+        assert drain(s) == []
+        assert s.absorbed == 1
+    else:
+        with pytest.raises(RemoteProtocolError, match=match):
+            drain(s)
+
+
+@pytest.mark.parametrize(
+    ("code", "payload", "match"),
+    [
+        pytest.param(b"L", b"only-a-name\0", "expected 2 strings", id="header-one-string"),
+        pytest.param(b"L", b"name\0value", "NUL terminator", id="header-unterminated"),
+        pytest.param(b"R", b"", "missing address", id="rcpt-empty"),
+        pytest.param(b"N", b"x", "empty payload", id="eoh-with-payload"),
+        pytest.param(b"T", b"x", "empty payload", id="data-with-payload"),
+    ],
+)
+def test_malformed_quiet_commands_are_remote_errors(code: bytes, payload: bytes, match: str) -> None:
+    """A bad payload is refused exactly as when the command is decoded into a message."""
+    s, _ = quiet_session()
+    feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
+    s.receive_data(len(payload + code).to_bytes(4, "big") + code + payload)
+    with pytest.raises(RemoteProtocolError, match=match):
+        s.next_event()
+
+
+def test_quiet_commands_respect_the_limits() -> None:
+    """Header and recipient limits hold for commands taken in."""
+    s = MilterSession(SessionLimits(max_headers=1))
+    s.set_quiet(QUIET)
+    s.receive_data(POSTFIX_OFFER.to_frame())
+    s.next_event()
+    s.send(negotiate(POSTFIX_OFFER, Requirements(reply_events=frozenset())).reply())
+    feed(s, *OPENING, m.MailFrom(address=b"<a@b>"), m.Header(name=b"a", value=b"b"))
+    s.receive_data(m.Header(name=b"c", value=b"d").to_frame())
+    with pytest.raises(RemoteProtocolError, match="more than 1 headers"):
+        s.next_event()
+
+
+def test_repeated_macro_packets_fold_in_order() -> None:
+    """Skipping a packet equal to the previous one keeps "later packets win" exact."""
+    s, _ = quiet_session()
+    first = m.Macro(stage=b"L", macros=((b"i", b"ONE"),))
+    second = m.Macro(stage=b"L", macros=((b"i", b"TWO"),))
+    header = m.Header(name=b"a", value=b"b")
+    feed(s, *OPENING, m.MailFrom(address=b"<a@b>"), first, header, first, header, second, header, first, header)
+    assert s.message is not None
+    assert s.message.queue_id == b"ONE"
+    feed(s, m.Macro(stage=b"N", macros=()), m.EndOfHeaders())
+    assert s.message.queue_id == b"ONE"
