@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import base64
 import secrets
+import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -106,8 +106,18 @@ def client_address(raw: bytes) -> bytes:
     return raw
 
 
+#: (whole second, its "YYYY-MM-DDTHH:MM:SS" text): the formatting is done once per second.
+_second_text: tuple[int, str] = (-1, "")
+
+
 def rfc3339_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """The current UTC time with milliseconds, e.g. ``2026-11-25T18:47:25.123Z``."""
+    global _second_text
+    now = time.time()
+    second = int(now)
+    if _second_text[0] != second:
+        _second_text = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_second_text[1]}.{int((now - second) * 1000):03d}Z"
 
 
 class PayloadBuilder:
@@ -173,9 +183,10 @@ class PayloadBuilder:
     def message_obj(self, msg: MessageContext | None) -> JSON | None:
         if msg is None:
             return None
+        queue_id = msg.queue_id
         obj: JSON = {
             "id": self.message_id(msg),
-            "queue_id": msg.queue_id.decode("ascii", "replace") if msg.queue_id else None,
+            "queue_id": queue_id.decode("ascii", "replace") if queue_id else None,
             "mail_from": address_obj(msg.mail_from, msg.mail_args),
             "rcpt_to": [address_obj(a, args) for a, args in msg.recipients],
             "headers": self.headers(msg),

@@ -155,11 +155,16 @@ class _Builder:
     inserts: list[tuple[int, str, InsertHeaderOp]] = field(default_factory=list)
     appends: list[tuple[str, AddHeaderOp | ChangeHeaderOp]] = field(default_factory=list)
     body: tuple[str, ReplaceBodyOp] | None = None
-    positions: dict[bytes, list[int]] = field(default_factory=dict)
+    #: lower-cased name -> positions of the headers of that name; built on the first edit
+    _positions: dict[bytes, list[int]] | None = None
 
-    def __post_init__(self) -> None:
-        for pos, (name, _value) in enumerate(self.headers):
-            self.positions.setdefault(name.lower(), []).append(pos)
+    @property
+    def positions(self) -> dict[bytes, list[int]]:
+        if self._positions is None:
+            self._positions = {}
+            for pos, (name, _value) in enumerate(self.headers):
+                self._positions.setdefault(name.lower(), []).append(pos)
+        return self._positions
 
     def drop(self, endpoint: str, op: AnyOp, reason: DropReason) -> None:
         self.dropped.append(DroppedModification(endpoint=endpoint, op=op, reason=reason))

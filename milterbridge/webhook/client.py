@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+from yarl import URL
 
 import milterbridge
 from milterbridge.config import EndpointSettings, TlsSettings
@@ -160,10 +161,13 @@ class _Endpoint:
 
     __slots__ = ("base_headers", "breaker", "name", "safe_url", "settings", "signer", "ssl", "url")
 
+    url: URL
+
     def __init__(self, settings: EndpointSettings, ssl_value: ssl.SSLContext | bool, breaker: CircuitBreaker) -> None:
         self.settings = settings
         self.name = settings.name
-        self.url = settings.url
+        # Parsed once: aiohttp would parse a string URL again for every request.
+        self.url = URL(settings.url)
         self.safe_url = redact_url(settings.url)
         self.ssl = ssl_value
         self.breaker = breaker
@@ -326,7 +330,7 @@ class WebhookClient:
             return previous
         keep_breaker = (
             previous is not None
-            and previous.url == settings.url
+            and previous.settings.url == settings.url
             and previous.settings.breaker_failures == settings.breaker_failures
             and previous.settings.breaker_reset == settings.breaker_reset
         )

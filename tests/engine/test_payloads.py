@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import datetime
+import re
 import time
 from typing import Any
 
@@ -256,6 +258,11 @@ async def test_http_headers_of_a_request(engine: Engine) -> None:
     assert request.method == "POST"
     assert request.headers["webhook-id"] == request.json["id"]
     assert abs(int(request.headers["webhook-timestamp"]) - time.time()) < 10
+    # The body's timestamp: RFC 3339 UTC with milliseconds, and now.
+    stamp = request.json["timestamp"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), stamp
+    sent = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    assert abs(sent - time.time()) < 10
     assert request.headers["Content-Type"] == "application/json"
     assert request.headers["User-Agent"] == f"milterbridge/{milterbridge.__version__}"
     assert request.headers["Authorization"] == "Bearer t0ken"
