@@ -13,7 +13,11 @@ Targets:
 * ``minimal``: ``bench.reference_milter`` asking for the same events as the
   bridge's endpoint (the floor: our protocol layer, no webhooks);
 * ``minimal-all``: the same, asking for and answering every event;
-* ``pymilter``: ``bench.pymilter_milter`` on libmilter, when installed.
+* ``pymilter``: ``bench.pymilter_milter`` on libmilter, when installed, asking
+  for the same events as the bridge's endpoint;
+* ``pymilter-all``: the same, with a Python callback for (and a reply to) every
+  event: how a pymilter filter is usually written, and the reference of the
+  issue's context table.
 """
 
 from __future__ import annotations
@@ -38,11 +42,11 @@ from bench.profiles import ALL_EVENTS, MIB, PROFILES, Profile, build_envelope
 from bench.report import IdlePoint, Results, SinglePoint, SweepPoint, plot, render
 
 HOST = "127.0.0.1"
-TARGETS = ("bridge", "minimal", "minimal-all", "pymilter")
-#: Which targets each profile runs by default. minimal-all is only needed
-#: for (a)'s "vs our minimal milter when it answers every event".
+TARGETS = ("bridge", "minimal", "minimal-all", "pymilter", "pymilter-all")
+#: Which targets each profile runs by default. The -all variants are only
+#: needed for (a)'s ratios against milters that answer every event.
 DEFAULT_TARGETS = {
-    "a": ("bridge", "minimal", "minimal-all", "pymilter"),
+    "a": ("bridge", "minimal", "minimal-all", "pymilter", "pymilter-all"),
     "b": ("bridge", "minimal", "pymilter"),
     "c": ("bridge", "minimal", "pymilter"),
     "d": ("bridge", "minimal", "pymilter"),
@@ -157,7 +161,8 @@ def launch(
     if target in ("minimal", "minimal-all"):
         events = ALL_EVENTS if target == "minimal-all" else profile.milter_events
         argv = [python, "-m", "bench.reference_milter", "--listen", f"inet:{HOST}:{port}", "--events", ",".join(events)]
-    elif target == "pymilter":
+    elif target in ("pymilter", "pymilter-all"):
+        events = ALL_EVENTS if target == "pymilter-all" else profile.milter_events
         argv = [
             python,
             "-m",
@@ -167,7 +172,7 @@ def launch(
             "--port",
             str(port),
             "--events",
-            ",".join(profile.milter_events),
+            ",".join(events),
         ]
     else:
         raise ValueError(f"unknown target {target!r}")
@@ -180,7 +185,7 @@ def launch(
         cwd=REPO_ROOT,
         # libmilter notices SIGTERM only at its next 5 s poll timeout; a
         # reference milter has nothing to flush, so do not wait for it.
-        stop_timeout=1.0 if target == "pymilter" else 5.0,
+        stop_timeout=1.0 if target.startswith("pymilter") else 5.0,
     )
     with procs.running([child]):
         procs.wait_for_port(child, HOST, port)
@@ -307,10 +312,10 @@ async def run_profile(
     print(f"({profile.key}) {profile.title}", file=sys.stderr, flush=True)
     for target in targets:
         name = f"({profile.key}) {target}"
-        if target == "pymilter" and not pymilter_available():
+        if target.startswith("pymilter") and not pymilter_available():
             results.skipped[name] = "not installed (run bench/install-pymilter)"
             continue
-        if target == "minimal-all" and profile.kind != "sweep":
+        if target.endswith("-all") and profile.kind != "sweep":
             continue
         try:
             with launch(target, profile, settings, layout, workdir) as launched:

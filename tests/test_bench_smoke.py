@@ -134,6 +134,7 @@ def test_report_prints_the_issue_ratios():
         sweeps=[
             _point("bridge", 500, 900),
             _point("pymilter", 1000, 300),
+            _point("pymilter-all", 400, 1200),
             _point("minimal-all", 800, 450),
             _point("bridge", 400, 900, p99=3.0, conc=1),
             _point("pymilter", 900, 300, p99=1.0, conc=1),
@@ -154,6 +155,8 @@ def test_report_prints_the_issue_ratios():
     lines = list(target_lines(results))
     assert "(a) throughput bridge / pymilter at 16 concurrent: 0.50x (500 vs 1000 msg/s)" in lines
     assert "(a) CPU/msg bridge / pymilter at 16 concurrent: 3.00x (900 vs 300 µs/msg)" in lines
+    assert "(a) throughput bridge / pymilter-all at 16 concurrent: 1.25x (500 vs 400 msg/s)" in lines
+    assert "(a) CPU/msg bridge / pymilter-all at 16 concurrent: 0.75x (900 vs 1200 µs/msg)" in lines
     assert "(a) CPU/msg bridge / minimal-all at 16 concurrent: 2.00x (900 vs 450 µs/msg)" in lines
     assert any(line.startswith("(a) p99 latency at 1 concurrent, bridge - pymilter: +2.00 ms") for line in lines)
     assert any("10.0 MiB (10.2 KiB per connection)" in line for line in lines)
@@ -197,13 +200,16 @@ def test_bench_run_smoke_with_bridge(tmp_path):
 
 
 def test_bench_run_smoke_with_pymilter(tmp_path):
-    """The pymilter reference answers every message with the bench header, without libmilter's Nagle stall."""
+    """Both pymilter references answer every message with the bench header, without libmilter's Nagle stall."""
     if not pymilter_available():
         if os.environ.get("CI") == "true":
             pytest.fail("pymilter is not installed: scripts/test runs bench/install-pymilter as root")
         pytest.skip("pymilter not installed (run bench/install-pymilter)")
-    _, data = _bench(tmp_path, "--targets", "pymilter")
+    _, data = _bench(tmp_path, "--targets", "pymilter,pymilter-all")
     points = data["sweeps"]
-    assert [(p["target"], p["messages"], p["errors"]) for p in points] == [("pymilter", 150, 0)] * 2
+    assert [(p["target"], p["messages"], p["errors"]) for p in points] == [("pymilter", 150, 0)] * 2 + [
+        ("pymilter-all", 150, 0)
+    ] * 2
     # Without TCP_NODELAY on its listener every message waits ~40 ms for a delayed ACK.
     assert points[0]["p50_ms"] < 20
+    assert points[2]["p50_ms"] < 20
