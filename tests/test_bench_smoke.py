@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -214,3 +215,19 @@ def test_bench_run_smoke_with_pymilter(tmp_path):
     # Without TCP_NODELAY on its listener every message waits ~40 ms for a delayed ACK.
     assert points[0]["p50_ms"] < 20
     assert points[2]["p50_ms"] < 20
+
+
+def test_costs_breakdown_runs(tmp_path):
+    """``python -m bench.costs`` measures the milter side, our webhook call and bare aiohttp."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.costs", "--messages", "60", "--no-pin"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    figures = re.findall(r"(\d+\.\d) µs CPU per (message|call)", proc.stdout)
+    assert [kind for _, kind in figures] == ["message", "call", "call"], proc.stdout
+    assert all(float(value) > 0 for value, _ in figures)

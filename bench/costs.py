@@ -1,0 +1,264 @@
+"""Where the bridge's CPU per message goes, measured in parts (profile a by default).
+
+    python -m bench.costs                 # about 30 seconds
+    python -m bench.costs --messages 300  # a quick look
+
+1. **milter side**: the bridge's own Python work per message, without sockets or HTTP:
+   ``MilterConnection``, the session, the dispatcher, the policy and the payload, fed the
+   bytes the load generator writes (one ``data_received`` per write, as a socket would
+   deliver them one by one), with a webhook client stub that answers at once.
+2. **webhook call**: one ``WebhookClient.post`` of that profile's real eom request to
+   ``bench.endpoint`` (its own process), one call after another.
+3. **aiohttp alone**: the same request through a bare ``aiohttp.ClientSession.post``, so
+   what our client adds on top of aiohttp shows.
+
+Each figure is the CPU time (user + system) of this process divided by the messages or
+calls. This process runs on the first core, the endpoint on the second. The parts add up
+to less than ``python -m bench.run`` shows for the bridge: the rest is the milter socket
+(reads, the reply's write) and the event loop's scheduling around them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from bench import eventloop, procs
+from bench.endpoint import _CONTINUE, _EOM, HOOK_PATH
+from bench.profiles import PROFILES, Profile, build_envelope, build_message
+from milterbridge.app import connection_settings
+from milterbridge.client import MilterClient
+from milterbridge.config import Config, EndpointSettings, load_config
+from milterbridge.connection import MilterConnection, ServerState
+from milterbridge.dispatch import Dispatcher
+from milterbridge.metrics import Metrics
+from milterbridge.webhook.client import WebhookClient, WebhookResponse
+
+HOST = "127.0.0.1"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _InstantWebhooks:
+    """A webhook client stub: answers like bench.endpoint, at once, and keeps the last eom body."""
+
+    def __init__(self) -> None:
+        self.eom_body = b""
+
+    async def post(
+        self, settings: EndpointSettings, body: Any, *, webhook_id: str, timeout: float | None = None
+    ) -> Any:
+        data = body if isinstance(body, bytes) else b"".join(body.chunks())
+        eom = orjson.loads(data).get("event") == "eom"
+        if eom:
+            self.eom_body = data
+        return WebhookResponse(status=200, body=_EOM if eom else _CONTINUE, attempts=1, elapsed=0.0)
+
+    def mark_failed(self, settings: EndpointSettings) -> None:
+        return None
+
+
+class _Transport(asyncio.Transport):
+    """A transport that hands what the connection writes to ``sink``."""
+
+    def __init__(self, sink: Any) -> None:
+        super().__init__()
+        self._sink = sink
+        self._closing = False
+
+    def write(self, data: Any) -> None:
+        self._sink(data)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def pause_reading(self) -> None:
+        return None
+
+    def resume_reading(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self._closing = True
+
+    def abort(self) -> None:
+        self._closing = True
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+
+class _RecordingWriter:
+    """Stands in for the client's StreamWriter: passes each write to the connection and records it."""
+
+    def __init__(self) -> None:
+        self.connection: MilterConnection | None = None
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        assert self.connection is not None
+        self.connection.data_received(data)
+
+    async def drain(self) -> None:
+        return None
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        return None
+
+    async def wait_closed(self) -> None:
+        return None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+def bridge_config(profile: Profile, url: str) -> Config:
+    """The bridge config ``bench.run`` uses for ``profile``, pointing at ``url``."""
+    events = ", ".join(f'"{e}"' for e in profile.events)
+    text = f"""
+[server]
+listen = ["inet:{HOST}:1"]
+[log]
+level = "warning"
+[[endpoints]]
+name = "bench"
+url = "{url}"
+events = [{events}]
+include_body = {"true" if profile.include_body else "false"}
+timeout = 20.0
+"""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.toml"
+        path.write_text(text)
+        return load_config(path)
+
+
+async def milter_side(profile: Profile, messages: int) -> tuple[float, bytes]:
+    """CPU µs per message of the bridge's milter side (see the module docstring); also an eom body."""
+    config = bridge_config(profile, f"http://{HOST}:1{HOOK_PATH}")
+    webhooks = _InstantWebhooks()
+    dispatcher = Dispatcher(config, webhooks, metrics=Metrics())
+    settings = connection_settings(config)
+    state = ServerState()
+    envelope, message = build_envelope(profile), build_message(profile)
+    per_connection = max(profile.messages_per_connection, 1)
+
+    # Record what the load generator writes for one connection, write by write.
+    reader = asyncio.StreamReader()
+    writer = _RecordingWriter()
+    writer.connection = MilterConnection(state, dispatcher, settings)
+    writer.connection.connection_made(_Transport(reader.feed_data))
+    client = MilterClient(reader, writer)  # type: ignore[arg-type]
+    await client.negotiate()
+    await client.open_session(envelope)
+    opening, writer.writes = writer.writes, []
+    result = await client.send_transaction(envelope, message)
+    if result.eom is None or not result.eom.modifications:
+        raise RuntimeError(f"the bridge did not answer end-of-message as expected: {result}")
+    transaction, writer.writes = writer.writes, []
+    await client.quit()
+    closing = writer.writes
+
+    async def replay(count: int) -> None:
+        done = 0
+        while done < count:
+            conn = MilterConnection(state, dispatcher, settings)
+            conn.connection_made(_Transport(lambda data: None))
+            for chunk in opening:
+                conn.data_received(chunk)
+            for _ in range(per_connection):
+                for chunk in transaction:
+                    conn.data_received(chunk)
+                    while conn._busy is not None:  # end-of-message runs as a task
+                        await conn._busy
+                done += 1
+            for chunk in closing:
+                conn.data_received(chunk)
+            conn.connection_lost(None)
+
+    await replay(min(messages, 300))  # warm up
+    gc.collect()
+    started = time.process_time()
+    await replay(messages)
+    return (time.process_time() - started) / messages * 1e6, webhooks.eom_body
+
+
+async def webhook_calls(url: str, body: bytes, calls: int) -> float:
+    """CPU µs per ``WebhookClient.post`` of ``body``."""
+    settings = EndpointSettings(name="bench", url=url, timeout=20.0)
+    async with WebhookClient([settings]) as client:
+        for n in range(min(calls, 300)):
+            await client.post(settings, body, webhook_id=f"evt_warm{n}")
+        started = time.process_time()
+        for n in range(calls):
+            await client.post(settings, body, webhook_id=f"evt_{n}")
+        return (time.process_time() - started) / calls * 1e6
+
+
+async def aiohttp_calls(url: str, body: bytes, calls: int) -> float:
+    """CPU µs per bare ``aiohttp.ClientSession.post`` of ``body`` (response read)."""
+    headers = {"Content-Type": "application/json"}
+    target = URL(url)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as session:
+
+        async def once() -> None:
+            async with session.post(target, data=body, headers=headers) as response:
+                await response.read()
+
+        for _ in range(min(calls, 300)):
+            await once()
+        started = time.process_time()
+        for _ in range(calls):
+            await once()
+        return (time.process_time() - started) / calls * 1e6
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.costs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="a", choices=sorted(k for k, p in PROFILES.items() if p.kind == "sweep"))
+    parser.add_argument("--messages", type=int, default=5000, help="messages (and calls) per part (default 5000)")
+    parser.add_argument("--no-pin", action="store_true")
+    args = parser.parse_args(argv)
+    profile = PROFILES[args.profile]
+    layout = procs.CoreLayout.choose(pin=not args.no_pin)
+    if layout.loadgen:
+        os.sched_setaffinity(0, layout.loadgen)
+    milter_us, eom_body = eventloop.run(milter_side(profile, args.messages))
+    port = procs.free_port(HOST)
+    with tempfile.TemporaryDirectory() as tmp:
+        endpoint = procs.Child(
+            "endpoint",
+            [sys.executable, "-m", "bench.endpoint", "--host", HOST, "--port", str(port)],
+            log_path=Path(tmp) / "endpoint.log",
+            cores=layout.milter,  # the core the bridge would have: this process plays the bridge
+            cwd=REPO_ROOT,
+        )
+        with procs.running([endpoint]):
+            procs.wait_for_port(endpoint, HOST, port)
+            url = f"http://{HOST}:{port}{HOOK_PATH}"
+            webhook_us = eventloop.run(webhook_calls(url, eom_body, args.messages))
+            aiohttp_us = eventloop.run(aiohttp_calls(url, eom_body, args.messages))
+    print(f"profile ({profile.key}) {profile.title}; event loop: {eventloop.loop_name()}")
+    print(f"  milter side, no sockets, instant webhooks: {milter_us:7.1f} µs CPU per message")
+    print(f"  one WebhookClient.post of the eom request: {webhook_us:7.1f} µs CPU per call ({len(eom_body)} bytes)")
+    print(f"  the same request with bare aiohttp:        {aiohttp_us:7.1f} µs CPU per call")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
