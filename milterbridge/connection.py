@@ -193,16 +193,25 @@ class MilterConnection(asyncio.Protocol):
             # Postfix's must not wait for our delayed ACK (postfix-e2e.md pitfall 7).
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sock = sock if _TCP_QUICKACK is not None else None
         self._state.add(self)
         self.handler = self._factory(self.session)
         self._last_activity = time.monotonic()
         self._arm_idle_timer(self._settings.idle_timeout)
+        if _TCP_QUICKACK is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # QUICKACK is set again on every read. uvloop's socket stand-in builds a socket
+            # object (and calls getsockname) for each setsockopt, so keep one plain socket
+            # object on the descriptor. It does not own it: the transport closes the
+            # descriptor and connection_lost detaches this object. Made last, so nothing
+            # above can fail after it exists.
+            self._sock = socket.socket(sock.family, socket.SOCK_STREAM, 0, fileno=sock.fileno())
 
     def data_received(self, data: bytes) -> None:
         if self._sock is not None:
-            with contextlib.suppress(OSError):
+            # Per read: a plain try (suppress() would build an object each time).
+            try:  # noqa: SIM105
                 self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)  # type: ignore[arg-type]
+            except OSError:
+                pass
         try:
             self.session.receive_data(data)
         except RemoteProtocolError as exc:
@@ -219,6 +228,9 @@ class MilterConnection(asyncio.Protocol):
         return False  # close the transport; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._sock is not None:
+            self._sock.detach()  # never close the transport's descriptor from here
+            self._sock = None
         self._closed = True
         if self._idle_handle is not None:
             self._idle_handle.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import socket
@@ -270,3 +271,38 @@ async def test_drain_deadline_aborts_stuck_connection() -> None:
         with pytest.raises(MilterClientError):
             await eom_task
         await client.aclose()
+
+
+@pytest.mark.asyncio
+async def test_closed_connections_never_close_a_reused_descriptor() -> None:
+    """The per-connection socket object used for TCP_QUICKACK must not close the descriptor later.
+
+    The connections' objects are kept alive past their close; the descriptor numbers are then
+    reused by pipes, and only after that are the objects dropped and collected. A socket
+    object still owning its descriptor would close the pipes.
+    """
+    kept = []
+    async with running_server(lambda s: StaticHandler(s)) as server:
+        for _ in range(20):
+            async with await MilterClient.open(server.bound[0]) as client:
+                await client.negotiate()
+                await client.send_message(Envelope(), b"Subject: x\r\n\r\nbody\r\n")
+                kept.extend(server.state.connections)
+                await client.quit()
+        for _ in range(50):
+            if not server.state.connections:
+                break
+            await asyncio.sleep(0.01)
+        assert kept
+        assert all(conn._closed for conn in kept)
+        pipes = [os.pipe() for _ in range(20)]
+        try:
+            kept.clear()
+            gc.collect()
+            for read, write in pipes:
+                os.write(write, b"x")
+                assert os.read(read, 1) == b"x"
+        finally:
+            for read, write in pipes:
+                os.close(read)
+                os.close(write)
