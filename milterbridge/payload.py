@@ -150,6 +150,12 @@ class PayloadBuilder:
         self._headers_of: MessageContext | None = None
         #: (message number, id) of the current message; ids are made once per message.
         self._message_id: tuple[int, str] = (0, "")
+        # Parts of the message object kept between the events of one message (per-stage
+        # webhooks build it for every event): MAIL, each recipient, the macros at a version.
+        self._parts_of: MessageContext | None = None
+        self._mail_from: JSON = {}
+        self._rcpts: list[tuple[tuple[bytes, tuple[bytes, ...]], JSON]] = []
+        self._macros: tuple[int, JSON] = (-1, {})
 
     def invalidate_session(self) -> None:
         """Connection facts changed (CONNECT, HELO, new connection macros)."""
@@ -198,18 +204,44 @@ class PayloadBuilder:
             cached.append(header_obj(name, value))
         return cached
 
+    def recipients(self, msg: MessageContext) -> list[JSON]:
+        """``rcpt_to``, reusing the objects of recipients already seen (a refused one drops out)."""
+        cached = self._rcpts
+        out = []
+        for n, rcpt in enumerate(msg.recipients):
+            if n < len(cached) and cached[n][0] is rcpt:
+                out.append(cached[n][1])
+                continue
+            del cached[n:]
+            obj = address_obj(*rcpt)
+            cached.append((rcpt, obj))
+            out.append(obj)
+        del cached[len(msg.recipients) :]
+        return out
+
     def message_obj(self, msg: MessageContext | None) -> JSON | None:
         if msg is None:
             return None
-        queue_id = msg.queue_id
+        if self._parts_of is not msg:
+            self._parts_of = msg
+            self._mail_from = address_obj(msg.mail_from, msg.mail_args)
+            self._rcpts = []
+            self._macros = (-1, {})
+        macros = msg.macros
+        version, macro_part = self._macros
+        if version != msg.store.version:
+            macro_part = {}
+            put_macros(macro_part, macros)
+            self._macros = (msg.store.version, macro_part)
+        queue_id = macros.get(b"i")
         obj: JSON = {
             "id": self.message_id(msg),
             "queue_id": queue_id.decode("ascii", "replace") if queue_id else None,
-            "mail_from": address_obj(msg.mail_from, msg.mail_args),
-            "rcpt_to": [address_obj(a, args) for a, args in msg.recipients],
+            "mail_from": self._mail_from,
+            "rcpt_to": self.recipients(msg),
             "headers": self.headers(msg),
+            **macro_part,
         }
-        put_macros(obj, msg.macros)
         return obj
 
     def request(self, event: str, data: JSON, msg: MessageContext | None) -> JSON:

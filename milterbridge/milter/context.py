@@ -25,13 +25,15 @@ class MacroStore:
     the number of names (counted without parsing, from the NUL bytes).
     """
 
-    __slots__ = ("_count", "_parsed", "_raw", "max_macros")
+    __slots__ = ("_count", "_parsed", "_raw", "max_macros", "version")
 
     def __init__(self, max_macros: int = 1_000) -> None:
         self._parsed: dict[bytes, bytes] = {}
         self._raw: list[bytes] = []
         self._count = 0
         self.max_macros = max_macros
+        #: Goes up whenever the values may have changed (for callers that cache what they built).
+        self.version = 0
 
     def add_raw(self, payload: bytes) -> None:
         """Fold one ``'D'`` payload (stage byte, then name/value strings) in later."""
@@ -48,6 +50,7 @@ class MacroStore:
             if self._count > self.max_macros:
                 raise RemoteProtocolError(f"more than {self.max_macros} macros")
         raw.append(payload)
+        self.version += 1
 
     def is_last(self, payload: bytes) -> bool:
         """True if ``payload`` is the packet folded in last and not yet parsed."""
@@ -73,6 +76,7 @@ class MacroStore:
 
     def update(self, values: dict[bytes, bytes]) -> None:
         self.values().update(values)
+        self.version += 1
 
 
 @dataclass(slots=True, kw_only=True)

@@ -442,3 +442,28 @@ async def test_negotiation_within_a_small_offer(engine: Engine) -> None:
     result = await engine.send(client=client)
     assert result.eom is not None
     assert result.eom.reply == Continue()
+
+
+@pytest.mark.asyncio
+async def test_message_macros_in_each_event_are_those_known_at_that_event(engine: Engine) -> None:
+    """Per-stage requests of one message show the macros as they grow, not a stale copy."""
+    events = frozenset({Event.MAIL, Event.RCPT, Event.EOM})
+    await engine.start(engine.endpoint("policy", events=events))
+    client = await engine.client()
+    await client.open_session(Envelope())
+    await client.mail_from(b"<s@example.org>", macros=((b"{mail_addr}", b"s@example.org"),))
+    await client.rcpt_to(b"<a@example.net>", macros=((b"{rcpt_addr}", b"a@example.net"),))
+    await client.rcpt_to(b"<b@example.net>", macros=((b"{rcpt_addr}", b"b@example.net"), (b"i", b"Q1")))
+    await client.header(b"Subject", b"x", macros=((b"i", b"Q1"),))
+    await client.end_of_headers(macros=((b"i", b"Q1"),))
+    result = await client.end_of_message(macros=((b"i", b"Q2"),))
+    assert result.reply == Continue()
+    seen = [(b["event"], b["message"]["macros"], b["message"]["queue_id"]) for b in engine.bodies("policy")]
+    assert seen == [
+        ("mail", {"{mail_addr}": "s@example.org"}, None),
+        ("rcpt", {"{mail_addr}": "s@example.org", "{rcpt_addr}": "a@example.net"}, None),
+        ("rcpt", {"{mail_addr}": "s@example.org", "{rcpt_addr}": "b@example.net", "i": "Q1"}, "Q1"),
+        ("eom", {"{mail_addr}": "s@example.org", "{rcpt_addr}": "b@example.net", "i": "Q2"}, "Q2"),
+    ]
+    rcpts = [[r["address"] for r in b["message"]["rcpt_to"]] for b in engine.bodies("policy")]
+    assert rcpts == [[], ["a@example.net"], ["a@example.net", "b@example.net"], ["a@example.net", "b@example.net"]]
