@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 from yarl import URL
 
 from bench import eventloop, procs
@@ -60,7 +59,8 @@ class _InstantWebhooks:
         self, settings: EndpointSettings, body: Any, *, webhook_id: str, timeout: float | None = None
     ) -> Any:
         data = body if isinstance(body, bytes) else b"".join(body.chunks())
-        eom = orjson.loads(data).get("event") == "eom"
+        # "event" is the first member of every request: no need to parse the rest here.
+        eom = data.startswith(b'{"event":"eom"')
         if eom:
             self.eom_body = data
         return WebhookResponse(status=200, body=_EOM if eom else _CONTINUE, attempts=1, elapsed=0.0)
