@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from yarl import URL
+
 from milterbridge.milter.address import is_loopback_host, parse_listen_address, split_host_port
 from milterbridge.milter.constants import Event
 from milterbridge.policy.model import Mode, OnError, OnOversize
@@ -344,6 +346,10 @@ def _url(value: Any, key: str, ctx: _Context) -> str:
         raise ctx.error(key, f"{shown} is not an http:// or https:// URL with a host")
     if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in text):
         raise ctx.error(key, f"{shown} contains whitespace or control characters")
+    try:
+        URL(text)  # as the HTTP client will parse it, host name encoding (IDNA) included
+    except ValueError as exc:  # UnicodeError too
+        raise ctx.error(key, f"{shown} is not a URL the HTTP client accepts ({type(exc).__name__})") from None
     return text
 
 

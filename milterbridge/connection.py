@@ -49,6 +49,16 @@ HandlerResult = Replies | Awaitable[Replies] | None
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
+class _BorrowedSocket(socket.socket):
+    """A socket object on a descriptor someone else owns: it never closes it, not even when
+    collected (a plain socket object would close the descriptor, by then maybe reused)."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        self.detach()
+
+
 class Handler(TypingProtocol):
     """What a connection asks its application for (one instance per connection)."""
 
@@ -59,8 +69,9 @@ class Handler(TypingProtocol):
     def handle(self, command: Command) -> HandlerResult:
         """Replies for a command, now or as an awaitable.
 
-        Called for every command but MACRO. When the session needs no reply
-        (ABORT, QUIT, no-reply events) the result must be immediate and empty.
+        Called for every command but MACRO and those the session takes in by itself
+        (``MilterSession.set_quiet``). When the session needs no reply (ABORT, QUIT,
+        no-reply events) the result must be immediate and empty.
         """
         ...
 
@@ -199,11 +210,9 @@ class MilterConnection(asyncio.Protocol):
         self._arm_idle_timer(self._settings.idle_timeout)
         if _TCP_QUICKACK is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # QUICKACK is set again on every read. uvloop's socket stand-in builds a socket
-            # object (and calls getsockname) for each setsockopt, so keep one plain socket
-            # object on the descriptor. It does not own it: the transport closes the
-            # descriptor and connection_lost detaches this object. Made last, so nothing
-            # above can fail after it exists.
-            self._sock = socket.socket(sock.family, socket.SOCK_STREAM, 0, fileno=sock.fileno())
+            # object (and calls getsockname) for each setsockopt, so keep one socket object
+            # on the descriptor, borrowed: the transport closes the descriptor.
+            self._sock = _BorrowedSocket(sock.family, socket.SOCK_STREAM, 0, fileno=sock.fileno())
 
     def data_received(self, data: bytes) -> None:
         if self._sock is not None:
@@ -229,7 +238,7 @@ class MilterConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._sock is not None:
-            self._sock.detach()  # never close the transport's descriptor from here
+            self._sock.detach()
             self._sock = None
         self._closed = True
         if self._idle_handle is not None:

@@ -578,6 +578,9 @@ def test_repr_of_config_hides_secrets_and_headers(tmp_path):
         pytest.param(NAMED + "url = 'https://a:99999/'", "endpoints.policy.url", "99999", id="url-bad-port"),
         pytest.param(NAMED + "url = 'https://a/b c'", "endpoints.policy.url", "whitespace", id="url-space"),
         pytest.param(
+            NAMED + "url = 'https://a" + "é" * 70 + ".com/'", "endpoints.policy.url", "UnicodeError", id="url-idna"
+        ),
+        pytest.param(
             NAMED + "url = 'http://hooks.example/'", "endpoints.policy.url", "allow_insecure_http", id="plain-http"
         ),
         pytest.param(

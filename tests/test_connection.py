@@ -306,3 +306,19 @@ async def test_closed_connections_never_close_a_reused_descriptor() -> None:
             for read, write in pipes:
                 os.close(read)
                 os.close(write)
+
+
+def test_a_borrowed_socket_never_closes_its_descriptor() -> None:
+    """Collected without a detach (its connection never saw connection_lost), even in a cycle."""
+    from milterbridge.connection import _BorrowedSocket
+
+    owner, peer = socket.socketpair()
+    with owner, peer:
+        borrowed = _BorrowedSocket(owner.family, socket.SOCK_STREAM, 0, fileno=owner.fileno())
+        borrowed.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        holder: dict[str, object] = {"sock": borrowed}
+        holder["self"] = holder  # a reference cycle: collected by the cyclic GC
+        del borrowed, holder
+        gc.collect()
+        owner.sendall(b"x")
+        assert peer.recv(1) == b"x"

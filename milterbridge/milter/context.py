@@ -52,11 +52,6 @@ class MacroStore:
         raw.append(payload)
         self.version += 1
 
-    def is_last(self, payload: bytes) -> bool:
-        """True if ``payload`` is the packet folded in last and not yet parsed."""
-        raw = self._raw
-        return bool(raw) and raw[-1] == payload
-
     def values(self) -> dict[bytes, bytes]:
         """Every macro seen so far (later packets override earlier ones)."""
         if self._raw:

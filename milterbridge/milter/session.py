@@ -156,8 +156,6 @@ NO_REPLY_FLAG: Final[dict[type[Command], Protocol]] = {
 }
 
 _MACRO_CODE: Final = Macro.code[0]
-#: Macro stages that belong to the open message (not MAIL's, which a new message takes).
-_REPEATABLE_STAGES: Final = frozenset({b"R", b"T", b"L", b"N", b"B", b"E"})
 
 #: Forward commands a milter can switch off; when one is off, the states it
 #: would lead to are also reachable without it (libmilter skips them too).
@@ -360,12 +358,8 @@ class MilterSession:
         # A new packet for a stage replaces an unclaimed one (libmilter keeps one set per
         # stage), so a peer sending macro packets without commands cannot grow this.
         stage = payload[:1]
-        message = self.message
-        if len(payload) == 1 or (
-            message is not None and stage in _REPEATABLE_STAGES and message.store.is_last(payload)
-        ):
-            # No values, or the very packet the open message took in last (Postfix sends the
-            # eoh macros before every header): folding it in would change nothing.
+        if len(payload) == 1:
+            # No values: all it does is replace an unclaimed packet of its stage.
             self._pending_macros.pop(stage, None)
             return
         self._pending_macros[stage] = payload

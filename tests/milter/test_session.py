@@ -470,3 +470,14 @@ def test_repeated_macro_packets_fold_in_order() -> None:
     assert s.message.queue_id == b"ONE"
     feed(s, m.Macro(stage=b"N", macros=()), m.EndOfHeaders())
     assert s.message.queue_id == b"ONE"
+
+
+def test_macro_packets_fold_in_arrival_order_across_stages() -> None:
+    """A packet repeated after another stage's packet still wins over it."""
+    s, _ = quiet_session()
+    header = m.Header(name=b"a", value=b"b")
+    by_l = m.Macro(stage=b"L", macros=((b"x", b"from L"),))
+    by_n = m.Macro(stage=b"N", macros=((b"x", b"from N"),))
+    feed(s, *OPENING, m.MailFrom(address=b"<a@b>"), by_l, header, by_n, by_l, header)
+    assert s.message is not None
+    assert s.message.macros[b"x"] == b"from L"
