@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from milterbridge.milter import messages as m
 from milterbridge.milter.codec import response_decoder
 from milterbridge.milter.constants import ALL_ACTIONS, ALL_PROTOCOL, Family, Protocol
+from milterbridge.milter.context import MessageContext
 from milterbridge.milter.errors import RemoteProtocolError
-from milterbridge.milter.session import NEED_DATA, MilterSession, SessionLimits, State
+from milterbridge.milter.session import ABSORBABLE, NEED_DATA, MilterSession, SessionLimits, State
 from tests.hostile import BUDGET, budget_timeout
 
 LIMITS = SessionLimits(max_frame_bytes=2048, max_recipients=8, max_headers=8, max_header_bytes=1024, max_macros=8)
@@ -141,6 +142,115 @@ def test_session_survives_frames_and_garbage(
         assert session.state is State.CLOSED
         assert session.message is None
     event("commands answered: " + ("none" if not answered else "1-4" if answered < 5 else "5 or more"))
+
+
+#: Commands that mostly fit after the opening, so that many examples take some in.
+_IN_A_MESSAGE = [
+    m.Macro(stage=b"R", macros=((b"i", b"Q1"),)),
+    m.RcptTo(address=b"<c@example.net>", args=(b"NOTIFY=NEVER",)),
+    m.Data(),
+    m.Macro(stage=b"L", macros=((b"i", b"Q1"),)),
+    m.Macro(stage=b"L", macros=((b"i", b"Q2"),)),
+    m.Macro(stage=b"L", macros=()),
+    m.Header(name=b"X-A", value=b" a"),
+    m.Header(name=b"X-B", value=b"b"),
+    m.EndOfHeaders(),
+    m.MailFrom(address=b"<d@example.org>"),
+    m.Abort(),
+    m.EndOfMessage(),
+]
+_NO_REPLY_BITS = [Protocol.NR_RCPT, Protocol.NR_DATA, Protocol.NR_HEADER, Protocol.NR_EOH]
+
+
+def _snapshot(session: MilterSession) -> object:
+    """Everything the session knows, as plain values (macros parsed)."""
+
+    def message(msg: MessageContext | None) -> object:
+        if msg is None:
+            return None
+        return (
+            msg.number,
+            msg.mail_from,
+            msg.mail_args,
+            list(msg.recipients),
+            list(msg.headers),
+            msg.header_bytes,
+            msg.body_bytes,
+            dict(msg.macros),
+        )
+
+    conn = session.connection
+    return (
+        session.state,
+        (conn.hostname, conn.family, conn.port, conn.address, conn.helo, conn.message_count, dict(conn.macros)),
+        message(session.message),
+        message(session.aborted),
+        message(session.completed),
+    )
+
+
+def _run(session: MilterSession, stream: bytes, cut: int, replies: list[m.Reply]) -> tuple[list[str], str | None]:
+    """Feed ``stream`` in ``cut``-byte pieces: (returned commands, "?" when a reply was due; error)."""
+    returned: list[str] = []
+    answered = 0
+    try:
+        for start in range(0, len(stream), cut):
+            session.receive_data(stream[start : start + cut])
+            while (command := session.next_event()) is not NEED_DATA:
+                returned.append(type(command).__name__ + ("?" if session.needs_reply else ""))
+                if session.needs_reply:
+                    session.send(replies[answered % len(replies)])
+                    answered += 1
+    except RemoteProtocolError as exc:
+        return returned, str(exc)
+    return returned, None
+
+
+@budget_timeout
+@settings(
+    max_examples=BUDGET.fuzz_examples,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    bits=st.lists(st.sampled_from(_VARIABLE_BITS), max_size=6),
+    no_reply=st.sets(st.sampled_from(_NO_REPLY_BITS)),
+    prefix=st.integers(3, len(OPENING)).map(lambda n: b"".join(c.to_frame() for c in OPENING[:n])),
+    commands=st.lists(st.one_of(valid_command, *[st.sampled_from(_IN_A_MESSAGE)] * 4), max_size=40),
+    cut=st.integers(1, 512),
+    replies=st.lists(legal_everywhere, min_size=1, max_size=8),
+)
+def test_quiet_session_ends_where_a_plain_one_does(
+    bits: list[Protocol],
+    no_reply: set[Protocol],
+    prefix: bytes,
+    commands: list[m.Command],
+    cut: int,
+    replies: list[m.Reply],
+) -> None:
+    """Commands taken in by the session itself (set_quiet) leave the same context, errors and replies."""
+    protocol = Protocol.NONE
+    for bit in [*bits, *no_reply]:
+        protocol |= bit
+    stream = prefix + b"".join(c.to_frame() for c in commands)
+    plain = negotiated(protocol)
+    quiet = MilterSession(LIMITS)
+    counts: dict[str, int] = {}
+    quiet.set_quiet(ABSORBABLE, counts)
+    quiet.receive_data(OFFER.to_frame())
+    assert quiet.next_event() == OFFER
+    quiet.send(m.NegotiateReply(version=6, actions=ALL_ACTIONS, protocol=protocol))
+
+    plain_returned, plain_error = _run(plain, stream, cut, replies)
+    quiet_returned, quiet_error = _run(quiet, stream, cut, replies)
+
+    absorbable = {kind.__name__ for kind in ABSORBABLE}
+    taken_in = [name for name in plain_returned if name in absorbable]  # no "?": no reply was due
+    assert quiet_returned == [name for name in plain_returned if name not in absorbable]
+    assert quiet_error == plain_error
+    assert _snapshot(quiet) == _snapshot(plain)
+    assert quiet.absorbed == len(taken_in) == sum(counts.values())
+    event("commands taken in: " + ("none" if not taken_in else "1-4" if len(taken_in) < 5 else "5 or more"))
 
 
 @budget_timeout
