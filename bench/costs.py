@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from bench import eventloop, procs
+from bench import eventloop, procs, run
 from bench.endpoint import _CONTINUE, _EOM, HOOK_PATH
 from bench.profiles import PROFILES, Profile, build_envelope, build_message
 from milterbridge.app import connection_settings
@@ -127,30 +127,17 @@ class _RecordingWriter:
         return default
 
 
-def bridge_config(profile: Profile, url: str) -> Config:
-    """The bridge config ``bench.run`` uses for ``profile``, pointing at ``url``."""
-    events = ", ".join(f'"{e}"' for e in profile.events)
-    text = f"""
-[server]
-listen = ["inet:{HOST}:1"]
-[log]
-level = "warning"
-[[endpoints]]
-name = "bench"
-url = "{url}"
-events = [{events}]
-include_body = {"true" if profile.include_body else "false"}
-timeout = 20.0
-"""
+def load_bridge_config(profile: Profile, url: str) -> Config:
+    """The config ``bench.run`` gives the bridge for ``profile`` (nothing listens here), pointing at ``url``."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.toml"
-        path.write_text(text)
+        path.write_text(run.bridge_config(1, 2, url, profile))
         return load_config(path)
 
 
 async def milter_side(profile: Profile, messages: int) -> tuple[float, bytes]:
     """CPU µs per message of the bridge's milter side (see the module docstring); also an eom body."""
-    config = bridge_config(profile, f"http://{HOST}:1{HOOK_PATH}")
+    config = load_bridge_config(profile, f"http://{HOST}:1{HOOK_PATH}")
     webhooks = _InstantWebhooks()
     dispatcher = Dispatcher(config, webhooks, metrics=Metrics())
     settings = connection_settings(config)

@@ -167,9 +167,10 @@ def test_report_prints_the_issue_ratios():
     assert "Targets" in render(results)
 
 
-def _bench(tmp_path: Path, *args: str) -> tuple[str, dict]:
+def _module(name: str, *args: str) -> str:
+    """Run ``python -m name args`` from the repository root; its output, after checking it succeeded."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke", "--no-pin", "--results-dir", str(tmp_path), *args],
+        [sys.executable, "-m", name, *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -177,7 +178,12 @@ def _bench(tmp_path: Path, *args: str) -> tuple[str, dict]:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout, json.loads((tmp_path / "results.json").read_text())
+    return proc.stdout
+
+
+def _bench(tmp_path: Path, *args: str) -> tuple[str, dict]:
+    out = _module("bench.run", "--smoke", "--no-pin", "--results-dir", str(tmp_path), *args)
+    return out, json.loads((tmp_path / "results.json").read_text())
 
 
 def test_bench_run_smoke_with_reference_milter(tmp_path):
@@ -219,15 +225,7 @@ def test_bench_run_smoke_with_pymilter(tmp_path):
 
 def test_costs_breakdown_runs(tmp_path):
     """``python -m bench.costs`` measures the milter side, our webhook call and bare aiohttp."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.costs", "--messages", "60", "--no-pin"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    figures = re.findall(r"(\d+\.\d) µs CPU per (message|call)", proc.stdout)
-    assert [kind for _, kind in figures] == ["message", "call", "call"], proc.stdout
+    out = _module("bench.costs", "--messages", "60", "--no-pin")
+    figures = re.findall(r"(\d+\.\d) µs CPU per (message|call)", out)
+    assert [kind for _, kind in figures] == ["message", "call", "call"], out
     assert all(float(value) > 0 for value, _ in figures)

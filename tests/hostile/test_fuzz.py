@@ -94,9 +94,14 @@ legal_everywhere = st.sampled_from(
 )
 
 
-def negotiated(protocol: Protocol) -> MilterSession:
-    """A session past OPTNEG, answering with ``protocol`` (a subset of Postfix's offer)."""
+def negotiated(protocol: Protocol, quiet_counts: dict[str, int] | None = None) -> MilterSession:
+    """A session past OPTNEG, answering with ``protocol`` (a subset of Postfix's offer).
+
+    With ``quiet_counts`` it takes in every command it can by itself, counting them there.
+    """
     session = MilterSession(LIMITS)
+    if quiet_counts is not None:
+        session.set_quiet(ABSORBABLE, quiet_counts)
     session.receive_data(OFFER.to_frame())
     assert session.next_event() == OFFER
     session.send(m.NegotiateReply(version=6, actions=ALL_ACTIONS, protocol=protocol))
@@ -234,12 +239,8 @@ def test_quiet_session_ends_where_a_plain_one_does(
         protocol |= bit
     stream = prefix + b"".join(c.to_frame() for c in commands)
     plain = negotiated(protocol)
-    quiet = MilterSession(LIMITS)
     counts: dict[str, int] = {}
-    quiet.set_quiet(ABSORBABLE, counts)
-    quiet.receive_data(OFFER.to_frame())
-    assert quiet.next_event() == OFFER
-    quiet.send(m.NegotiateReply(version=6, actions=ALL_ACTIONS, protocol=protocol))
+    quiet = negotiated(protocol, counts)
 
     plain_returned, plain_error = _run(plain, stream, cut, replies)
     quiet_returned, quiet_error = _run(quiet, stream, cut, replies)

@@ -13,9 +13,17 @@ from milterbridge.milter.session import NEED_DATA, MilterSession, SessionLimits,
 POSTFIX_OFFER = m.Negotiate(version=6, actions=Action(0x1FF), protocol=Protocol(0x1FFFFF))
 
 
-def negotiated(requirements: Requirements | None = None, offer: m.Negotiate = POSTFIX_OFFER) -> MilterSession:
-    """A session that has answered the offer."""
-    session = MilterSession()
+def negotiated(
+    requirements: Requirements | None = None,
+    offer: m.Negotiate = POSTFIX_OFFER,
+    *,
+    limits: SessionLimits | None = None,
+    quiet: frozenset[type[m.Command]] = frozenset(),
+    counts: dict[str, int] | None = None,
+) -> MilterSession:
+    """A session that has answered the offer (told beforehand which commands are ``quiet``)."""
+    session = MilterSession(limits)
+    session.set_quiet(quiet, counts)
     session.receive_data(offer.to_frame())
     got = session.next_event()
     assert got == offer
@@ -346,12 +354,7 @@ QUIET = frozenset({m.MailFrom, m.RcptTo, m.Data, m.Header, m.EndOfHeaders})
 def quiet_session(reply_events: frozenset[Event] = frozenset()) -> tuple[MilterSession, dict[str, int]]:
     """A session told that MAIL, RCPT, DATA, headers and EOH are not needed, every event no-reply."""
     counts: dict[str, int] = {}
-    session = MilterSession()
-    session.set_quiet(QUIET, counts)
-    session.receive_data(POSTFIX_OFFER.to_frame())
-    session.next_event()
-    session.send(negotiate(POSTFIX_OFFER, Requirements(reply_events=reply_events)).reply())
-    return session, counts
+    return negotiated(Requirements(reply_events=reply_events), quiet=QUIET, counts=counts), counts
 
 
 def drain(session: MilterSession) -> list[str]:
@@ -448,11 +451,7 @@ def test_malformed_quiet_commands_are_remote_errors(code: bytes, payload: bytes,
 
 def test_quiet_commands_respect_the_limits() -> None:
     """Header and recipient limits hold for commands taken in."""
-    s = MilterSession(SessionLimits(max_headers=1))
-    s.set_quiet(QUIET)
-    s.receive_data(POSTFIX_OFFER.to_frame())
-    s.next_event()
-    s.send(negotiate(POSTFIX_OFFER, Requirements(reply_events=frozenset())).reply())
+    s = negotiated(Requirements(reply_events=frozenset()), limits=SessionLimits(max_headers=1), quiet=QUIET)
     feed(s, *OPENING, m.MailFrom(address=b"<a@b>"), m.Header(name=b"a", value=b"b"))
     s.receive_data(m.Header(name=b"c", value=b"d").to_frame())
     with pytest.raises(RemoteProtocolError, match="more than 1 headers"):
