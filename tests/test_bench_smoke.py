@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import RawTestServer, TestClient
 
 from bench import procs
-from bench.endpoint import HOOK_PATH, build_app
+from bench.endpoint import HOOK_PATH, build_handler
 from bench.loadgen import idle_connections, run_load
 from bench.profiles import ALL_EVENTS, BENCH_HEADER_NAME, PROFILES, build_message
 from bench.reference_milter import running
@@ -86,7 +86,8 @@ async def test_idle_connections_stay_open_then_quit():
 @pytest.mark.asyncio
 async def test_endpoint_adds_the_header_at_eom_only():
     """The trivial endpoint answers continue, plus one add_header at eom, and counts requests."""
-    async with TestClient(TestServer(build_app())) as client:
+    counts: dict[str, int] = {}
+    async with TestClient(RawTestServer(build_handler(counts))) as client:
         eom = await client.post(HOOK_PATH, json={"event": "eom"})
         rcpt = await client.post(HOOK_PATH, json={"event": "rcpt"})
         stats = await client.get("/stats")
@@ -97,6 +98,8 @@ async def test_endpoint_adds_the_header_at_eom_only():
         }
         assert await rcpt.json() == {"action": "continue"}
         assert await stats.json() == {"eom": 1, "rcpt": 1}
+        assert counts == {"eom": 1, "rcpt": 1}
+        assert (await client.post("/elsewhere", json={"event": "eom"})).status == 404
 
 
 def test_proc_measurements_see_this_process():

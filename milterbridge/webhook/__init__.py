@@ -1,6 +1,6 @@
 """The HTTP side of milterbridge: signed webhook calls with a budget, a retry and a breaker.
 
-``WebhookClient`` owns the process's one ``aiohttp.ClientSession``; ``signing`` makes the
+``WebhookClient`` owns the process's one connection pool (``http``); ``signing`` makes the
 Standard Webhooks headers; ``errors`` holds the ``WebhookError`` tree; ``breaker`` the
 per-endpoint circuit breaker.
 """

@@ -1,4 +1,4 @@
-"""The webhook HTTP client: one aiohttp session for the process, one POST per event.
+"""The webhook HTTP client: one connection pool for the process, one POST per event.
 
 ``WebhookClient.post`` sends a JSON body (already encoded, bytes) to one endpoint and returns a
 ``WebhookResponse`` for 200 / 204, or raises a ``WebhookError`` (see ``errors``). The rules it
@@ -17,23 +17,25 @@ enforces come from design.md §3.2 and §3.5:
   connection is closed and ``WebhookResponseTooLargeError`` raised.
 - A circuit breaker per endpoint is asked before the call and told the result after.
 
-Per-endpoint work (header dict, signer, TLS context, redacted URL) is done once and cached
-by endpoint name; a reload that hands in changed settings rebuilds the entry.
+Per-endpoint work (the request head up to the per-call headers, signer, TLS context, redacted
+URL) is done once and cached by endpoint name; a reload that hands in changed settings
+rebuilds the entry. The HTTP/1.1 exchange itself is ``webhook.http`` (why not aiohttp's
+client: see there).
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
+import base64
+import functools
+import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Protocol, Self
-from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 from yarl import URL
 
@@ -52,6 +54,15 @@ from milterbridge.webhook.errors import (
     WebhookTimeoutError,
     WebhookTlsError,
     redact_url,
+)
+from milterbridge.webhook.http import (
+    HttpConnectError,
+    HttpDisconnectedError,
+    HttpError,
+    HttpPool,
+    HttpTlsError,
+    HttpTooLargeError,
+    Origin,
 )
 from milterbridge.webhook.signing import Signer
 
@@ -72,12 +83,24 @@ _SUCCESS_STATUSES: Final = frozenset({200, 204})
 #: A retry with less time than this left could not finish; fail with the first error instead.
 _MIN_RETRY_BUDGET: Final = 0.005
 #: Error bodies up to this size are read so the keep-alive connection can be reused; larger
-#: ones are dropped with the connection.
+#: ones are cut off with the connection.
 _DRAIN_ERROR_BODY_BYTES: Final = 4096
 #: Headers the bridge sets itself; an endpoint's extra headers cannot replace them.
 _RESERVED_HEADERS: Final = frozenset(
-    {"content-type", "content-length", "webhook-id", "webhook-timestamp", "webhook-signature", "host"}
+    {
+        "content-type",
+        "content-length",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+        "host",
+        "transfer-encoding",
+        "connection",
+        "accept-encoding",
+    }
 )
+_TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 
 class BodySource(Protocol):
@@ -88,15 +111,8 @@ class BodySource(Protocol):
     def chunks(self) -> Iterator[bytes]: ...
 
 
-async def _stream(body: BodySource) -> AsyncIterator[bytes]:
-    for piece in body.chunks():
-        yield piece
-
-
 #: Endpoint settings of old snapshots kept prepared at once (sessions opened before reloads).
 _MAX_STALE_ENDPOINTS: Final = 64
-#: Request bodies at least this large are sent as a stream.
-_STREAM_FROM_BYTES: Final = 512 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,16 +153,23 @@ def decode_json(body: bytes) -> object:
         raise WebhookInvalidBodyError(f"response body is not valid JSON{where}") from None
 
 
-def build_ssl_context(tls: TlsSettings) -> ssl.SSLContext | bool:
-    """The aiohttp ``ssl=`` value for ``tls``: ``True`` (default verification), ``False`` or a context.
+@functools.cache
+def _default_ssl_context() -> ssl.SSLContext:
+    """The system trust store with hostname checks; built once (loading the store takes ms)."""
+    return ssl.create_default_context()
 
-    A ``ca_file`` replaces the system trust store for that endpoint (an internal CA is usually
-    the only one it should trust); ``cert_file``/``key_file`` add a client certificate (mTLS).
+
+def build_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """The TLS context for an https endpoint with settings ``tls``.
+
+    Endpoints without their own files share one context that verifies against the system
+    store. A ``ca_file`` replaces the system trust store for that endpoint (an internal CA
+    is usually the only one it should trust); ``cert_file``/``key_file`` add a client
+    certificate (mTLS); ``verify = false`` turns certificate and hostname checks off.
     Raises ``OSError``/``ssl.SSLError`` when a file cannot be loaded.
     """
-    if tls.ca_file is None and tls.cert_file is None:
-        # aiohttp keeps one cached default context; sharing it lets endpoints share the pool.
-        return tls.verify
+    if tls.ca_file is None and tls.cert_file is None and tls.verify:
+        return _default_ssl_context()
     context = ssl.create_default_context(cafile=tls.ca_file)
     if not tls.verify:
         context.check_hostname = False
@@ -156,106 +179,108 @@ def build_ssl_context(tls: TlsSettings) -> ssl.SSLContext | bool:
     return context
 
 
+def _header_line(name: str, value: str) -> bytes:
+    line = f"{name}: {value}\r\n"
+    if any(ch in value for ch in "\r\n\0") or not _TOKEN.fullmatch(name):
+        raise ValueError(f"header {name!r} cannot be sent (invalid name, or CR, LF or NUL in the value)")
+    return line.encode("latin-1")
+
+
 class _Endpoint:
     """What is precomputed for one endpoint (see the module docstring)."""
 
-    __slots__ = ("base_headers", "breaker", "name", "safe_url", "settings", "signer", "ssl", "url")
+    __slots__ = ("breaker", "head", "name", "origin", "safe_url", "settings", "signer")
 
-    url: URL
-
-    def __init__(self, settings: EndpointSettings, ssl_value: ssl.SSLContext | bool, breaker: CircuitBreaker) -> None:
+    def __init__(self, settings: EndpointSettings, tls: ssl.SSLContext | None, breaker: CircuitBreaker) -> None:
         self.settings = settings
         self.name = settings.name
-        # Parsed once: aiohttp would parse a string URL again for every request.
-        self.url = URL(settings.url)
+        url = URL(settings.url)
+        if url.scheme not in ("http", "https") or not url.raw_host or url.port is None:
+            raise ValueError(f"endpoint {self.name!r}: the url must be http:// or https:// with a host")
         self.safe_url = redact_url(settings.url)
-        self.ssl = ssl_value
+        self.origin = Origin(url.raw_host, url.port, tls if url.scheme == "https" else None)
         self.breaker = breaker
         self.signer = Signer(settings.secrets) if settings.secrets else None
-        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
-        for name, value in settings.headers:
-            if name.lower() not in _RESERVED_HEADERS:
-                headers[name] = value
-        if "@" in urlsplit(settings.url).netloc and any(name.lower() == "authorization" for name in headers):
-            # aiohttp turns URL credentials into an Authorization header and refuses both at once.
-            raise ValueError(f"endpoint {self.name!r}: credentials in the URL and an Authorization header conflict")
-        headers["Content-Type"] = "application/json"
-        self.base_headers = headers
+        host = f"[{url.raw_host}]" if ":" in url.raw_host else url.raw_host
+        if url.explicit_port is not None and url.explicit_port != _DEFAULT_PORTS[url.scheme]:
+            host = f"{host}:{url.explicit_port}"
+        lines = [
+            f"POST {url.raw_path_qs or '/'} HTTP/1.1\r\n".encode("ascii"),
+            _header_line("Host", host),
+            _header_line("User-Agent", USER_AGENT),
+            _header_line("Accept", "application/json"),
+            _header_line("Accept-Encoding", "identity"),
+            _header_line("Content-Type", "application/json"),
+        ]
+        extra = [(name, value) for name, value in settings.headers if name.lower() not in _RESERVED_HEADERS]
+        if url.user is not None or url.password is not None:
+            if any(name.lower() == "authorization" for name, _ in extra):
+                raise ValueError(f"endpoint {self.name!r}: credentials in the URL and an Authorization header conflict")
+            credentials = f"{url.user or ''}:{url.password or ''}".encode()
+            extra.append(("Authorization", "Basic " + base64.b64encode(credentials).decode("ascii")))
+        lines.extend(_header_line(name, value) for name, value in extra)
+        #: The request head up to the per-attempt headers (webhook-*, Content-Length).
+        self.head = b"".join(lines)
 
-    def headers_for(self, webhook_id: str, body: bytes | BodySource) -> dict[str, str]:
-        """The headers of one attempt; the timestamp is taken now (design.md §3.2)."""
+    def head_for(self, webhook_id: str, body: bytes | BodySource) -> bytes:
+        """The request head of one attempt; the timestamp is taken now (design.md §3.2)."""
         timestamp = int(time.time())
-        headers = self.base_headers.copy()
-        headers["webhook-id"] = webhook_id
-        headers["webhook-timestamp"] = str(timestamp)
+        signature = b""
         if self.signer is not None:
             pieces = body if isinstance(body, bytes) else body.chunks()
-            headers["webhook-signature"] = self.signer.sign(webhook_id, timestamp, pieces)
-        if not isinstance(body, bytes):
-            headers["Content-Length"] = str(len(body))
-        return headers
+            signature = b"webhook-signature: %s\r\n" % self.signer.sign(webhook_id, timestamp, pieces).encode("ascii")
+        return b"%swebhook-id: %s\r\nwebhook-timestamp: %d\r\n%sContent-Length: %d\r\n\r\n" % (
+            self.head,
+            webhook_id.encode("ascii"),
+            timestamp,
+            signature,
+            len(body),
+        )
 
 
 class WebhookClient:
-    """Posts webhooks over one long-lived ``aiohttp.ClientSession``.
+    """Posts webhooks over one long-lived pool of kept-alive connections (``webhook.http``).
 
     Construct, then ``await start()`` (or ``async with``); ``aclose()`` closes the pool.
     ``endpoints`` given here are prepared at ``start()`` (TLS files load and secrets decode
     then, so bad ones fail start-up with ``ValueError``/``OSError``); others are prepared on
-    first use, where the same problems become a ``WebhookError`` of that call. ``limit``/``limit_per_host`` bound the
-    connection pool (0 = unbounded: a pool wait would eat the endpoint's budget);
-    ``keepalive_timeout`` stays under the 5 s idle timeout common in web servers so an idle
-    connection is dropped by us before the server closes it under a new request.
+    first use, where the same problems become a ``WebhookError`` of that call. The pool has
+    no size limit (a pool wait would eat the endpoint's budget; the milter connections bound
+    the calls in flight). ``keepalive_timeout`` stays under the 5 s idle timeout common in
+    web servers so an idle connection is dropped by us before the server closes it under a
+    new request.
     """
 
     def __init__(
         self,
         endpoints: Iterable[EndpointSettings] = (),
         *,
-        limit: int = 0,
-        limit_per_host: int = 0,
         keepalive_timeout: float = 4.0,
         observer: WebhookObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._initial = tuple(endpoints)
-        self._limit = limit
-        self._limit_per_host = limit_per_host
         self._keepalive_timeout = keepalive_timeout
         self._observer = observer
         self._clock = clock
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: HttpPool | None = None
         self._endpoints: dict[str, _Endpoint] = {}
         self._stale: dict[EndpointSettings, _Endpoint] = {}
-        self._ssl_cache: dict[TlsSettings, ssl.SSLContext | bool] = {}
+        self._ssl_cache: dict[TlsSettings, ssl.SSLContext] = {}
 
     async def start(self) -> None:
-        """Open the session and prepare the endpoints given to the constructor."""
-        if self._session is not None:
+        """Open the pool and prepare the endpoints given to the constructor."""
+        if self._pool is not None:
             return
         for settings in self._initial:
             self._prepare(settings)
-        connector = aiohttp.TCPConnector(
-            limit=self._limit,
-            limit_per_host=self._limit_per_host,
-            keepalive_timeout=self._keepalive_timeout,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            # Our own deadline (asyncio.timeout_at) bounds every call; aiohttp's default 5 min
-            # total would only get in the way.
-            timeout=aiohttp.ClientTimeout(total=None),
-            raise_for_status=False,
-            trust_env=False,  # no proxy or netrc from the environment: endpoints are explicit
-            cookie_jar=aiohttp.DummyCookieJar(),  # endpoints must not share state via cookies
-            auto_decompress=True,  # counted against max_response_bytes after decompression
-        )
+        self._pool = HttpPool(keepalive_timeout=self._keepalive_timeout)
 
     async def aclose(self) -> None:
-        """Close the session and its pooled connections."""
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        """Close the pool and its idle connections."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.aclose()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -318,10 +343,14 @@ class WebhookClient:
 
     def _build(self, settings: EndpointSettings, breaker: CircuitBreaker) -> _Endpoint:
         """An endpoint with its (cached) TLS context and the given breaker."""
-        ssl_value = self._ssl_cache.get(settings.tls)
-        if ssl_value is None:
-            ssl_value = self._ssl_cache[settings.tls] = build_ssl_context(settings.tls)
-        return _Endpoint(settings, ssl_value, breaker)
+        context = None
+        tls = settings.tls
+        # TLS files are loaded (and so checked) even for an http:// URL, where they go unused.
+        if settings.url[:6].lower() == "https:" or tls.ca_file is not None or tls.cert_file is not None:
+            context = self._ssl_cache.get(settings.tls)
+            if context is None:
+                context = self._ssl_cache[settings.tls] = build_ssl_context(settings.tls)
+        return _Endpoint(settings, context, breaker)
 
     def _prepare(self, settings: EndpointSettings, *, rebuild: bool = False) -> _Endpoint:
         previous = self._endpoints.get(settings.name)
@@ -356,7 +385,7 @@ class WebhookClient:
         ``timeout`` overrides ``endpoint.timeout`` as the whole budget in seconds (e.g. what
         is left of a phase). Raises a ``WebhookError``; cancellation propagates unchanged.
         """
-        if self._session is None:
+        if self._pool is None:
             raise RuntimeError("WebhookClient.start() has not been called")
         try:
             ep = self._endpoint(endpoint)
@@ -372,7 +401,7 @@ class WebhookClient:
             self._observe(ep, 0, AttemptOutcome.BREAKER_OPEN, 0.0)
             raise WebhookBreakerOpenError("circuit breaker is open; not called", endpoint=ep.name, url=ep.safe_url)
         try:
-            response = await self._call(self._session, ep, body, webhook_id, budget)
+            response = await self._call(self._pool, ep, body, webhook_id, budget)
         except WebhookError:
             ep.breaker.record_failure()
             raise
@@ -383,7 +412,7 @@ class WebhookClient:
         return response
 
     async def _call(
-        self, session: aiohttp.ClientSession, ep: _Endpoint, body: bytes | BodySource, webhook_id: str, budget: float
+        self, pool: HttpPool, ep: _Endpoint, body: bytes | BodySource, webhook_id: str, budget: float
     ) -> WebhookResponse:
         loop = asyncio.get_running_loop()
         started = attempt_started = loop.time()
@@ -396,7 +425,7 @@ class WebhookClient:
                     attempt += 1
                     attempt_started = loop.time()
                     try:
-                        status, data = await self._attempt(session, ep, body, webhook_id)
+                        status, data = await self._attempt(pool, ep, body, webhook_id)
                     except WebhookError as exc:
                         now = loop.time()
                         self._observe(ep, attempt, exc.outcome, now - attempt_started)
@@ -423,97 +452,51 @@ class WebhookClient:
             raise
 
     async def _attempt(
-        self, session: aiohttp.ClientSession, ep: _Endpoint, body: bytes | BodySource, webhook_id: str
+        self, pool: HttpPool, ep: _Endpoint, body: bytes | BodySource, webhook_id: str
     ) -> tuple[int, bytes]:
         """One HTTP request: (status, body) for 200/204; otherwise a ``WebhookError``."""
         if isinstance(body, bytes) or ep.signer is None:
-            headers = ep.headers_for(webhook_id, body)
+            head = ep.head_for(webhook_id, body)
         else:
             # Signing a streamed body reads and hashes all of it (a large message at eom):
             # do it off the event loop so other sessions are not stalled meanwhile.
-            headers = await asyncio.to_thread(ep.headers_for, webhook_id, body)
+            head = await asyncio.to_thread(ep.head_for, webhook_id, body)
         try:
-            # aiohttp warns about (and may block on) raw bytes over 1 MiB; a stream avoids both.
-            data: bytes | io.BytesIO | AsyncIterator[bytes]
-            if not isinstance(body, bytes):
-                data = _stream(body)
-            elif len(body) < _STREAM_FROM_BYTES:
-                data = body
-            else:
-                data = io.BytesIO(body)
-            async with session.post(ep.url, data=data, headers=headers, ssl=ep.ssl, allow_redirects=False) as response:
-                status = response.status
-                if status in _SUCCESS_STATUSES:
-                    if status == 204:
-                        return status, b""
-                    return status, await _read_limited(response, ep)
-                if 300 <= status < 400:
-                    location = response.headers.get("Location")
-                    raise WebhookRedirectError(
-                        f"answered {status} (redirects are not followed)",
-                        status=status,
-                        location=redact_url(location) if location else None,
-                        endpoint=ep.name,
-                        url=ep.safe_url,
-                    )
-                length = response.content_length
-                if length is not None and length <= _DRAIN_ERROR_BODY_BYTES:
-                    await response.read()
-                raise WebhookStatusError(
-                    f"answered {status}",
-                    status=status,
-                    endpoint=ep.name,
-                    url=ep.safe_url,
-                    retryable=status in RETRY_STATUSES,
-                )
-        except (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch) as exc:
-            raise WebhookTlsError(_describe(exc), endpoint=ep.name, url=ep.safe_url) from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            if isinstance(exc, TimeoutError):  # aiohttp's own timeouts; ours are off, but be exact
-                raise WebhookTimeoutError(_describe(exc), timeout=0.0, endpoint=ep.name, url=ep.safe_url) from None
-            raise WebhookConnectionError(_describe(exc), endpoint=ep.name, url=ep.safe_url, retryable=True) from None
-        except aiohttp.ClientError as exc:
-            # Malformed HTTP from the peer and the like: retrying would most likely see it again.
-            raise WebhookConnectionError(_describe(exc), endpoint=ep.name, url=ep.safe_url) from None
-        except ValueError as exc:
-            # aiohttp refuses some requests before sending (e.g. a header value with a newline).
-            raise WebhookError(f"request refused by the HTTP client: {_describe(exc)}", endpoint=ep.name) from None
-
-
-def _describe(exc: BaseException) -> str:
-    """A log-safe description of an aiohttp error: its class and OS error, never its URL.
-
-    aiohttp messages often embed the full request URL (userinfo and query included), so
-    only the type and, when present, the underlying OS error text are kept.
-    """
-    kind = type(exc).__name__
-    os_error = getattr(exc, "os_error", None)
-    if isinstance(os_error, OSError) and os_error.strerror:
-        return f"{kind}: {os_error.strerror}"
-    if isinstance(exc, aiohttp.ClientSSLError):
-        reason = getattr(getattr(exc, "certificate_error", None), "verify_message", None)
-        if reason:
-            return f"{kind}: {reason}"
-    return kind
-
-
-async def _read_limited(response: aiohttp.ClientResponse, ep: _Endpoint) -> bytes:
-    """Read the body in chunks, closing the connection as soon as it passes the limit."""
-    max_bytes = ep.settings.max_response_bytes
-    length = response.content_length
-    if length is not None and length > max_bytes:
-        response.close()
-        raise _too_large(ep, max_bytes)
-    chunks: list[bytes] = []
-    total = 0
-    while chunk := await response.content.readany():
-        total += len(chunk)
-        if total > max_bytes:
-            response.close()  # do not drain the rest: that is what the limit protects against
-            raise _too_large(ep, max_bytes)
-        chunks.append(chunk)
-    # The usual small decision arrives in one chunk: skip the join copy then.
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            response = await pool.request(
+                ep.origin,
+                head,
+                body if isinstance(body, bytes) else body.chunks,
+                max_body_bytes=ep.settings.max_response_bytes,
+                max_error_body_bytes=_DRAIN_ERROR_BODY_BYTES,
+            )
+        except HttpTooLargeError:
+            raise _too_large(ep, ep.settings.max_response_bytes) from None
+        except HttpTlsError as exc:
+            raise WebhookTlsError(str(exc), endpoint=ep.name, url=ep.safe_url) from None
+        except (HttpConnectError, HttpDisconnectedError) as exc:
+            raise WebhookConnectionError(str(exc), endpoint=ep.name, url=ep.safe_url, retryable=True) from None
+        except HttpError as exc:
+            # A malformed or unsupported answer: retrying would most likely see it again.
+            raise WebhookConnectionError(str(exc), endpoint=ep.name, url=ep.safe_url) from None
+        status = response.status
+        if status in _SUCCESS_STATUSES:
+            return status, response.body if status == 200 else b""
+        if 300 <= status < 400:
+            location = response.location
+            raise WebhookRedirectError(
+                f"answered {status} (redirects are not followed)",
+                status=status,
+                location=redact_url(location) if location else None,
+                endpoint=ep.name,
+                url=ep.safe_url,
+            )
+        raise WebhookStatusError(
+            f"answered {status}",
+            status=status,
+            endpoint=ep.name,
+            url=ep.safe_url,
+            retryable=status in RETRY_STATUSES,
+        )
 
 
 def _too_large(ep: _Endpoint, max_bytes: int) -> WebhookResponseTooLargeError:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import ssl
 import stat
 import subprocess
 import sys
@@ -174,8 +175,11 @@ def test_tls_verification_is_on_by_default(tmp_path: Path) -> None:
     assert EndpointSettings(name="x", url="https://a.example").tls.verify is True
     config = load_config(_write_config(tmp_path, "https://a.example/x"), environ={})
     assert config.endpoints[0].tls.verify is True
-    # True is aiohttp's "verify with the system store" (False would disable checking).
-    assert build_ssl_context(config.endpoints[0].tls) is True
+    context = build_ssl_context(config.endpoints[0].tls)
+    assert context.verify_mode is ssl.CERT_REQUIRED
+    assert context.check_hostname is True
+    unverified = build_ssl_context(TlsSettings(verify=False))
+    assert unverified.verify_mode is ssl.CERT_NONE
 
 
 def test_admin_listens_on_loopback_by_default(tmp_path: Path) -> None:
