@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench.profiles import MIB, PROFILES
@@ -43,6 +44,38 @@ class SweepPoint:
     #: Busy fraction of the milter's core (CPU time of the milter over the run).
     milter_busy: float
     error_samples: tuple[str, ...] = ()
+
+
+def median_point(rounds: Sequence[SweepPoint]) -> SweepPoint:
+    """One point from the same point measured in several rounds: each figure is the median.
+
+    Counts (messages, errors) and the elapsed time are summed; RSS is the largest seen.
+    """
+    first = rounds[0]
+    if len(rounds) == 1:
+        return first
+
+    def med(values: Iterable[float]) -> float:
+        return statistics.median(values)
+
+    endpoint = [p.endpoint_cpu_us_per_message for p in rounds if p.endpoint_cpu_us_per_message is not None]
+    return replace(
+        first,
+        messages=sum(p.messages for p in rounds),
+        errors=sum(p.errors for p in rounds),
+        elapsed_seconds=sum(p.elapsed_seconds for p in rounds),
+        messages_per_second=med(p.messages_per_second for p in rounds),
+        p50_ms=med(p.p50_ms for p in rounds),
+        p90_ms=med(p.p90_ms for p in rounds),
+        p99_ms=med(p.p99_ms for p in rounds),
+        cpu_us_per_message=med(p.cpu_us_per_message for p in rounds),
+        endpoint_cpu_us_per_message=med(endpoint) if endpoint else None,
+        rss_bytes=max(p.rss_bytes for p in rounds),
+        peak_rss_bytes=max(p.peak_rss_bytes for p in rounds),
+        loadgen_busy=med(p.loadgen_busy for p in rounds),
+        milter_busy=med(p.milter_busy for p in rounds),
+        error_samples=tuple(sample for p in rounds for sample in p.error_samples)[:5],
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

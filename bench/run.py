@@ -39,7 +39,7 @@ from bench import eventloop, procs
 from bench.endpoint import HOOK_PATH
 from bench.loadgen import LoadResult, idle_connections, raise_open_files_limit, run_load
 from bench.profiles import ALL_EVENTS, MIB, PROFILES, Profile, build_envelope
-from bench.report import IdlePoint, Results, SinglePoint, SweepPoint, plot, render
+from bench.report import IdlePoint, Results, SinglePoint, SweepPoint, median_point, plot, render
 
 HOST = "127.0.0.1"
 TARGETS = ("bridge", "minimal", "minimal-all", "pymilter", "pymilter-all")
@@ -79,6 +79,8 @@ class Settings:
     write_plot: bool
     bridge_log_level: str
     bridge_workers: int | None
+    #: Sweeps are measured this many times, the target order reversed each round; medians are reported.
+    rounds: int = 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -325,26 +327,43 @@ async def measure_single(target: str, profile: Profile, launched: Launched, sett
 async def run_profile(
     profile: Profile, settings: Settings, layout: procs.CoreLayout, workdir: Path, results: Results
 ) -> None:
-    targets = settings.targets or DEFAULT_TARGETS[profile.key]
+    targets = [t for t in settings.targets or DEFAULT_TARGETS[profile.key] if _runs(t, profile, results)]
     print(f"({profile.key}) {profile.title}", file=sys.stderr, flush=True)
-    for target in targets:
-        name = f"({profile.key}) {target}"
-        if target.startswith("pymilter") and not pymilter_available():
-            results.skipped[name] = "not installed (run bench/install-pymilter)"
-            continue
-        if target.endswith("-all") and profile.kind != "sweep":
-            continue
-        try:
-            with launch(target, profile, settings, layout, workdir) as launched:
-                if profile.kind == "sweep":
-                    results.sweeps.extend(await measure_sweep(target, profile, launched, settings, layout))
-                elif profile.kind == "idle":
-                    results.idle.append(await measure_idle(target, profile, launched, settings))
-                else:
-                    results.single.append(await measure_single(target, profile, launched, settings))
-        except procs.ProcessError as exc:
-            results.skipped[name] = f"failed: {exc}"
-            print(f"  {name}: failed to start", file=sys.stderr, flush=True)
+    rounds = settings.rounds if profile.kind == "sweep" else 1
+    sweeps: dict[tuple[str, int], list[SweepPoint]] = {}
+    for round_number in range(rounds):
+        # On a shared machine the speed of a core drifts over minutes: alternating the order
+        # puts every target early and late, so a drift does not favour one of them.
+        for target in targets if round_number % 2 == 0 else targets[::-1]:
+            name = f"({profile.key}) {target}"
+            if name in results.skipped:
+                continue
+            try:
+                with launch(target, profile, settings, layout, workdir) as launched:
+                    if profile.kind == "sweep":
+                        for point in await measure_sweep(target, profile, launched, settings, layout):
+                            sweeps.setdefault((target, point.concurrency), []).append(point)
+                    elif profile.kind == "idle":
+                        results.idle.append(await measure_idle(target, profile, launched, settings))
+                    else:
+                        results.single.append(await measure_single(target, profile, launched, settings))
+            except procs.ProcessError as exc:
+                results.skipped[name] = f"failed: {exc}"
+                print(f"  {name}: failed to start", file=sys.stderr, flush=True)
+    results.sweeps.extend(
+        median_point(sweeps[(target, concurrency)])
+        for target in targets
+        for concurrency in settings.concurrency
+        if (target, concurrency) in sweeps
+    )
+
+
+def _runs(target: str, profile: Profile, results: Results) -> bool:
+    """Whether ``target`` takes part in ``profile`` (noting why not in ``results.skipped``)."""
+    if target.startswith("pymilter") and not pymilter_available():
+        results.skipped[f"({profile.key}) {target}"] = "not installed (run bench/install-pymilter)"
+        return False
+    return not (target.endswith("-all") and profile.kind != "sweep")
 
 
 def header(settings: Settings, layout: procs.CoreLayout) -> dict[str, str]:
@@ -358,7 +377,8 @@ def header(settings: Settings, layout: procs.CoreLayout) -> dict[str, str]:
         "load average at start": f"{procs.load_average():.2f} (numbers are only comparable on a quiet machine)",
         "pinning": layout.describe(),
         "event loop": eventloop.loop_name(),
-        "run length": length,
+        "run length": length
+        + (f"; {settings.rounds} rounds in alternating order, medians shown" if settings.rounds > 1 else ""),
         "concurrency": ", ".join(str(c) for c in settings.concurrency),
         "CPU µs/msg": "milter process user+system CPU over the run / messages (connection setup included)",
     }
@@ -412,6 +432,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--bridge-log-level", default="warning", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--bridge-workers", type=int, default=None)
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="measure each sweep this many times, order alternating (default 3)"
+    )
     args = parser.parse_args(argv)
 
     unknown = set(args.profiles) - set(PROFILES)
@@ -423,10 +446,11 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     duration, warmup, max_messages = 5.0, 0.5, None
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
     idle = args.idle_connections
+    rounds = 3
     if args.quick:
-        duration, warmup, concurrency = 1.0, 0.2, (1, 16)
+        duration, warmup, concurrency, rounds = 1.0, 0.2, (1, 16), 1
     if args.smoke:
-        duration, warmup, max_messages, concurrency = 10.0, 0.0, 150, (1, 4)
+        duration, warmup, max_messages, concurrency, rounds = 10.0, 0.0, 150, (1, 4), 1
         profiles = ("a",) if args.profiles == tuple(PROFILES) else profiles
         idle = min(idle, 50)
     if args.concurrency is not None:
@@ -446,6 +470,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         write_plot=not (args.no_plot or args.smoke),
         bridge_log_level=args.bridge_log_level,
         bridge_workers=args.bridge_workers,
+        rounds=max(1, args.rounds if args.rounds is not None else rounds),
     )
 
 

@@ -21,7 +21,7 @@ from bench.endpoint import HOOK_PATH, build_handler
 from bench.loadgen import idle_connections, run_load
 from bench.profiles import ALL_EVENTS, BENCH_HEADER_NAME, PROFILES, build_message
 from bench.reference_milter import running
-from bench.report import IdlePoint, Results, SinglePoint, SweepPoint, render, target_lines
+from bench.report import IdlePoint, Results, SinglePoint, SweepPoint, median_point, render, target_lines
 from bench.run import pymilter_available
 from milterbridge.connection import StaticHandler
 from tests.conftest import assert_no_leaked_tasks, running_server
@@ -131,6 +131,15 @@ def _point(target: str, msg_s: float, cpu_us: float, p99: float = 1.0, conc: int
     )
 
 
+def test_rounds_are_merged_into_medians():
+    """Each figure of a point measured in several rounds is the median; counts add up."""
+    rounds = [_point("bridge", 500, 900, p99=3.0), _point("bridge", 700, 600, p99=1.0), _point("bridge", 100, 800)]
+    merged = median_point(rounds)
+    assert (merged.messages_per_second, merged.cpu_us_per_message, merged.p99_ms) == (500, 800, 1.0)
+    assert (merged.messages, merged.errors, merged.elapsed_seconds) == (300, 0, 3.0)
+    assert median_point(rounds[:1]) is rounds[0]
+
+
 def test_report_prints_the_issue_ratios():
     """Ratios, the p99 difference, the idle delta and the peak-RSS verdict come out of the numbers."""
     mib = 1024 * 1024
@@ -190,14 +199,17 @@ def _bench(tmp_path: Path, *args: str) -> tuple[str, dict]:
 
 
 def test_bench_run_smoke_with_reference_milter(tmp_path):
-    """``python -m bench.run --smoke`` drives the minimal milter in its own process and writes results."""
-    out, data = _bench(tmp_path, "--targets", "minimal")
+    """``python -m bench.run --smoke`` drives the minimal milters in their own processes, in two rounds."""
+    out, data = _bench(tmp_path, "--targets", "minimal,minimal-all", "--rounds", "2")
     assert "(a) eom-only webhook" in out
     assert "Targets" in out
+    assert "2 rounds in alternating order, medians shown" in out
     points = data["sweeps"]
     assert [(p["target"], p["concurrency"], p["messages"], p["errors"]) for p in points] == [
-        ("minimal", 1, 150, 0),
-        ("minimal", 4, 150, 0),
+        ("minimal", 1, 300, 0),
+        ("minimal", 4, 300, 0),
+        ("minimal-all", 1, 300, 0),
+        ("minimal-all", 4, 300, 0),
     ]
     assert all(p["cpu_us_per_message"] > 0 and p["peak_rss_bytes"] > 0 for p in points)
 
