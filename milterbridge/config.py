@@ -311,9 +311,10 @@ _MACRO = re.compile(r"\{[A-Za-z0-9_]+\}|[A-Za-z0-9_]")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
 #: Headers the webhook client sets itself; a configured value would break signing or framing.
-_RESERVED_HEADERS = frozenset(
+#: Request headers the webhook client sets itself (lower case); an endpoint cannot configure them.
+RESERVED_HEADERS = frozenset(
     {
-        *("content-type", "content-length", "host", "transfer-encoding"),
+        *("content-type", "content-length", "host", "transfer-encoding", "connection", "accept-encoding"),
         *("webhook-id", "webhook-timestamp", "webhook-signature"),
     }
 )
@@ -421,7 +422,7 @@ def _headers(value: Any, key: str, ctx: _Context) -> tuple[tuple[str, str], ...]
         hkey = f"{key}.{name}"
         if not _TOKEN.fullmatch(name):
             raise ctx.error(hkey, f"{_show(name)} is not a valid HTTP header name")
-        if name.lower() in _RESERVED_HEADERS:
+        if name.lower() in RESERVED_HEADERS:
             raise ctx.error(hkey, f"{name} is set by milterbridge itself and cannot be configured")
         if name.lower() in seen:
             raise ctx.error(hkey, f"header {name} is given twice (header names ignore case)")

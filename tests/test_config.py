@@ -496,6 +496,10 @@ def test_header_expansion(tmp_path, table, expected):
         pytest.param(
             '{ webhook-signature = "v1,x" }', "endpoints.policy.headers.webhook-signature", "itself", id="reserved"
         ),
+        pytest.param('{ Connection = "close" }', "endpoints.policy.headers.Connection", "itself", id="connection"),
+        pytest.param(
+            '{ Accept-Encoding = "gzip" }', "endpoints.policy.headers.Accept-Encoding", "itself", id="accept-encoding"
+        ),
         pytest.param('{ a = "1", A = "2" }', "endpoints.policy.headers.A", "twice", id="duplicate-ignoring-case"),
         pytest.param("{ A = 7 }", "endpoints.policy.headers.A", "expected a string", id="not-a-string"),
         pytest.param('"A: 1"', "endpoints.policy.headers", "table", id="not-a-table"),

@@ -40,7 +40,7 @@ import orjson
 from yarl import URL
 
 import milterbridge
-from milterbridge.config import EndpointSettings, TlsSettings
+from milterbridge.config import RESERVED_HEADERS, EndpointSettings, TlsSettings
 from milterbridge.webhook.breaker import CircuitBreaker
 from milterbridge.webhook.errors import (
     AttemptOutcome,
@@ -85,22 +85,9 @@ _MIN_RETRY_BUDGET: Final = 0.005
 #: Error bodies up to this size are read so the keep-alive connection can be reused; larger
 #: ones are cut off with the connection.
 _DRAIN_ERROR_BODY_BYTES: Final = 4096
-#: Headers the bridge sets itself; an endpoint's extra headers cannot replace them.
-_RESERVED_HEADERS: Final = frozenset(
-    {
-        "content-type",
-        "content-length",
-        "webhook-id",
-        "webhook-timestamp",
-        "webhook-signature",
-        "host",
-        "transfer-encoding",
-        "connection",
-        "accept-encoding",
-    }
-)
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_DEFAULT_HEADERS: Final = (("User-Agent", USER_AGENT), ("Accept", "application/json"))
 
 
 class BodySource(Protocol):
@@ -204,17 +191,14 @@ class _Endpoint:
         host = f"[{url.raw_host}]" if ":" in url.raw_host else url.raw_host
         if url.explicit_port is not None and url.explicit_port != _DEFAULT_PORTS[url.scheme]:
             host = f"{host}:{url.explicit_port}"
-        lines = [
-            f"POST {url.raw_path_qs or '/'} HTTP/1.1\r\n".encode("ascii"),
-            _header_line("Host", host),
-            _header_line("User-Agent", USER_AGENT),
-            _header_line("Accept", "application/json"),
-            _header_line("Accept-Encoding", "identity"),
-            _header_line("Content-Type", "application/json"),
-        ]
-        extra = [(name, value) for name, value in settings.headers if name.lower() not in _RESERVED_HEADERS]
+        extra = [(name, value) for name, value in settings.headers if name.lower() not in RESERVED_HEADERS]
+        configured = {name.lower() for name, _ in extra}
+        lines = [f"POST {url.raw_path_qs or '/'} HTTP/1.1\r\n".encode("ascii"), _header_line("Host", host)]
+        # User-Agent and Accept are defaults an endpoint's headers may replace.
+        lines.extend(_header_line(n, v) for n, v in _DEFAULT_HEADERS if n.lower() not in configured)
+        lines.append(b"Accept-Encoding: identity\r\nContent-Type: application/json\r\n")
         if url.user is not None or url.password is not None:
-            if any(name.lower() == "authorization" for name, _ in extra):
+            if "authorization" in configured:
                 raise ValueError(f"endpoint {self.name!r}: credentials in the URL and an Authorization header conflict")
             credentials = f"{url.user or ''}:{url.password or ''}".encode()
             extra.append(("Authorization", "Basic " + base64.b64encode(credentials).decode("ascii")))

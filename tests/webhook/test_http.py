@@ -259,15 +259,18 @@ async def test_streamed_body_under_flow_control(pool: HttpPool, raw: RawServer) 
 
 @pytest.mark.asyncio
 async def test_request_head_from_the_endpoint_url(raw: RawServer) -> None:
-    """Path, query, Host with port, URL credentials as Basic auth, and the fixed headers are sent."""
+    """Path, query, Host with port, URL credentials as Basic auth, the fixed and the configured headers."""
     url = f"http://us%40er:p%3Ass@127.0.0.1:{raw.port}/a/b%20c?x=1&y=a%26b"
-    endpoint = EndpointSettings(name="raw", url=url, headers=(("X-Extra", "yes"),))
+    endpoint = EndpointSettings(name="raw", url=url, headers=(("X-Extra", "yes"), ("user-agent", "filter-test/1")))
     async with WebhookClient() as client:
         response = await client.post(endpoint, b"{}", webhook_id="evt_1")
     assert response.body == b"ok"
     lines = raw.requests[0].head.decode().split("\r\n")
     assert lines[0] == "POST /a/b%20c?x=1&y=a%26b HTTP/1.1"
+    names = [line.split(": ", 1)[0].lower() for line in lines[1:] if line]
+    assert len(names) == len(set(names))  # a configured User-Agent replaces the default one
     headers = dict(line.split(": ", 1) for line in lines[1:] if line)
+    assert headers["user-agent"] == "filter-test/1"
     assert headers["Host"] == f"127.0.0.1:{raw.port}"
     assert base64.b64decode(headers["Authorization"].removeprefix("Basic ")) == b"us@er:p:ss"
     assert headers["X-Extra"] == "yes"
