@@ -63,6 +63,7 @@ from milterbridge.webhook.http import (
     HttpTlsError,
     HttpTooLargeError,
     Origin,
+    describe_os_error,
 )
 from milterbridge.webhook.signing import Signer
 
@@ -439,13 +440,13 @@ class WebhookClient:
         self, pool: HttpPool, ep: _Endpoint, body: bytes | BodySource, webhook_id: str
     ) -> tuple[int, bytes]:
         """One HTTP request: (status, body) for 200/204; otherwise a ``WebhookError``."""
-        if isinstance(body, bytes) or ep.signer is None:
-            head = ep.head_for(webhook_id, body)
-        else:
-            # Signing a streamed body reads and hashes all of it (a large message at eom):
-            # do it off the event loop so other sessions are not stalled meanwhile.
-            head = await asyncio.to_thread(ep.head_for, webhook_id, body)
         try:
+            if isinstance(body, bytes) or ep.signer is None:
+                head = ep.head_for(webhook_id, body)
+            else:
+                # Signing a streamed body reads and hashes all of it (a large message at eom):
+                # do it off the event loop so other sessions are not stalled meanwhile.
+                head = await asyncio.to_thread(ep.head_for, webhook_id, body)
             response = await pool.request(
                 ep.origin,
                 head,
@@ -462,6 +463,9 @@ class WebhookClient:
         except HttpError as exc:
             # A malformed or unsupported answer: retrying would most likely see it again.
             raise WebhookConnectionError(str(exc), endpoint=ep.name, url=ep.safe_url) from None
+        except OSError as exc:
+            # Reading a spooled body failed (the request was cut off with its connection).
+            raise WebhookError(f"cannot read the message body: {describe_os_error(exc)}", endpoint=ep.name) from None
         status = response.status
         if status in _SUCCESS_STATUSES:
             return status, response.body if status == 200 else b""

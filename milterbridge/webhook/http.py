@@ -45,6 +45,7 @@ import httptools
 
 __all__ = [
     "MAX_HEAD_BYTES",
+    "describe_os_error",
     "HttpConnectError",
     "HttpDisconnectedError",
     "HttpError",
@@ -115,7 +116,8 @@ class _Stop(Exception):
     """Raised in a parser callback to stop parsing; the reason is in ``_Connection.error``."""
 
 
-def _describe_os_error(exc: OSError) -> str:
+def describe_os_error(exc: OSError) -> str:
+    """``ConnectionRefusedError: Connection refused``: the class and the OS text, no address."""
     return f"{type(exc).__name__}: {exc.strerror}" if exc.strerror else type(exc).__name__
 
 
@@ -132,32 +134,40 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
-        self._reset(0, 0)
+        self.max_body_bytes = self.max_error_body_bytes = 0
+        self._reset()
 
-    def _reset(self, max_body_bytes: int, max_error_body_bytes: int) -> None:
-        self.max_body_bytes = max_body_bytes
-        self.max_error_body_bytes = max_error_body_bytes
+    def _reset(self) -> None:
+        """State of one response (``start``)."""
         self.received = 0  # bytes of this response so far
+        #: ``received`` when the parser last showed progress (a field, body bytes, a chunk).
+        self.progress_mark = 0
         self.head_bytes = 0
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+        self.truncated = False
+        self.complete = False
+        self.reusable = True
+        self.error: HttpError | None = None
+        self._reset_head()
+
+    def _reset_head(self) -> None:
+        """State of one response head (again after a 1xx interim answer)."""
         self.head_done = False
         self.status = 0
         self.location: str | None = None
         self.content_encoding: bytes | None = None
         self.content_length: int | None = None
-        self.length_known = False
-        self.body: list[bytes] = []
-        self.body_bytes = 0
+        self.transfer_encoding: bytes | None = None
         self.limit = 0
-        self.truncated = False
-        self.complete = False
-        self.reusable = True
-        self.error: HttpError | None = None
 
     # ------------------------------------------------------------- request side
 
     def start(self, loop: asyncio.AbstractEventLoop, max_body_bytes: int, max_error_body_bytes: int) -> None:
         """Get ready for the response to a request about to be written."""
-        self._reset(max_body_bytes, max_error_body_bytes)
+        self.max_body_bytes = max_body_bytes
+        self.max_error_body_bytes = max_error_body_bytes
+        self._reset()
         self.waiter = loop.create_future()
 
     def write(self, data: bytes) -> None:
@@ -165,10 +175,14 @@ class _Connection(asyncio.Protocol):
         self.transport.write(data)
 
     async def drain(self) -> None:
-        """Wait while the transport's buffer is over its high-water mark."""
-        if self._paused and not self.closed:
+        """Wait while the transport's buffer is over its high-water mark (or until the response ends)."""
+        if self._paused and not self.closed and not self.complete:
             self._drain = asyncio.get_running_loop().create_future()
             await self._drain
+
+    def _wake_drain(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
 
     def close(self) -> None:
         self.closed = True
@@ -204,24 +218,28 @@ class _Connection(asyncio.Protocol):
             self._fail(HttpProtocolError(f"malformed HTTP response ({type(exc).__name__})"))
         if self.error is not None:
             self._fail(self.error)
-        elif not self.head_done and self.received > MAX_HEAD_BYTES:
-            # A head still incomplete: httptools buffers a partial header itself, so this
-            # bounds it to MAX_HEAD_BYTES plus one read (a read may hold the head's end and
-            # the body, so it is checked after the read is parsed).
-            self._fail(HttpProtocolError(f"response head larger than {MAX_HEAD_BYTES} bytes"))
+        elif not self.complete:
+            # httptools buffers a header or trailer field until it is complete: an unfinished
+            # head, and bytes after the head that bring no progress, are bounded here to
+            # MAX_HEAD_BYTES plus one read (checked after the read is parsed: a read may hold
+            # the end of a field and the body).
+            pending = self.received - self.progress_mark if self.head_done else self.received
+            if pending > MAX_HEAD_BYTES:
+                where = "response head" if not self.head_done else "response framing or trailer"
+                self._fail(HttpProtocolError(f"{where} larger than {MAX_HEAD_BYTES} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self._wake_drain()
         if self.waiter is None or self.waiter.done():
             return
-        if self.head_done and not self.length_known and self.status not in (204, 304):
-            self._finish()  # a body delimited by the end of the connection
+        delimited_by_eof = self.content_length is None and self.transfer_encoding is None
+        if exc is None and self.head_done and delimited_by_eof and self.status not in (204, 304):
+            self._finish()  # a body delimited by a clean end of the connection (not by a reset)
         elif isinstance(exc, ssl.SSLError):
             self._fail(HttpTlsError(f"TLS error: {exc.reason or type(exc).__name__}"))
         elif isinstance(exc, OSError):
-            self._fail(HttpDisconnectedError(f"connection lost ({_describe_os_error(exc)})"))
+            self._fail(HttpDisconnectedError(f"connection lost ({describe_os_error(exc)})"))
         else:
             self._fail(HttpDisconnectedError("connection closed before the response was complete"))
 
@@ -230,29 +248,31 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self._wake_drain()
 
     # ------------------------------------------------------------ parser callbacks
 
     def on_message_begin(self) -> None:
         if self.complete:
-            # Bytes after the response in the same read: the next response could not be told from them.
+            # Bytes after the response in the same read: the next response could not be told
+            # from them. The response is delivered already; retire the connection.
             self.reusable = False
+            raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.progress_mark = self.received
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > MAX_HEAD_BYTES:
             self._stop(HttpProtocolError(f"response head larger than {MAX_HEAD_BYTES} bytes"))
-        if len(name) not in _WANTED_NAME_LENGTHS:
-            return  # Date, Server, Content-Type ...: skipped without lower-casing them
+        if self.head_done or len(name) not in _WANTED_NAME_LENGTHS:
+            # A trailer (after a chunked body: counted, never read) or a header we skip
+            # (Date, Server, Content-Type ...) without lower-casing it.
+            return
         name = name.lower()
         if name == b"content-length":
-            self.length_known = True
-            if value.strip().isdigit():  # llhttp itself refuses a malformed length
-                self.content_length = int(value)
+            self.content_length = int(value) if value.strip().isdigit() else -1  # llhttp refuses a bad one
         elif name == b"transfer-encoding":
-            self.length_known = True  # llhttp refuses any transfer coding that does not end in chunked
+            self.transfer_encoding = value.strip().lower()
         elif name == b"location":
             self.location = value.decode("latin-1")
         elif name == b"content-encoding":
@@ -263,13 +283,23 @@ class _Connection(asyncio.Protocol):
         if self.status < 200:
             return  # an interim answer (100 Continue ...): the real one follows
         self.head_done = True
+        self.progress_mark = self.received
         if self.content_encoding not in (None, b"identity"):
             self._stop(HttpProtocolError("the response has a content coding, but identity was asked for"))
+        if self.transfer_encoding is not None and not self.transfer_encoding.endswith(b"chunked"):
+            # llhttp would read such a body up to the end of the connection.
+            self._stop(HttpProtocolError("the response has a transfer coding other than chunked"))
         self.limit = self.max_body_bytes if self.status == 200 else self.max_error_body_bytes
         if self.status == 200 and self.content_length is not None and self.content_length > self.limit:
             self._stop(HttpTooLargeError(f"response body larger than {self.limit} bytes"))
 
+    def on_chunk_header(self) -> None:
+        self.progress_mark = self.received
+
+    on_chunk_complete = on_chunk_header
+
     def on_body(self, body: bytes) -> None:
+        self.progress_mark = self.received
         self.body_bytes += len(body)
         if self.body_bytes > self.limit:
             if self.status == 200:
@@ -284,7 +314,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         # No _Stop here: a parser stopped by a callback cannot parse the next response.
         if self.status < 200:
-            self._reset(self.max_body_bytes, self.max_error_body_bytes)
+            self._reset_head()
             return
         if not self.parser.should_keep_alive():
             self.reusable = False
@@ -298,6 +328,7 @@ class _Connection(asyncio.Protocol):
 
     def _finish(self) -> None:
         self.complete = True
+        self._wake_drain()  # a request body still being sent stops: the answer is here
         waiter = self.waiter
         if waiter is None or waiter.done():
             return
@@ -308,6 +339,7 @@ class _Connection(asyncio.Protocol):
     def _fail(self, error: HttpError) -> None:
         self.complete = True
         self.reusable = False
+        self._wake_drain()
         self.abort()
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -361,6 +393,7 @@ class HttpPool:
         waiter = conn.waiter
         assert waiter is not None
         released = False
+        sent_all = True
         try:
             if isinstance(body, bytes):
                 conn.write(head + body if len(body) < 65536 else head)
@@ -370,11 +403,14 @@ class HttpPool:
                 conn.write(head)
                 for piece in body():
                     if waiter.done() or conn.closed:
-                        break  # answered (or gone) before the body was sent: stop sending
+                        # Answered (or gone) before the body was sent: stop sending. The server
+                        # may still read the rest as the next request, so the connection is dropped.
+                        sent_all = False
+                        break
                     conn.write(piece)
                     await conn.drain()
             response = await waiter
-            if conn.reusable and not conn.closed and not self._closed:
+            if sent_all and conn.reusable and not conn.closed and not self._closed:
                 self._release(conn, loop.time())
                 released = True
             return response
@@ -387,7 +423,8 @@ class HttpPool:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < self._keepalive_timeout:
+            fresh = now - conn.idle_since < self._keepalive_timeout
+            if fresh and not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn
             conn.close()
         return None
@@ -437,7 +474,7 @@ class HttpPool:
         except ssl.SSLError as exc:
             raise HttpTlsError(f"TLS handshake failed: {exc.reason or type(exc).__name__}") from None
         except OSError as exc:
-            raise HttpConnectError(f"cannot connect ({_describe_os_error(exc)})") from None
+            raise HttpConnectError(f"cannot connect ({describe_os_error(exc)})") from None
         except BaseException:
             conn.abort()
             raise

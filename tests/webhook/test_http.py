@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -15,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from milterbridge.config import EndpointSettings
-from milterbridge.webhook import WebhookClient, WebhookConnectionError, WebhookStatusError
+from milterbridge.webhook import WebhookClient, WebhookConnectionError, WebhookError, WebhookStatusError
 from milterbridge.webhook.http import (
     MAX_HEAD_BYTES,
     HttpDisconnectedError,
@@ -325,3 +327,153 @@ def test_under_uvloop() -> None:
     connections, answers = uvloop.run(exchange())
     assert answers == [(200, b"ok")] * 3
     assert connections == 2
+
+
+# -- answers that arrive early, late or wrong (found in review) ------------------------------------
+
+
+@dataclass
+class EarlyServer:
+    """Reads a request head and ``read_bytes`` of its body, answers ``reply``, then reads the rest or idles."""
+
+    reply: bytes
+    read_bytes: int = 0
+    read_rest: bool = False
+    connections: int = 0
+    heads: list[bytes] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                first = min(self.read_bytes, length)
+                await reader.readexactly(first)
+                writer.write(self.reply)
+                await writer.drain()
+                if not self.read_rest:
+                    await asyncio.sleep(30)  # keep the connection open, read nothing more
+                await reader.readexactly(length - first)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _streamed_post(pool: HttpPool, port: int, pieces: int = 400) -> tuple[int, float]:
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (65536 * pieces)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(5):
+        response = await pool.request(
+            Origin("127.0.0.1", port), head, lambda: iter([b"x" * 65536] * pieces), max_body_bytes=100
+        )
+    return response.status, loop.time() - started
+
+
+@pytest.mark.parametrize(
+    ("read_bytes", "read_rest", "reply", "status"),
+    [
+        pytest.param(0, False, b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n", 413, id="answers-unread"),
+        pytest.param(1 << 20, True, OK, 200, id="answers-then-reads-on"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_answer_before_the_streamed_body_is_sent(
+    pool: HttpPool, read_bytes: int, read_rest: bool, reply: bytes, status: int
+) -> None:
+    """An answer while a 25 MiB body is still being written ends the call at once; that connection is dropped."""
+    server = EarlyServer(reply, read_bytes=read_bytes, read_rest=read_rest)
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    async with listener:
+        got, seconds = await _streamed_post(pool, port)
+        assert got == status
+        assert seconds < 2.0  # not held until the budget runs out
+        # The server may read the unsent rest as a next request: the next call must not reuse it.
+        server.reply, server.read_bytes, server.read_rest = OK, 1 << 30, True
+        assert await _streamed_post(pool, port, pieces=2) == (200, pytest.approx(0, abs=2.0))
+        assert server.connections == 2
+        listener.close()
+
+
+@pytest.mark.asyncio
+async def test_body_cut_by_a_reset_is_not_a_response(pool: HttpPool) -> None:
+    """A body delimited by the connection's end counts only when the end is clean, not a reset."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(4)
+        writer.write(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"action": "contin')
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST instead of FIN
+
+    listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with listener:
+        origin = Origin("127.0.0.1", listener.sockets[0].getsockname()[1])
+        with pytest.raises(HttpDisconnectedError, match="lost"):
+            await pool.request(origin, HEAD, b"ping", max_body_bytes=1000)
+        listener.close()
+
+
+@pytest.mark.asyncio
+async def test_trailers_are_bounded_and_ignored(pool: HttpPool, raw: RawServer) -> None:
+    """A trailer cannot set Location, and one that never ends is refused like a huge head."""
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+    raw.replies = [chunked + b"Location: http://evil.example/\r\n\r\n"]
+    response = await pool.request(raw.origin(), HEAD, b"ping", max_body_bytes=1000)
+    assert (response.status, response.body, response.location) == (200, b"ok", None)
+    raw.replies = [chunked + b"X-Endless: " + b"a" * (2 * MAX_HEAD_BYTES)]
+    with pytest.raises(HttpProtocolError, match="trailer"):
+        await post(pool, raw)
+    assert await post(pool, raw) == (200, b"ok")
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxyz", "transfer coding other than chunked", id="te-gzip"
+        ),
+    ],
+)
+@pytest.mark.asyncio
+async def test_transfer_coding_must_be_chunked(pool: HttpPool, raw: RawServer, reply: bytes, error: str) -> None:
+    """A transfer coding llhttp would read up to EOF is refused, not retried as a disconnect."""
+    raw.replies = [reply]
+    with pytest.raises(HttpProtocolError, match=error):
+        await post(pool, raw)
+
+
+@pytest.mark.asyncio
+async def test_interim_answer_after_the_response_retires_the_connection(pool: HttpPool, raw: RawServer) -> None:
+    """200, then an unasked 100 and 503 in the same write: the 503 is never taken for the next answer."""
+    raw.replies = [OK + b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n"]
+    assert await post(pool, raw) == (200, b"ok")
+    assert await post(pool, raw) == (200, b"ok")
+    assert raw.connections == 2
+
+
+class FailingBody:
+    """A spooled body whose file read fails after the first piece."""
+
+    def __len__(self) -> int:
+        return 200_000
+
+    def chunks(self) -> Iterator[bytes]:
+        yield b"x" * 100_000
+        raise OSError(5, "Input/output error")
+
+
+@pytest.mark.asyncio
+async def test_unreadable_body_is_a_webhook_error(raw: RawServer) -> None:
+    """A body that cannot be read fails the call as a WebhookError (so on_error applies), not a raw OSError."""
+    endpoint = EndpointSettings(name="raw", url=f"http://127.0.0.1:{raw.port}/hook", retry=False)
+    async with WebhookClient() as client:
+        with pytest.raises(WebhookError, match="cannot read the message body: OSError: Input/output error"):
+            await client.post(endpoint, FailingBody(), webhook_id="evt_1")
+        assert (await client.post(endpoint, b"{}", webhook_id="evt_2")).body == b"ok"
