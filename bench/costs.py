@@ -9,8 +9,8 @@
    deliver them one by one), with a webhook client stub that answers at once.
 2. **webhook call**: one ``WebhookClient.post`` of that profile's real eom request to
    ``bench.endpoint`` (its own process), one call after another.
-3. **aiohttp alone**: the same request through a bare ``aiohttp.ClientSession.post``, so
-   what our client adds on top of aiohttp shows.
+3. **aiohttp alone**: the same request through a bare ``aiohttp.ClientSession.post``: the
+   client the bridge used before ``milterbridge/webhook/http.py``, for comparison.
 
 Each figure is the CPU time (user + system) of this process divided by the messages or
 calls. This process runs on the first core, the endpoint on the second. The parts add up

@@ -447,9 +447,11 @@ class HttpPool:
         loop_now = asyncio.get_running_loop().time()
         left = False
         for origin, idle in list(self._idle.items()):
-            keep = [c for c in idle if not c.closed and loop_now - c.idle_since < self._keepalive_timeout]
+            keep = []
             for conn in idle:
-                if conn not in keep:
+                if not conn.closed and loop_now - conn.idle_since < self._keepalive_timeout:
+                    keep.append(conn)
+                else:
                     conn.close()
             if keep:
                 self._idle[origin] = keep
