@@ -914,9 +914,19 @@ class PostfixInstance:
         *,
         helo: str = DEFAULT_HELO,
         timeout: float = SMTP_TIMEOUT,
+        source_address: str | None = None,
     ) -> SmtpResult:
-        """``send_smtp`` to this instance's listener."""
-        return send_smtp(self.smtp_host, self.smtp_port, mail_from, rcpts, message, helo=helo, timeout=timeout)
+        """``send_smtp`` to this instance's listener (from ``source_address``, e.g. ``127.0.0.2``)."""
+        return send_smtp(
+            self.smtp_host,
+            self.smtp_port,
+            mail_from,
+            rcpts,
+            message,
+            helo=helo,
+            timeout=timeout,
+            source_address=source_address,
+        )
 
     def smtp_session(self, *, helo: str = DEFAULT_HELO, timeout: float = SMTP_TIMEOUT) -> SmtpSession:
         """An unopened ``SmtpSession`` to this instance's listener (use it with ``with``)."""
@@ -1021,11 +1031,20 @@ class SmtpSession:
     RCPT (it sends RSET instead).
     """
 
-    def __init__(self, host: str, port: int, *, helo: str = DEFAULT_HELO, timeout: float = SMTP_TIMEOUT) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        helo: str = DEFAULT_HELO,
+        timeout: float = SMTP_TIMEOUT,
+        source_address: str | None = None,
+    ) -> None:
         self._host = host
         self._port = port
         # local_hostname keeps smtplib from calling socket.getfqdn() (a DNS lookup).
-        self._smtp = smtplib.SMTP(local_hostname=helo, timeout=timeout)
+        source = (source_address, 0) if source_address is not None else None
+        self._smtp = smtplib.SMTP(local_hostname=helo, timeout=timeout, source_address=source)
         self._replies: list[SmtpReply] = []
         self._transactions: list[SmtpTransaction] = []
         self._greeting: SmtpReply | None = None
@@ -1176,9 +1195,10 @@ def send_smtp(
     *,
     helo: str = DEFAULT_HELO,
     timeout: float = SMTP_TIMEOUT,
+    source_address: str | None = None,
 ) -> SmtpResult:
     """Deliver one message over a fresh SMTP connection and return every reply; never raises."""
-    session = SmtpSession(host, port, helo=helo, timeout=timeout)
+    session = SmtpSession(host, port, helo=helo, timeout=timeout, source_address=source_address)
     session.open()
     session.send(mail_from, rcpts, message)
     return session.close()
