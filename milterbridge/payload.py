@@ -111,10 +111,13 @@ def address_obj(raw: bytes, args: tuple[bytes, ...]) -> JSON:
 
 
 def header_obj(name: bytes, value: bytes) -> JSON:
-    out: JSON = {}
-    put_text(out, "name", name)
-    put_text(out, "value", value)
-    return out
+    try:  # the common case in one step: both are UTF-8 (ten or more headers per message)
+        return {"name": name.decode("utf-8"), "value": value.decode("utf-8")}
+    except UnicodeDecodeError:
+        out: JSON = {}
+        put_text(out, "name", name)
+        put_text(out, "value", value)
+        return out
 
 
 def client_address(raw: bytes) -> bytes:

@@ -80,7 +80,12 @@ class FrameDecoder(Generic[M]):
                 buf = self._buf = bytearray(buf[self._pos :])
                 self._pos = 0
             buf += data
-        self._check_header()
+        # _check_header, inlined for the common case (once per read).
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos >= LEN_BYTES:
+            (length,) = _unpack_u32(buf, pos)
+            if length < 1 or length - 1 > self.max_frame_bytes:
+                self._check_header()  # raises with the precise reason
 
     def _check_header(self) -> int:
         """Validate the length of the frame at the read offset; -1 if incomplete."""
