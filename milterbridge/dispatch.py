@@ -608,26 +608,30 @@ class ConnectionHandler:
             label = getattr(exc, "outcome", None) or "connection_error"
             outcome = Failure(reason=str(exc))
         elapsed = time.monotonic() - started
-        self.metrics.webhook(name, event.value, str(label), elapsed)
-        action = outcome.action.value if not isinstance(outcome, Failure) else "failure"
-        if not isinstance(outcome, Failure):
-            self.metrics.decision(name, event.value, action, settings.mode.value)
+        event_name = event.value  # an enum's .value is a descriptor call: read it once per call
+        self.metrics.webhook(name, event_name, str(label), elapsed)
+        if isinstance(outcome, Failure):
+            action = "failure"
+        else:
+            action = outcome.action.value
+            self.metrics.decision(name, event_name, action, settings.mode.value)
         if record:
-            self._message_calls.append(
-                {"endpoint": name, "event": event.value, "action": action, "ms": round(elapsed * 1000, 1)}
-                | ({"error": outcome.reason} if isinstance(outcome, Failure) else {})
-            )
+            call: dict[str, Any] = {"endpoint": name, "event": event_name, "action": action}
+            call["ms"] = round(elapsed * 1000, 1)
+            if isinstance(outcome, Failure):
+                call["error"] = outcome.reason
+            self._message_calls.append(call)
         if isinstance(outcome, Failure):
             log.warning(
                 "endpoint %s failed at %s: %s",
                 name,
-                event.value,
+                event_name,
                 outcome.reason,
                 extra={
                     "fields": {
                         "session": self.builder.session_id,
                         "endpoint": name,
-                        "event": event.value,
+                        "event": event_name,
                         "on_error": settings.on_error.value,
                     }
                 },
