@@ -2,6 +2,7 @@
 
     python -m bench.costs                 # about 30 seconds
     python -m bench.costs --messages 300  # a quick look
+    python -m bench.costs --instructions  # the milter side in instructions (valgrind), about a minute
 
 1. **milter side**: the bridge's own Python work per message, without sockets or HTTP:
    ``MilterConnection``, the session, the dispatcher, the policy and the payload, fed the
@@ -24,6 +25,8 @@ import argparse
 import asyncio
 import gc
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -215,17 +218,67 @@ async def aiohttp_calls(url: str, body: bytes, calls: int) -> float:
         return (time.process_time() - started) / calls * 1e6
 
 
+#: Messages of the two callgrind runs: their difference cancels start-up and imports.
+CALLGRIND_RUNS = (100, 600)
+
+
+def replayed(messages: int) -> int:
+    """Messages ``milter_side(profile, messages)`` replays, its warm-up included."""
+    return min(messages, 300) + messages
+
+
+def parse_callgrind_total(text: str) -> int:
+    """The instruction count valgrind's callgrind prints at exit (``Collected : 1,234``)."""
+    match = re.search(r"Collected\s*:\s*([\d,]+)", text)
+    if match is None:
+        raise RuntimeError(f"valgrind printed no instruction count:\n{text[-2000:]}")
+    return int(match.group(1).replace(",", ""))
+
+
+def milter_side_instructions(profile: Profile) -> float:
+    """Instructions per message of the milter side, counted by callgrind (needs ``valgrind``).
+
+    Unlike CPU time, the count does not depend on what else the machine does, so two versions
+    of the code can be compared on a shared machine: a difference of 1% is real.
+    """
+    totals = []
+    for messages in CALLGRIND_RUNS:
+        argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m"]
+        argv += ["bench.costs", "--milter-only", "--no-pin", "--profile", profile.key, "--messages", str(messages)]
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[:2])} ... failed:\n{proc.stderr[-2000:]}")
+        totals.append(parse_callgrind_total(proc.stderr))
+    few, many = CALLGRIND_RUNS
+    return (totals[1] - totals[0]) / (replayed(many) - replayed(few))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.costs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="a", choices=sorted(k for k, p in PROFILES.items() if p.kind == "sweep"))
     parser.add_argument("--messages", type=int, default=5000, help="messages (and calls) per part (default 5000)")
     parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument("--milter-only", action="store_true", help="measure the milter side only")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count the milter side's instructions per message with valgrind (about a minute)",
+    )
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
+    if args.instructions:
+        count = milter_side_instructions(profile)
+        print(f"profile ({profile.key}) {profile.title}")
+        print(f"  milter side, no sockets, instant webhooks: {count:,.0f} instructions per message (callgrind)")
+        return 0
     layout = procs.CoreLayout.choose(pin=not args.no_pin)
     if layout.loadgen:
         os.sched_setaffinity(0, layout.loadgen)
     milter_us, eom_body = eventloop.run(milter_side(profile, args.messages))
+    if args.milter_only:
+        print(f"profile ({profile.key}) {profile.title}; event loop: {eventloop.loop_name()}")
+        print(f"  milter side, no sockets, instant webhooks: {milter_us:7.1f} µs CPU per message")
+        return 0
     port = procs.free_port(HOST)
     with tempfile.TemporaryDirectory() as tmp:
         endpoint = procs.Child(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import RawTestServer, TestClient
 
-from bench import procs
+from bench import costs, procs
 from bench.endpoint import HOOK_PATH, build_handler
 from bench.loadgen import idle_connections, run_load
 from bench.profiles import ALL_EVENTS, BENCH_HEADER_NAME, PROFILES, build_message
@@ -244,3 +244,25 @@ def test_costs_breakdown_runs(tmp_path):
     figures = re.findall(r"(\d+\.\d) µs CPU per (message|call)", out)
     assert [kind for _, kind in figures] == ["message", "call", "call"], out
     assert all(float(value) > 0 for value, _ in figures)
+
+
+def test_costs_milter_side_alone():
+    """``--milter-only`` measures just the milter side (what ``--instructions`` runs under valgrind)."""
+    out = _module("bench.costs", "--milter-only", "--messages", "40", "--no-pin", "--profile", "b")
+    figures = re.findall(r"(\d+\.\d) µs CPU per (message|call)", out)
+    assert [kind for _, kind in figures] == ["message"], out
+    assert "(b) per-stage webhooks" in out
+
+
+def test_callgrind_total_is_read_from_valgrinds_summary():
+    """The instruction count comes from callgrind's exit summary, and a missing one is an error."""
+    summary = (
+        "==17349== Events    : Ir\n==17349== Collected : 2616075061\n"
+        "==17349==\n==17349== I   refs:      2,616,075,061\n"
+    )
+    assert costs.parse_callgrind_total(summary) == 2_616_075_061
+    assert costs.parse_callgrind_total("==1== Collected : 1,234\n") == 1234
+    with pytest.raises(RuntimeError, match="no instruction count"):
+        costs.parse_callgrind_total("valgrind: command not found")
+    # milter_side replays a warm-up of up to 300 messages before the measured ones.
+    assert (costs.replayed(100), costs.replayed(600)) == (200, 900)
