@@ -310,8 +310,7 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _MACRO = re.compile(r"\{[A-Za-z0-9_]+\}|[A-Za-z0-9_]")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
-#: Headers the webhook client sets itself; a configured value would break signing or framing.
-#: Request headers the webhook client sets itself (lower case); an endpoint cannot configure them.
+#: Headers the webhook client sets itself (lower case); a configured value would break signing or framing.
 RESERVED_HEADERS = frozenset(
     {
         *("content-type", "content-length", "host", "transfer-encoding", "connection", "accept-encoding"),

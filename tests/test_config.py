@@ -451,7 +451,8 @@ def test_secret_sources(tmp_path, lines, expected):
         pytest.param('secret = "whsec_!!notbase64!!"', "endpoints.policy.secret", "base64", id="bad-base64"),
         pytest.param('secret = "sk_live_123456"', "endpoints.policy.secret", "whsec_", id="bad-prefix"),
         pytest.param('secret = "whsec_"', "endpoints.policy.secret", "whsec_", id="empty-key"),
-        pytest.param("secret = 42", "endpoints.policy.secret", "expected a string", id="wrong-type"),
+        # A number no temporary path contains (pytest's tmp_path holds a run counter: pytest-42).
+        pytest.param("secret = 9876543210123", "endpoints.policy.secret", "expected a string", id="wrong-type"),
         pytest.param('secret_env = "MISSING"', "endpoints.policy.secret_env", "MISSING", id="env-unset"),
         pytest.param('secret_env = "BAD"', "endpoints.policy.secret_env", "BAD", id="env-invalid"),
         pytest.param('secret_file = "absent.key"', "endpoints.policy.secret_file", "absent.key", id="file-missing"),
@@ -465,7 +466,7 @@ def test_secret_errors_never_show_the_secret(tmp_path, lines, key, fragment):
     assert err.key == key
     assert key in str(err)
     assert fragment in str(err)
-    for secret in ("notbase64", "sk_live_123456", "42"):
+    for secret in ("notbase64", "sk_live_123456", "9876543210123"):
         assert secret not in str(err)
 
 

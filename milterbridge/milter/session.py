@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import enum
 import functools
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from .codec import FrameDecoder, command_decoder
+from .codec import _HEADER_BYTES, FrameDecoder, _unpack_u32, command_decoder
 from .constants import DEFAULT_MAX_FRAME_BYTES, LEN_BYTES, Action, Event, Protocol
 from .context import CONNECTION_MACRO_STAGES, ConnectionContext, MacroStore, MessageContext
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -157,9 +156,6 @@ NO_REPLY_FLAG: Final[dict[type[Command], Protocol]] = {
 }
 
 _MACRO_CODE: Final = Macro.code[0]
-_LEN_BYTES: Final = LEN_BYTES
-_FRAME_HEADER_BYTES: Final = LEN_BYTES + 1
-_unpack_u32 = struct.Struct(">I").unpack_from
 
 #: Forward commands a milter can switch off; when one is off, the states it
 #: would lead to are also reachable without it (libmilter skips them too).
@@ -346,18 +342,18 @@ class MilterSession:
                     decoder._buf = b""
                     decoder._pos = 0
                 return NEED_DATA
-            if size - pos < _FRAME_HEADER_BYTES:
+            if size - pos < _HEADER_BYTES:
                 decoder._compact()
                 return NEED_DATA
             (length,) = _unpack_u32(buf, pos)
             if length < 1 or length - 1 > max_payload:
                 decoder.next_frame()  # raises with the precise reason
-            end = pos + _LEN_BYTES + length
+            end = pos + LEN_BYTES + length
             if end > size:
                 decoder._compact()
                 return NEED_DATA
-            code = buf[pos + _LEN_BYTES]
-            payload = buf[pos + _FRAME_HEADER_BYTES : end]
+            code = buf[pos + LEN_BYTES]
+            payload = buf[pos + _HEADER_BYTES : end]
             if type(payload) is not bytes:
                 payload = bytes(payload)
             decoder._pos = end
