@@ -308,7 +308,8 @@ _LOG: dict[str, Converter] = {"level": _choice(("debug", "info", "warning", "err
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _MACRO = re.compile(r"\{[A-Za-z0-9_]+\}|[A-Za-z0-9_]")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+#: An HTTP header name (RFC 9110 token); the webhook client checks names with it too.
+HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
 #: Headers the webhook client sets itself (lower case); a configured value would break signing or framing.
 RESERVED_HEADERS = frozenset(
@@ -419,7 +420,7 @@ def _headers(value: Any, key: str, ctx: _Context) -> tuple[tuple[str, str], ...]
     seen: set[str] = set()
     for name, raw in value.items():
         hkey = f"{key}.{name}"
-        if not _TOKEN.fullmatch(name):
+        if not HTTP_TOKEN.fullmatch(name):
             raise ctx.error(hkey, f"{_show(name)} is not a valid HTTP header name")
         if name.lower() in RESERVED_HEADERS:
             raise ctx.error(hkey, f"{name} is set by milterbridge itself and cannot be configured")

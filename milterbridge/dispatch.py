@@ -616,8 +616,12 @@ class ConnectionHandler:
             action = outcome.action.value
             self.metrics.decision(name, event_name, action, settings.mode.value)
         if record:
-            call: dict[str, Any] = {"endpoint": name, "event": event_name, "action": action}
-            call["ms"] = round(elapsed * 1000, 1)
+            call: dict[str, Any] = {
+                "endpoint": name,
+                "event": event_name,
+                "action": action,
+                "ms": round(elapsed * 1000, 1),
+            }
             if isinstance(outcome, Failure):
                 call["error"] = outcome.reason
             self._message_calls.append(call)

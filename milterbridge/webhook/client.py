@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import re
 import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -40,7 +39,7 @@ import orjson
 from yarl import URL
 
 import milterbridge
-from milterbridge.config import RESERVED_HEADERS, EndpointSettings, TlsSettings
+from milterbridge.config import HTTP_TOKEN, RESERVED_HEADERS, EndpointSettings, TlsSettings
 from milterbridge.webhook.breaker import CircuitBreaker
 from milterbridge.webhook.errors import (
     AttemptOutcome,
@@ -86,7 +85,6 @@ _MIN_RETRY_BUDGET: Final = 0.005
 #: Error bodies up to this size are read so the keep-alive connection can be reused; larger
 #: ones are cut off with the connection.
 _DRAIN_ERROR_BODY_BYTES: Final = 4096
-_TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _DEFAULT_HEADERS: Final = (("User-Agent", USER_AGENT), ("Accept", "application/json"))
 
@@ -169,7 +167,7 @@ def build_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
 
 def _header_line(name: str, value: str) -> bytes:
     line = f"{name}: {value}\r\n"
-    if any(ch in value for ch in "\r\n\0") or not _TOKEN.fullmatch(name):
+    if any(ch in value for ch in "\r\n\0") or not HTTP_TOKEN.fullmatch(name):
         raise ValueError(f"header {name!r} cannot be sent (invalid name, or CR, LF or NUL in the value)")
     return line.encode("latin-1")
 

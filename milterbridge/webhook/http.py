@@ -19,8 +19,8 @@ What it does and no more:
   answers' bodies are read up to ``max_error_body_bytes`` and then cut off.
 - The request asks for ``identity``; a response with another content coding is refused.
 - One idle list per origin (scheme, host, port, TLS context), most recent first. An idle
-  connection older than ``keepalive_timeout`` is never reused: it is closed by the next
-  request to its origin or by a sweep, before the server's own idle timeout can close it
+  connection older than ``keepalive_timeout`` is never reused (the next request skips and
+  closes it, a sweep closes the rest), so the server's own idle timeout cannot close it
   under a new request. A request is never repeated here: the caller's retry rule decides.
 
 Errors (all ``HttpError``, never with the URL or a header value in the text)::
@@ -435,9 +435,7 @@ class HttpPool:
         if idle is None:
             idle = self._idle[conn.origin] = []
         idle.append(conn)
-        # The oldest connection is first: close the expired ones while we are here.
-        while idle and (idle[0].closed or now - idle[0].idle_since >= self._keepalive_timeout):
-            idle.pop(0).close()
+        # Expired connections are closed by the sweep, and never handed out by _take.
         if self._sweep is None:
             self._sweep = asyncio.get_running_loop().call_later(self._keepalive_timeout, self._sweep_idle)
 
