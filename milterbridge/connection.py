@@ -183,6 +183,12 @@ class MilterConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self._sock: socket.socket | None = None
+        #: Set by each write: the next read sets TCP_QUICKACK again. Linux delays ACKs
+        #: ("pingpong" mode) only after we have sent data; TCP_QUICKACK leaves that mode,
+        #: and until our next write every read of a small pushed segment ACKs it at once.
+        #: So once per write, not once per read, keeps Postfix's Nagle-delayed packets from
+        #: waiting for our delayed ACK (postfix-e2e.md pitfall 7).
+        self._quickack_due = True
         self._busy: asyncio.Task[None] | None = None
         self._paused = False
         self._closed = False
@@ -209,14 +215,16 @@ class MilterConnection(asyncio.Protocol):
         self._last_activity = time.monotonic()
         self._arm_idle_timer(self._settings.idle_timeout)
         if _TCP_QUICKACK is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # QUICKACK is set again on every read. uvloop's socket stand-in builds a socket
+            # QUICKACK is set again after each of our writes. uvloop's socket stand-in builds a socket
             # object (and calls getsockname) for each setsockopt, so keep one socket object
             # on the descriptor, borrowed: the transport closes the descriptor.
             self._sock = _BorrowedSocket(sock.family, socket.SOCK_STREAM, 0, fileno=sock.fileno())
 
     def data_received(self, data: bytes) -> None:
-        if self._sock is not None:
-            # Per read: a plain try (suppress() would build an object each time).
+        if self._quickack_due and self._sock is not None:
+            # The first read after each of our writes (see _quickack_due): a plain try
+            # (suppress() would build an object each time).
+            self._quickack_due = False
             try:  # noqa: SIM105
                 self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)  # type: ignore[arg-type]
             except OSError:
@@ -311,6 +319,7 @@ class MilterConnection(asyncio.Protocol):
             return False
         assert self.transport is not None
         self.transport.write(data)
+        self._quickack_due = True
         return True
 
     async def _finish(self, command: Command, pending: Awaitable[Replies]) -> None:
@@ -339,6 +348,7 @@ class MilterConnection(asyncio.Protocol):
             return
         try:
             self.transport.write(self.session.send(Progress()))
+            self._quickack_due = True
         except MilterError:
             return
         self._progress_handle = self._loop.call_later(self._settings.progress_interval, self._progress)
@@ -353,6 +363,7 @@ class MilterConnection(asyncio.Protocol):
             return False
         assert self.transport is not None
         self.transport.write(data)
+        self._quickack_due = True
         return True
 
     # ------------------------------------------------------------- closing

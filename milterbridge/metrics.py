@@ -20,6 +20,8 @@ Counters also expose prometheus_client's ``_created`` samples; the switch that r
 from __future__ import annotations
 
 import logging
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final, Generic, TypeVar
 
@@ -32,7 +34,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 import milterbridge
 
@@ -133,6 +135,87 @@ class _EventCollector:
         return [family]
 
 
+class _CounterTally:
+    """A labelled counter kept in a plain dict (label values -> count), exported at scrape time.
+
+    ``inc`` is a dict update: no lock and no child object, which matters for the counters every
+    webhook call touches. It is exported like prometheus_client's own counters, ``_created``
+    (when a label set was first counted) included.
+    """
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self.name: Final = name
+        self.documentation: Final = documentation
+        self.labels: Final = labels
+        self.counts: dict[tuple[str, ...], int] = {}
+        self._created: dict[tuple[str, ...], float] = {}
+
+    def inc(self, key: tuple[str, ...]) -> None:
+        count = self.counts.get(key)
+        if count is None:
+            self._created[key] = time.time()
+            count = 0
+        self.counts[key] = count + 1
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        family = self._family()
+        for key, count in sorted(self.counts.items()):
+            family.add_metric(key, float(count), created=self._created[key])
+        return [family]
+
+
+class _HistogramTally:
+    """A labelled histogram kept in plain lists (per label set: a count per bucket, then the sum).
+
+    ``observe`` is a bisect and two list updates; buckets are made cumulative at scrape time.
+    Exported like prometheus_client's histograms: ``_bucket``,
+    ``_count``, ``_sum`` and ``_created``.
+    """
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> None:
+        self.name: Final = name
+        self.documentation: Final = documentation
+        self.labels: Final = labels
+        self._bounds: Final = tuple(sorted(buckets))
+        # repr() writes bounds below 1e6 as prometheus_client does ("0.001", "1.0"); the
+        # DURATION_BUCKETS are (a test compares the two expositions).
+        self._le: Final = (*(repr(float(b)) for b in self._bounds), "+Inf")
+        self._series: dict[tuple[str, ...], list[float]] = {}
+        self._created: dict[tuple[str, ...], float] = {}
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        series = self._series.get(key)
+        if series is None:
+            self._created[key] = time.time()
+            series = self._series[key] = [0.0] * (len(self._le) + 1)
+        series[bisect_left(self._bounds, value)] += 1  # the first bucket with value <= le
+        series[-1] += value
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+
+    def describe(self) -> Iterable[HistogramMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[HistogramMetricFamily]:
+        family = self._family()
+        for key, series in sorted(self._series.items()):
+            cumulative = 0.0
+            buckets = []
+            for le, count in zip(self._le, series, strict=False):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(key, buckets, series[-1])
+            family.add_sample(self.name + "_created", dict(zip(self.labels, key, strict=True)), self._created[key])
+        return [family]
+
+
 class Metrics:
     """The bridge's metrics and the registry that holds them.
 
@@ -159,23 +242,20 @@ class Metrics:
         # exported at scrape time: this is the hottest counter of all.
         self._events = _EventCollector()
         registry.register(self._events)
-        self._webhook_requests = _Children(
-            Counter(
-                PREFIX + "webhook_requests_total",
-                "Webhook calls, by endpoint, event and outcome (one per call; a retry is inside it).",
-                ("endpoint", "event", "outcome"),
-                registry=registry,
-            )
+        # Touched by every webhook call: plain dicts, exported at scrape time.
+        self._webhook_requests = _CounterTally(
+            PREFIX + "webhook_requests",
+            "Webhook calls, by endpoint, event and outcome (one per call; a retry is inside it).",
+            ("endpoint", "event", "outcome"),
         )
-        self._webhook_duration = _Children(
-            Histogram(
-                PREFIX + "webhook_request_duration_seconds",
-                "Webhook call duration in seconds, retry included; calls refused by the breaker are not observed.",
-                ("endpoint", "event"),
-                buckets=DURATION_BUCKETS,
-                registry=registry,
-            )
+        registry.register(self._webhook_requests)
+        self._webhook_duration = _HistogramTally(
+            PREFIX + "webhook_request_duration_seconds",
+            "Webhook call duration in seconds, retry included; calls refused by the breaker are not observed.",
+            ("endpoint", "event"),
+            DURATION_BUCKETS,
         )
+        registry.register(self._webhook_duration)
         self._retries = _Children(
             Counter(
                 PREFIX + "webhook_retries_total",
@@ -184,14 +264,12 @@ class Metrics:
                 registry=registry,
             )
         )
-        self._decisions = _Children(
-            Counter(
-                PREFIX + "decisions_total",
-                "Decisions answered by endpoints (observe mode included), by endpoint, event, action and mode.",
-                ("endpoint", "event", "action", "mode"),
-                registry=registry,
-            )
+        self._decisions = _CounterTally(
+            PREFIX + "decisions",
+            "Decisions answered by endpoints (observe mode included), by endpoint, event, action and mode.",
+            ("endpoint", "event", "action", "mode"),
         )
+        registry.register(self._decisions)
         self._breakers = _BreakerCollector()
         registry.register(self._breakers)
         self._progress = Counter(
@@ -269,9 +347,9 @@ class Metrics:
         Calls that sent no request (``breaker_open``, or ``seconds`` None) are counted but not
         observed in the duration histogram, which would otherwise fill with zeros.
         """
-        self._webhook_requests.get((endpoint, event, outcome)).inc()
+        self._webhook_requests.inc((endpoint, event, outcome))
         if seconds is not None and outcome != _NO_REQUEST:
-            self._webhook_duration.get((endpoint, event)).observe(seconds)
+            self._webhook_duration.observe((endpoint, event), seconds)
 
     def retry(self, endpoint: str) -> None:
         """A webhook request to ``endpoint`` was retried."""
@@ -279,7 +357,7 @@ class Metrics:
 
     def decision(self, endpoint: str, event: str, action: str, mode: str) -> None:
         """``endpoint`` answered ``action`` for ``event`` in ``mode`` (enforce or observe)."""
-        self._decisions.get((endpoint, event, action, mode)).inc()
+        self._decisions.inc((endpoint, event, action, mode))
 
     def on_attempt(self, endpoint: str, attempt: int, outcome: str, elapsed: float) -> None:
         """``WebhookObserver``: count retries; the call as a whole is counted by ``webhook``."""

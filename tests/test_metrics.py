@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 import milterbridge
-from milterbridge.metrics import BREAKER_STATES, MESSAGE_OUTCOMES, Metrics
+from milterbridge.metrics import BREAKER_STATES, DURATION_BUCKETS, MESSAGE_OUTCOMES, Metrics
 from milterbridge.webhook.client import WebhookObserver
 from milterbridge.webhook.errors import AttemptOutcome
 
@@ -69,6 +72,63 @@ def test_webhook_counts_and_observes_duration(metrics):
     assert value(metrics, bucket, endpoint="policy", event="eom", le="0.005") == 1
     assert value(metrics, bucket, endpoint="policy", event="eom", le="0.001") == 0
     assert value(metrics, bucket, endpoint="policy", event="eom", le="30.0") == 2
+
+
+def test_webhook_series_match_prometheus_clients_own_counter_and_histogram(metrics):
+    """The dict-kept webhook and decision series export exactly what prometheus_client's would.
+
+    Values on a bucket bound count in that bucket (``le``), values above the last one only in
+    ``+Inf``; ``_created`` is there for every series.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    requests = Counter("milterbridge_webhook_requests_total", "x", ("endpoint", "event", "outcome"), registry=registry)
+    duration = Histogram(
+        "milterbridge_webhook_request_duration_seconds",
+        "x",
+        ("endpoint", "event"),
+        buckets=DURATION_BUCKETS,
+        registry=registry,
+    )
+    decisions = Counter("milterbridge_decisions_total", "x", ("endpoint", "event", "action", "mode"), registry=registry)
+    calls = [
+        ("a", "eom", "ok", 0.001),
+        ("a", "eom", "ok", 0.0011),
+        ("a", "rcpt", "timeout", 31.0),
+        ("b", "eom", "ok", 0.0),
+    ]
+    for endpoint, event, outcome, seconds in calls:
+        metrics.webhook(endpoint, event, outcome, seconds)
+        metrics.decision(endpoint, event, "continue", "enforce")
+        requests.labels(endpoint, event, outcome).inc()
+        duration.labels(endpoint, event).observe(seconds)
+        decisions.labels(endpoint, event, "continue", "enforce").inc()
+
+    def samples(
+        families: Iterable[Metric], names: tuple[str, ...]
+    ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): (1.0 if s.name.endswith("_created") else s.value)
+            for family in families
+            if family.name in names
+            for s in family.samples
+        }
+
+    names = ("milterbridge_webhook_requests", "milterbridge_webhook_request_duration_seconds", "milterbridge_decisions")
+    ours = samples(text_string_to_metric_families(metrics.render()[0].decode()), names)
+    reference = samples(text_string_to_metric_families(generate_latest(registry).decode()), names)
+    assert ours == reference
+    assert (
+        value(metrics, "milterbridge_webhook_request_duration_seconds_bucket", endpoint="a", event="eom", le="0.001")
+        == 1
+    )
+    assert (
+        value(metrics, "milterbridge_webhook_request_duration_seconds_bucket", endpoint="a", event="rcpt", le="+Inf")
+        == 1
+    )
+    assert (
+        value(metrics, "milterbridge_webhook_request_duration_seconds_bucket", endpoint="a", event="rcpt", le="30.0")
+        == 0
+    )
 
 
 def test_breaker_open_is_counted_but_not_timed(metrics):

@@ -83,6 +83,7 @@ MAX_ADDRESS_BYTES: Final = 1024
 MAX_ARGS: Final = 16
 MAX_ARG_BYTES: Final = 1024
 
+_PLAIN_CONTINUE: Final = {"action": "continue"}
 _TOP_KEYS: Final = frozenset({"action", "reply", "reason", "modifications"})
 _REPLY_KEYS: Final = frozenset({"code", "enhanced", "text"})
 _ENHANCED: Final = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
@@ -114,8 +115,8 @@ def parse_decision(
     legal = LEGAL_ACTIONS.get(event)
     if legal is None:
         raise PolicyUsageError(f"{event} is not a decision event")
-    if obj is None:
-        return CONTINUE
+    if obj is None or obj == _PLAIN_CONTINUE:
+        return CONTINUE  # the most common answer, {"action": "continue"}: legal at every event
     top = _object(obj, "response", _TOP_KEYS, required=("action",))
     raw_action = _string(top["action"], "action")
     action = _ACTION_NAMES.get(raw_action)

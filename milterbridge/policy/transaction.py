@@ -51,7 +51,7 @@ from milterbridge.milter.messages import (
 )
 
 from .apply import AppliedModification, DroppedModification, DropReason, plan_modifications
-from .merge import Verdict, failure_decision, merge, merge_rcpt, refusal_reply
+from .merge import SEVERITY, Verdict, failure_decision, merge, merge_rcpt, refusal_reply
 from .model import (
     CONNECTION_EVENTS,
     LEGAL_ACTIONS,
@@ -67,13 +67,18 @@ from .model import (
 
 _REFUSALS: Final = frozenset({ActionName.REJECT, ActionName.TEMPFAIL})
 _ENDS_MESSAGE: Final = frozenset({ActionName.REJECT, ActionName.TEMPFAIL, ActionName.DISCARD})
+#: Actions of merge rank 0 (merge.SEVERITY): they never win a merge.
+_NEVER_WINS: Final = frozenset(action for action, rank in SEVERITY.items() if rank == 0)
+#: The action an EventResult reports for a reply no verdict won.
+_REPLY_ACTIONS: Final[Mapping[type[Reply], ActionName]] = {Accept: ActionName.ACCEPT, Skip: ActionName.SKIP}
 #: Events whose refusal ends the message (at rcpt it refuses one recipient only).
 _MESSAGE_REFUSAL_EVENTS: Final = frozenset({Event.MAIL, Event.DATA, Event.HEADER, Event.EOH, Event.BODY, Event.EOM})
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class EventResult:
-    """What :meth:`PolicyState.decide` did at one event, and the reply to send.
+    """What :meth:`PolicyState.decide` did at one event, and the reply to send (read-only by
+    convention: not frozen, because a frozen dataclass costs a fifth of ``decide`` to build).
 
     ``action`` is the merged action (``reject``, ``tempfail``, ``discard``,
     ``quarantine`` (remembered; the reply is ``'c'``), ``accept`` when ``'a'``
@@ -232,8 +237,13 @@ class PolicyState:
         if event in NOTIFICATION_EVENTS:
             raise PolicyUsageError(f"{event} is a notification; nothing to decide")
         verdicts, ignored, dropped = self._resolve(event, outcomes)
-        winner, deferred = self._merge(event, verdicts)
-        self._remember_quarantines(event, verdicts)
+        if self._pending_discard is None and all(v.decision.action in _NEVER_WINS for v in verdicts):
+            # The common case, merged without the merge: nobody asked for more than
+            # continue, and no discard is remembered, so nothing wins and nothing is deferred.
+            winner = deferred = None
+        else:
+            winner, deferred = self._merge(event, verdicts)
+            self._remember_quarantines(event, verdicts)
         ends_message = ends_session = False
         if winner is not None and winner.action in _REFUSALS:
             reply = refusal_reply(winner.decision)
@@ -254,7 +264,7 @@ class PolicyState:
         if winner is not None:
             action = winner.action
         else:
-            action = {Accept: ActionName.ACCEPT, Skip: ActionName.SKIP}.get(type(reply), ActionName.CONTINUE)
+            action = _REPLY_ACTIONS.get(type(reply), ActionName.CONTINUE)
         return EventResult(
             event=event,
             reply=reply,
@@ -353,7 +363,8 @@ class PolicyState:
         missing = expected - {v.endpoint.name for v in verdicts}
         if missing:
             raise PolicyUsageError(f"no outcome for {sorted(missing)} at {event}")
-        verdicts.sort(key=lambda v: (v.endpoint.index, v.endpoint.name))
+        if len(verdicts) > 1:
+            verdicts.sort(key=lambda v: (v.endpoint.index, v.endpoint.name))
         return verdicts, ignored, dropped
 
     def _check_decision(self, name: str, event: Event, decision: Decision, legal: frozenset[ActionName]) -> None:
