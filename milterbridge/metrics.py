@@ -3,7 +3,11 @@
 The connection, the server and the dispatcher call plain methods on it (``message("accepted")``,
 ``webhook("policy", "eom", "ok", 0.012)``); none of them touches prometheus_client. The calls sit
 on the hot path, so label children are resolved once and kept in dicts keyed by the label values:
-after the first call for a label set, a call is a dict lookup and an ``inc``.
+after the first call for a label set, a call is a dict lookup and an ``inc``. The series touched
+for every milter command or webhook call (``events_total``, ``webhook_requests_total``,
+``webhook_request_duration_seconds``, ``decisions_total``) skip prometheus_client's objects (and
+their locks) altogether: plain dicts, exported by collectors at scrape time. The bridge calls
+them from its event loop only.
 
 Names follow style.md §3 (``milterbridge_<noun>_<unit>``, counters end in ``_total``, durations in
 ``_seconds``). Label values are bounded by construction: endpoint names from the config, the fixed
