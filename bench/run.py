@@ -348,8 +348,13 @@ async def run_profile(
                     else:
                         results.single.append(await measure_single(target, profile, launched, settings))
             except procs.ProcessError as exc:
-                results.skipped[name] = f"failed: {exc}"
-                print(f"  {name}: failed to start", file=sys.stderr, flush=True)
+                # Its points from earlier rounds go too: a median of fewer rounds than the
+                # other targets had would be compared with theirs as if it were the same.
+                when = f" in round {round_number + 1} of {rounds}" if round_number else ""
+                results.skipped[name] = f"failed{when}: {exc}"
+                for key in [key for key in sweeps if key[0] == target]:
+                    del sweeps[key]
+                print(f"  {name}: failed to start{when}", file=sys.stderr, flush=True)
     results.sweeps.extend(
         median_point(sweeps[(target, concurrency)])
         for target in targets

@@ -6,6 +6,8 @@ The real benchmark is ``python -m bench.run`` and is not part of the test run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -17,6 +19,7 @@ import pytest
 from aiohttp.test_utils import RawTestServer, TestClient
 
 from bench import costs, procs
+from bench import run as bench_run
 from bench.endpoint import HOOK_PATH, build_handler
 from bench.loadgen import idle_connections, run_load
 from bench.profiles import ALL_EVENTS, BENCH_HEADER_NAME, PROFILES, build_message
@@ -138,6 +141,38 @@ def test_rounds_are_merged_into_medians():
     assert (merged.messages_per_second, merged.cpu_us_per_message, merged.p99_ms) == (500, 800, 1.0)
     assert (merged.messages, merged.errors, merged.elapsed_seconds) == (300, 0, 3.0)
     assert median_point(rounds[:1]) is rounds[0]
+
+
+@pytest.mark.asyncio
+async def test_a_target_failing_in_a_later_round_loses_its_earlier_points(monkeypatch, tmp_path):
+    """A median of fewer rounds must not be compared with the others' as if it were the same.
+
+    The targets' start and measurement are stood in for (the smoke runs below exercise them):
+    what is tested is run_profile's bookkeeping when ``minimal`` fails to start in round 2.
+    """
+    starts: list[str] = []
+
+    @contextlib.contextmanager
+    def launch(target, profile, settings, layout, workdir):
+        starts.append(target)
+        if target == "minimal" and starts.count("minimal") == 2:
+            raise procs.ProcessError("minimal died")
+        yield bench_run.Launched(address="inet:127.0.0.1:1", pid=os.getpid())
+
+    async def measure_sweep(target, profile, launched, settings, layout):
+        return [_point(target, 100.0 * len(starts), 500.0, conc=c) for c in settings.concurrency]
+
+    monkeypatch.setattr(bench_run, "launch", launch)
+    monkeypatch.setattr(bench_run, "measure_sweep", measure_sweep)
+    settings = bench_run.parse_args(["--profiles", "a", "--targets", "bridge,minimal", "--concurrency", "1,16"])
+    settings = dataclasses.replace(settings, rounds=3)
+    results = Results()
+    await bench_run.run_profile(PROFILES["a"], settings, procs.CoreLayout.choose(False), tmp_path, results)
+    assert starts == ["bridge", "minimal", "minimal", "bridge", "bridge"]
+    assert sorted((p.target, p.concurrency) for p in results.sweeps) == [("bridge", 1), ("bridge", 16)]
+    assert all(p.messages == 300 for p in results.sweeps)  # three rounds merged
+    assert results.skipped == {"(a) minimal": "failed in round 2 of 3: minimal died"}
+    assert results.failed
 
 
 def test_report_prints_the_issue_ratios():
