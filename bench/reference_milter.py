@@ -9,6 +9,11 @@ and pymilter is the cost of our protocol layer against libmilter's C.
 
     python -m bench.reference_milter --listen inet:127.0.0.1:9901 --events eom
     python -m bench.reference_milter --listen inet:127.0.0.1:9901 --events all
+    python -m bench.reference_milter --listen inet:127.0.0.1:9901 --events eom --quiet connect,helo,mail,rcpt,header
+
+``--quiet`` asks for more events without answering them (negotiated no-reply), as the bridge
+does for the events its end-of-message payload is built from: the MTA then sends what it
+sends the bridge, and the milter only takes it in.
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ _CONTINUE = (Continue(),)
 _EOM = (AddHeader(name=BENCH_HEADER_NAME.encode(), value=b" " + BENCH_HEADER_VALUE.encode()), Accept())
 
 
-def requirements_for(events: Sequence[str]) -> Requirements:
-    """Ask for ``events`` (``eom`` always comes) and answer every one of them."""
+def requirements_for(events: Sequence[str], quiet: Sequence[str] = ()) -> Requirements:
+    """Ask for ``events`` (``eom`` always comes) and answer every one; ``quiet`` ones too, unanswered."""
     wanted = frozenset(Event(e) for e in events) & NEGOTIABLE_EVENTS
-    return Requirements(events=wanted, reply_events=wanted)
+    unanswered = frozenset(Event(e) for e in quiet) & NEGOTIABLE_EVENTS
+    return Requirements(events=wanted | unanswered, reply_events=wanted)
 
 
 class BenchHandler:
@@ -62,9 +68,11 @@ class BenchHandler:
         return None
 
 
-def build_server(listen: Sequence[str], events: Sequence[str], *, max_connections: int = 10000) -> MilterServer:
-    """A MilterServer (not started) running :class:`BenchHandler` for ``events``."""
-    requirements = requirements_for(events)
+def build_server(
+    listen: Sequence[str], events: Sequence[str], *, quiet: Sequence[str] = (), max_connections: int = 10000
+) -> MilterServer:
+    """A MilterServer (not started) running :class:`BenchHandler` for ``events`` (and ``quiet``)."""
+    requirements = requirements_for(events, quiet)
     return MilterServer(listen, lambda session: BenchHandler(session, requirements), max_connections=max_connections)
 
 
@@ -90,9 +98,9 @@ def parse_events(text: str) -> tuple[str, ...]:
     return events
 
 
-async def serve(listen: Sequence[str], events: Sequence[str]) -> None:
+async def serve(listen: Sequence[str], events: Sequence[str], quiet: Sequence[str] = ()) -> None:
     """Run until SIGTERM or SIGINT, then drain briefly."""
-    server = build_server(listen, events)
+    server = build_server(listen, events, quiet=quiet)
     await server.start()
     print("ready", " ".join(server.bound), flush=True)
     stop = asyncio.Event()
@@ -111,8 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.reference_milter", description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", action="append", required=True, help="milter address (repeatable)")
     parser.add_argument("--events", type=parse_events, default=("eom",), help="'all' or e.g. connect,helo,eom")
+    parser.add_argument(
+        "--quiet", type=parse_events, default=(), help="events also asked for but not answered (no-reply)"
+    )
     args = parser.parse_args(argv)
-    eventloop.run(serve(args.listen, args.events))
+    eventloop.run(serve(args.listen, args.events, args.quiet))
     return 0
 
 

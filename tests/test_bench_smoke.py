@@ -42,6 +42,16 @@ def test_profile_message_has_the_requested_shape():
     assert len(body) == profile.body_bytes == 4096
 
 
+def test_reference_milter_takes_quiet_events_without_answering_them():
+    """--quiet events are asked for and negotiated no-reply (what the bridge does for its payload)."""
+    from bench.reference_milter import requirements_for
+    from milterbridge.milter.constants import Event
+
+    got = requirements_for(("rcpt",), ("connect", "header"))
+    assert got.events == {Event.RCPT, Event.CONNECT, Event.HEADER}
+    assert got.reply_events == {Event.RCPT}
+
+
 def test_include_body_profiles_make_references_read_the_body():
     """A reference milter asks for body chunks when the bridge forwards the body (profile c)."""
     assert "body" in PROFILES["c"].milter_events

@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +31,7 @@ from bench import procs
 from bench import run as bench_run
 from bench.endpoint import HOOK_PATH
 from bench.profiles import BENCH_HEADER_NAME, BENCH_HEADER_VALUE, PROFILES
+from milterbridge.dispatch import CONTEXT_EVENTS
 from tests.fakes.webhooks import FakeResponse, FakeWebhooks, RecordedRequest
 
 from .bridge import BridgeRunner, blocking, body_of, parse, smtp
@@ -227,6 +229,11 @@ LATENCY_WARMUP = 5
 STALL_SECONDS = 0.03
 #: Clients from this address get no milter (smtpd_milter_maps): the latency test's baseline.
 BARE_CLIENT = "127.0.0.2"
+#: Clients from this address get the minimal milter instead of the bridge.
+MINIMAL_CLIENT = "127.0.0.3"
+#: What the bridge asks Postfix for in profile (a) besides end-of-message, all without reply
+#: (dispatch.CONTEXT_EVENTS): the minimal milter asks for the same, so Postfix sends both the same.
+MINIMAL_ARGS = ("--events", "eom", "--quiet", ",".join(sorted(event.value for event in CONTEXT_EVENTS)))
 
 
 @pytest.mark.asyncio
@@ -239,9 +246,12 @@ async def test_latency_with_and_without_the_bridge(
     (``bench.endpoint``: continue, and one header at eom) in another, as in production (in
     this process they would share the GIL with the SMTP client's thread). Messages with and
     without the milter alternate, so a drift in the machine's speed hits both alike: Postfix's
-    ``smtpd_milter_maps`` disables the milter for clients connecting from 127.0.0.2.
+    ``smtpd_milter_maps`` disables the milter for clients connecting from 127.0.0.2. A third
+    kind of message, from 127.0.0.3, goes to our minimal milter (``bench.reference_milter``)
+    asking for the same events as the bridge, without HTTP: the share of the difference that
+    any milter receiving those events costs Postfix.
     """
-    port, endpoint_port = procs.free_port(), procs.free_port()
+    port, endpoint_port, minimal_port = procs.free_port(), procs.free_port(), procs.free_port()
     config = tmp_path / "bridge.toml"
     endpoint_url = f"http://127.0.0.1:{endpoint_port}{HOOK_PATH}"
     config.write_text(bench_run.bridge_config(port, procs.free_port(), endpoint_url, PROFILES["a"]))
@@ -257,45 +267,63 @@ async def test_latency_with_and_without_the_bridge(
         log_path=tmp_path / "bridge.log",
         cwd=REPO_ROOT,
     )
+    minimal = procs.Child(
+        "minimal",
+        [sys.executable, "-m", "bench.reference_milter", "--listen", f"inet:127.0.0.1:{minimal_port}", *MINIMAL_ARGS],
+        log_path=tmp_path / "minimal.log",
+        cwd=REPO_ROOT,
+    )
     maps = mta.config_dir / "milter_maps.cidr"
-    maps.write_text(f"{BARE_CLIENT}/32 DISABLE\n")
+    maps.write_text(f"{BARE_CLIENT}/32 DISABLE\n{MINIMAL_CLIENT}/32 inet:127.0.0.1:{minimal_port}\n")
     maps.chmod(0o644)
+    kinds = (("bare", BARE_CLIENT), ("minimal", MINIMAL_CLIENT), ("bridged", "127.0.0.1"))
 
     def run() -> dict[str, list[SmtpResult]]:
-        out: dict[str, list[SmtpResult]] = {"bare": [], "bridged": []}
+        out: dict[str, list[SmtpResult]] = {label: [] for label, _ in kinds}
         for n in range(LATENCY_WARMUP + LATENCY_MESSAGES):
-            for label, source in (("bare", BARE_CLIENT), ("bridged", "127.0.0.1")):
+            for label, source in kinds:
                 result = mta.send(SENDER, [RCPT], make_message(subject=f"{label} {n}"), source_address=source)
                 assert result.accepted, result
                 if n >= LATENCY_WARMUP:  # the first ones pay for connections and caches
                     out[label].append(result)
         return out
 
-    with procs.running([endpoint, bridge]):
+    with procs.running([endpoint, bridge, minimal]):
         procs.wait_for_port(endpoint, "127.0.0.1", endpoint_port)
         procs.wait_for_port(bridge, "127.0.0.1", port)
+        procs.wait_for_port(minimal, "127.0.0.1", minimal_port)
         await blocking(mta.configure, {"smtpd_milter_maps": f"cidr:{maps}"}, reload=False)
         await blocking(mta.set_milter, f"inet:127.0.0.1:{port}")  # reloads
         results = await blocking(run)
-        delivered = await blocking(mta.wait_for_delivery, 2 * (LATENCY_WARMUP + LATENCY_MESSAGES), 10.0)
+        delivered = await blocking(mta.wait_for_delivery, len(kinds) * (LATENCY_WARMUP + LATENCY_MESSAGES), 10.0)
         stats = await blocking(_get_json, f"http://127.0.0.1:{endpoint_port}/stats")
 
-    assert stats.get("eom") == LATENCY_WARMUP + LATENCY_MESSAGES  # only the bridged half reached the endpoint
+    assert stats.get("eom") == LATENCY_WARMUP + LATENCY_MESSAGES  # only the bridged third reached the endpoint
     header = f"\n{BENCH_HEADER_NAME}: {BENCH_HEADER_VALUE}".encode()
-    tagged = [body for _, body in delivered if header in body.replace(b"\r\n", b"\n")]
-    assert len(tagged) == LATENCY_WARMUP + LATENCY_MESSAGES
+    # Both milters add the header; no message without a milter has it. Subjects are "<kind> <n>".
+    tagged: Counter[str] = Counter()
+    for _, raw in delivered:
+        text = raw.replace(b"\r\n", b"\n")
+        if header in text:
+            tagged[text.split(b"\nSubject: ", 1)[1].split(b" ", 1)[0].decode()] += 1
+    assert tagged == {"minimal": LATENCY_WARMUP + LATENCY_MESSAGES, "bridged": LATENCY_WARMUP + LATENCY_MESSAGES}
     transaction = {k: median_seconds(r.transaction.duration for r in v) for k, v in results.items()}
     session = {k: median_seconds(r.duration for r in v) for k, v in results.items()}
     assert transaction["bridged"] < 1.0
     # A delayed-ACK stall (Postfix's Nagle waiting for our ACK, postfix-e2e.md pitfall 7)
     # costs at least 40 ms, Linux's shortest delayed ACK, on every transaction it hits.
-    stalled = [r for r in results["bridged"] if r.transaction.duration > transaction["bare"] + STALL_SECONDS]
-    assert len(stalled) <= LATENCY_MESSAGES // 10, [round(r.transaction.duration * 1000, 1) for r in stalled]
+    for label in ("minimal", "bridged"):
+        stalled = [r for r in results[label] if r.transaction.duration > transaction["bare"] + STALL_SECONDS]
+        assert len(stalled) <= LATENCY_MESSAGES // 10, (
+            label,
+            [round(r.transaction.duration * 1000, 1) for r in stalled],
+        )
     for what, medians in (("MAIL to end of data", transaction), ("whole SMTP session", session)):
-        bare, bridged = medians["bare"] * 1000, medians["bridged"] * 1000
+        bare, minimal_ms, bridged = (medians[k] * 1000 for k in ("bare", "minimal", "bridged"))
         postfix_report(
             f"latency, median of {LATENCY_MESSAGES} ({what}): no milter {bare:.1f} ms, "
-            f"milterbridge + trivial eom endpoint {bridged:.1f} ms, difference {bridged - bare:+.1f} ms"
+            f"milterbridge + trivial eom endpoint {bridged:.1f} ms, difference {bridged - bare:+.1f} ms "
+            f"(minimal milter asking the same events, no HTTP: {minimal_ms - bare:+.1f} ms)"
         )
 
 
