@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from bench.reference_milter import running
 from bench.report import IdlePoint, Results, SinglePoint, SweepPoint, median_point, render, target_lines
 from bench.run import pymilter_available
 from milterbridge.connection import StaticHandler
-from tests.conftest import assert_no_leaked_tasks, running_server
+from tests.conftest import assert_no_leaked_tasks, missing_prerequisite, running_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = ["inet:127.0.0.1:0"]
@@ -297,6 +298,16 @@ def test_costs_milter_side_alone():
     figures = re.findall(r"(\d+\.\d) µs CPU per (message|call)", out)
     assert [kind for _, kind in figures] == ["message"], out
     assert "(b) per-stage webhooks" in out
+
+
+def test_whole_bridge_instructions_are_counted_under_valgrind(tmp_path):
+    """One short ``--bridge-instructions`` run: the bridge under callgrind answers every message."""
+    if shutil.which("valgrind") is None:
+        missing_prerequisite("valgrind (scripts/install-test-tools installs it)")
+    layout = procs.CoreLayout.choose(pin=False)
+    count = costs._bridge_run_instructions(PROFILES["a"], 10, layout, tmp_path)
+    # Start-up and imports alone are well over 10**8 instructions; 10 messages add about 10**7.
+    assert count > 10**8
 
 
 def test_callgrind_total_is_read_from_valgrinds_summary():
