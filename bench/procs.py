@@ -192,7 +192,7 @@ def run_seconds(pid: int) -> float:
 
     From the scheduler's ``se.sum_exec_runtime`` (``/proc/<pid>/task/<tid>/sched``, in ms),
     for spans too short for :func:`cpu_seconds`, whose clock ticks are 10 ms. Threads that
-    ended are not counted.
+    ended are not counted; 0.0 on a kernel without ``CONFIG_SCHED_DEBUG`` (no ``sched`` file).
     """
     total = 0.0
     for p in descendants(pid):

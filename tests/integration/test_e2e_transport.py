@@ -325,11 +325,12 @@ async def test_latency_with_and_without_the_bridge(
             label,
             [round(r.transaction.duration * 1000, 1) for r in stalled],
         )
-    assert all(seconds > 0 for seconds in cpu.values()), cpu
+    # A diagnostic, not a target: /proc/<pid>/task/<tid>/sched needs a kernel with
+    # CONFIG_SCHED_DEBUG, and without it the figures are 0.
+    per_message = {k: f"{v / LATENCY_MESSAGES * 1e6:.0f} µs" if v > 0 else "n/a" for k, v in cpu.items()}
     postfix_report(
         f"CPU per message through Postfix (scheduler run time, {LATENCY_MESSAGES} messages, a session each): "
-        f"milterbridge {cpu['bridged'] / LATENCY_MESSAGES * 1e6:.0f} µs, "
-        f"minimal milter {cpu['minimal'] / LATENCY_MESSAGES * 1e6:.0f} µs"
+        f"milterbridge {per_message['bridged']}, minimal milter {per_message['minimal']}"
     )
     for what, medians in (("MAIL to end of data", transaction), ("whole SMTP session", session)):
         bare, minimal_ms, bridged = (medians[k] * 1000 for k in ("bare", "minimal", "bridged"))
