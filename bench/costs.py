@@ -267,31 +267,19 @@ BRIDGE_CALLGRIND_CONCURRENCY = 4
 
 def _bridge_run_instructions(profile: Profile, messages: int, layout: procs.CoreLayout, tmp: Path) -> int:
     """Instructions of one ``milterbridge serve`` under callgrind while it answers ``messages``."""
-    port, admin_port, endpoint_port = procs.free_port(HOST), procs.free_port(HOST), procs.free_port(HOST)
-    config = tmp / f"bridge-{messages}.toml"
-    config.write_text(run.bridge_config(port, admin_port, f"http://{HOST}:{endpoint_port}{HOOK_PATH}", profile))
-    endpoint = procs.Child(
-        "endpoint",
-        [sys.executable, "-m", "bench.endpoint", "--host", HOST, "--port", str(endpoint_port)],
-        log_path=tmp / "endpoint.log",
-        cores=layout.endpoint,
-        cwd=REPO_ROOT,
-    )
-    argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m", "milterbridge"]
-    bridge = procs.Child(
-        "bridge",
-        [*argv, "serve", "--config", str(config), "--workers", "1"],
-        log_path=tmp / f"bridge-{messages}.log",
-        cores=layout.milter,
-        cwd=REPO_ROOT,
+    with run.bridge_with_endpoint(
+        profile,
+        tmp,
+        layout,
+        tag=f"bridge-{messages}",
+        workers=1,
+        wrapper=("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
+        start_timeout=300.0,
         stop_timeout=60.0,  # valgrind writes its summary after the bridge's drain
-    )
-    with procs.running([endpoint, bridge]):
-        procs.wait_for_port(endpoint, HOST, endpoint_port)
-        procs.wait_for_port(bridge, HOST, port, timeout=300.0)
+    ) as running:
         result = eventloop.run(
             run_load(
-                f"inet:{HOST}:{port}",
+                running.address,
                 profile,
                 concurrency=BRIDGE_CALLGRIND_CONCURRENCY,
                 max_messages=messages,
@@ -304,7 +292,7 @@ def _bridge_run_instructions(profile: Profile, messages: int, layout: procs.Core
                 f"the bridge under valgrind answered {result.messages} of {messages} messages, "
                 f"{result.errors} errors: {result.error_samples[:3]}"
             )
-    return parse_callgrind_total(bridge.log_path.read_text(errors="replace"))
+    return parse_callgrind_total(running.bridge.log_path.read_text(errors="replace"))
 
 
 def bridge_instructions(profile: Profile) -> float:

@@ -131,52 +131,105 @@ timeout = 20.0
 """
 
 
+@dataclass(frozen=True, slots=True)
+class RunningBridge:
+    """``milterbridge serve`` and its ``bench.endpoint``, both up and listening."""
+
+    port: int
+    endpoint_port: int
+    bridge: procs.Child
+    endpoint: procs.Child
+
+    @property
+    def address(self) -> str:
+        return f"inet:{HOST}:{self.port}"
+
+
+@contextlib.contextmanager
+def bridge_with_endpoint(
+    profile: Profile,
+    workdir: Path,
+    layout: procs.CoreLayout,
+    *,
+    tag: str,
+    idle_connections: int = 0,
+    log_level: str = "warning",
+    workers: int | None = None,
+    wrapper: Sequence[str] = (),
+    start_timeout: float = 30.0,
+    stop_timeout: float = 5.0,
+) -> Iterator[RunningBridge]:
+    """Start the bridge configured for ``profile`` and the endpoint it calls; stop both on exit.
+
+    ``wrapper`` goes in front of the bridge's command line (e.g. valgrind). Logs are
+    ``<tag>.log`` and ``<tag>-endpoint.log`` in ``workdir``.
+    """
+    python = sys.executable
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    port, endpoint_port = procs.free_port(HOST), procs.free_port(HOST)
+    config = workdir / f"{tag}.toml"
+    config.write_text(
+        bridge_config(
+            port,
+            procs.free_port(HOST),
+            f"http://{HOST}:{endpoint_port}{HOOK_PATH}",
+            profile,
+            idle_connections=idle_connections,
+            log_level=log_level,
+        )
+    )
+    endpoint = procs.Child(
+        "endpoint",
+        [python, "-m", "bench.endpoint", "--host", HOST, "--port", str(endpoint_port)],
+        log_path=workdir / f"{tag}-endpoint.log",
+        cores=layout.endpoint,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    argv = [*wrapper, python, "-m", "milterbridge", "serve", "--config", str(config)]
+    if workers:
+        argv += ["--workers", str(workers)]
+    bridge = procs.Child(
+        "bridge",
+        argv,
+        log_path=workdir / f"{tag}.log",
+        cores=layout.milter,
+        env=env,
+        cwd=REPO_ROOT,
+        stop_timeout=stop_timeout,
+    )
+    with procs.running([endpoint, bridge]):
+        procs.wait_for_port(endpoint, HOST, endpoint_port)
+        procs.wait_for_port(bridge, HOST, port, timeout=start_timeout)
+        yield RunningBridge(port=port, endpoint_port=endpoint_port, bridge=bridge, endpoint=endpoint)
+
+
 @contextlib.contextmanager
 def launch(
     target: str, profile: Profile, settings: Settings, layout: procs.CoreLayout, workdir: Path
 ) -> Iterator[Launched]:
     """Start ``target`` for ``profile``; stop it (and its endpoint) on exit."""
-    python = sys.executable
-    port = procs.free_port(HOST)
     tag = f"{profile.key}-{target}"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     if target == "bridge":
-        endpoint_port = procs.free_port(HOST)
-        config = workdir / f"bridge-{profile.key}.toml"
-        config.write_text(
-            bridge_config(
-                port,
-                procs.free_port(HOST),
-                f"http://{HOST}:{endpoint_port}{HOOK_PATH}",
-                profile,
-                idle_connections=settings.idle_connections,
-                log_level=settings.bridge_log_level,
-            )
-        )
-        endpoint = procs.Child(
-            "endpoint",
-            [python, "-m", "bench.endpoint", "--host", HOST, "--port", str(endpoint_port)],
-            log_path=workdir / f"{tag}-endpoint.log",
-            cores=layout.endpoint,
-            env=env,
-            cwd=REPO_ROOT,
-        )
-        argv = [python, "-m", "milterbridge", "serve", "--config", str(config)]
-        if settings.bridge_workers:
-            argv += ["--workers", str(settings.bridge_workers)]
-        bridge = procs.Child(
-            "bridge", argv, log_path=workdir / f"{tag}.log", cores=layout.milter, env=env, cwd=REPO_ROOT
-        )
-        with procs.running([endpoint, bridge]):
-            procs.wait_for_port(endpoint, HOST, endpoint_port)
-            procs.wait_for_port(bridge, HOST, port)
+        with bridge_with_endpoint(
+            profile,
+            workdir,
+            layout,
+            tag=tag,
+            idle_connections=settings.idle_connections,
+            log_level=settings.bridge_log_level,
+            workers=settings.bridge_workers,
+        ) as running:
             yield Launched(
-                address=f"inet:{HOST}:{port}",
-                pid=bridge.pid,
-                endpoint_pid=endpoint.pid,
+                address=running.address,
+                pid=running.bridge.pid,
+                endpoint_pid=running.endpoint.pid,
                 body_memory_bytes=BODY_MEMORY_BYTES,
             )
         return
+    python = sys.executable
+    port = procs.free_port(HOST)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     if target in ("minimal", "minimal-all"):
         events = ALL_EVENTS if target == "minimal-all" else profile.milter_events
         argv = [python, "-m", "bench.reference_milter", "--listen", f"inet:{HOST}:{port}", "--events", ",".join(events)]

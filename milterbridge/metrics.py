@@ -38,7 +38,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 import milterbridge
 
@@ -139,7 +139,23 @@ class _EventCollector:
         return [family]
 
 
-class _CounterTally:
+class _Tally:
+    """What the dict-kept series share: name, help, label names, and when each label set began."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self.name: Final = name
+        self.documentation: Final = documentation
+        self.labels: Final = labels
+        self._created: dict[tuple[str, ...], float] = {}
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+
+class _CounterTally(_Tally):
     """A labelled counter kept in a plain dict (label values -> count), exported at scrape time.
 
     ``inc`` is a dict update: no lock and no child object, which matters for the counters every
@@ -148,11 +164,8 @@ class _CounterTally:
     """
 
     def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
-        self.name: Final = name
-        self.documentation: Final = documentation
-        self.labels: Final = labels
+        super().__init__(name, documentation, labels)
         self.counts: dict[tuple[str, ...], int] = {}
-        self._created: dict[tuple[str, ...], float] = {}
 
     def inc(self, key: tuple[str, ...]) -> None:
         count = self.counts.get(key)
@@ -164,9 +177,6 @@ class _CounterTally:
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labels)
 
-    def describe(self) -> Iterable[CounterMetricFamily]:
-        return [self._family()]
-
     def collect(self) -> Iterable[CounterMetricFamily]:
         family = self._family()
         for key, count in sorted(self.counts.items()):
@@ -174,24 +184,21 @@ class _CounterTally:
         return [family]
 
 
-class _HistogramTally:
+class _HistogramTally(_Tally):
     """A labelled histogram kept in plain lists (per label set: a count per bucket, then the sum).
 
     ``observe`` is a bisect and two list updates; buckets are made cumulative at scrape time.
-    Exported like prometheus_client's histograms: ``_bucket``,
-    ``_count``, ``_sum`` and ``_created``.
+    Exported like prometheus_client's histograms: ``_bucket``, ``_count``, ``_sum`` and
+    ``_created``.
     """
 
     def __init__(self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> None:
-        self.name: Final = name
-        self.documentation: Final = documentation
-        self.labels: Final = labels
+        super().__init__(name, documentation, labels)
         self._bounds: Final = tuple(sorted(buckets))
         # repr() writes bounds below 1e6 as prometheus_client does ("0.001", "1.0"); the
         # DURATION_BUCKETS are (a test compares the two expositions).
         self._le: Final = (*(repr(float(b)) for b in self._bounds), "+Inf")
         self._series: dict[tuple[str, ...], list[float]] = {}
-        self._created: dict[tuple[str, ...], float] = {}
 
     def observe(self, key: tuple[str, ...], value: float) -> None:
         series = self._series.get(key)
@@ -203,9 +210,6 @@ class _HistogramTally:
 
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
-
-    def describe(self) -> Iterable[HistogramMetricFamily]:
-        return [self._family()]
 
     def collect(self) -> Iterable[HistogramMetricFamily]:
         family = self._family()

@@ -29,7 +29,6 @@ import pytest
 
 from bench import procs
 from bench import run as bench_run
-from bench.endpoint import HOOK_PATH
 from bench.profiles import BENCH_HEADER_NAME, BENCH_HEADER_VALUE, PROFILES
 from milterbridge.dispatch import CONTEXT_EVENTS
 from tests.fakes.webhooks import FakeResponse, FakeWebhooks, RecordedRequest
@@ -251,22 +250,7 @@ async def test_latency_with_and_without_the_bridge(
     asking for the same events as the bridge, without HTTP: the share of the difference that
     any milter receiving those events costs Postfix.
     """
-    port, endpoint_port, minimal_port = procs.free_port(), procs.free_port(), procs.free_port()
-    config = tmp_path / "bridge.toml"
-    endpoint_url = f"http://127.0.0.1:{endpoint_port}{HOOK_PATH}"
-    config.write_text(bench_run.bridge_config(port, procs.free_port(), endpoint_url, PROFILES["a"]))
-    endpoint = procs.Child(
-        "endpoint",
-        [sys.executable, "-m", "bench.endpoint", "--port", str(endpoint_port)],
-        log_path=tmp_path / "endpoint.log",
-        cwd=REPO_ROOT,
-    )
-    bridge = procs.Child(
-        "bridge",
-        [sys.executable, "-m", "milterbridge", "serve", "--config", str(config), "--workers", "1"],
-        log_path=tmp_path / "bridge.log",
-        cwd=REPO_ROOT,
-    )
+    minimal_port = procs.free_port()
     minimal = procs.Child(
         "minimal",
         [sys.executable, "-m", "bench.reference_milter", "--listen", f"inet:127.0.0.1:{minimal_port}", *MINIMAL_ARGS],
@@ -277,11 +261,9 @@ async def test_latency_with_and_without_the_bridge(
     maps.write_text(f"{BARE_CLIENT}/32 DISABLE\n{MINIMAL_CLIENT}/32 inet:127.0.0.1:{minimal_port}\n")
     maps.chmod(0o644)
     kinds = (("bare", BARE_CLIENT), ("minimal", MINIMAL_CLIENT), ("bridged", "127.0.0.1"))
-
-    milters = {"minimal": minimal, "bridged": bridge}
     cpu: dict[str, float] = {}
 
-    def run() -> dict[str, list[SmtpResult]]:
+    def run(milters: dict[str, procs.Child]) -> dict[str, list[SmtpResult]]:
         out: dict[str, list[SmtpResult]] = {label: [] for label, _ in kinds}
         for n in range(LATENCY_WARMUP + LATENCY_MESSAGES):
             if n == LATENCY_WARMUP:
@@ -295,15 +277,17 @@ async def test_latency_with_and_without_the_bridge(
             cpu[label] += procs.run_seconds(child.pid)
         return out
 
-    with procs.running([endpoint, bridge, minimal]):
-        procs.wait_for_port(endpoint, "127.0.0.1", endpoint_port)
-        procs.wait_for_port(bridge, "127.0.0.1", port)
+    unpinned = procs.CoreLayout.choose(pin=False)
+    with (
+        bench_run.bridge_with_endpoint(PROFILES["a"], tmp_path, unpinned, tag="bridge", workers=1) as bridged,
+        procs.running([minimal]),
+    ):
         procs.wait_for_port(minimal, "127.0.0.1", minimal_port)
         await blocking(mta.configure, {"smtpd_milter_maps": f"cidr:{maps}"}, reload=False)
-        await blocking(mta.set_milter, f"inet:127.0.0.1:{port}")  # reloads
-        results = await blocking(run)
+        await blocking(mta.set_milter, bridged.address)  # reloads
+        results = await blocking(run, {"minimal": minimal, "bridged": bridged.bridge})
         delivered = await blocking(mta.wait_for_delivery, len(kinds) * (LATENCY_WARMUP + LATENCY_MESSAGES), 10.0)
-        stats = await blocking(_get_json, f"http://127.0.0.1:{endpoint_port}/stats")
+        stats = await blocking(_get_json, f"http://127.0.0.1:{bridged.endpoint_port}/stats")
 
     assert stats.get("eom") == LATENCY_WARMUP + LATENCY_MESSAGES  # only the bridged third reached the endpoint
     header = f"\n{BENCH_HEADER_NAME}: {BENCH_HEADER_VALUE}".encode()
