@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 
-from milterbridge import __version__
+from milterbridge import CORE, __version__
 from milterbridge.admin import AdminServer
 from milterbridge.config import Config, ConfigError, load_config
 from milterbridge.connection import ConnectionSettings
@@ -104,10 +104,18 @@ class Bridge:
             await self.client.aclose()
             raise
         self.started = True
+        if CORE.stale:
+            log.warning("compiled core out of date, running its Python sources: %s (reinstall to compile)", CORE.reason)
         log.info(
             "milterbridge %s ready",
             __version__,
-            extra={"fields": {"listen": self.server.bound, "endpoints": [e.name for e in self.config.endpoints]}},
+            extra={
+                "fields": {
+                    "listen": self.server.bound,
+                    "endpoints": [e.name for e in self.config.endpoints],
+                    "core": CORE.build,
+                }
+            },
         )
 
     def reload(self) -> bool:

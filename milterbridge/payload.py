@@ -261,7 +261,9 @@ class PayloadBuilder:
 
 def encode(obj: JSON) -> bytes:
     """Serialize a request with orjson (bytes, sent as is)."""
-    return orjson.dumps(obj)
+    # Typed here: where orjson is not installed (mypyc's build) its functions are Any.
+    encoded: bytes = orjson.dumps(obj)
+    return encoded
 
 
 def decode(body: bytes) -> object:

@@ -274,4 +274,8 @@ def test_container_serves_a_message_and_stops_cleanly(image, container_name, tmp
     logs = _podman("logs", container_name, check=False)
     output = (logs.stdout + logs.stderr)[-3000:]
     assert state["ExitCode"] == 0, f"exit {state['ExitCode']} after {stop_seconds:.1f} s; logs:\n{output}"
+    # The image runs the core compiled with mypyc (the Dockerfile's builder stage has a compiler).
+    ready = [json.loads(line) for line in logs.stdout.splitlines() if '"milterbridge ' in line and " ready" in line]
+    assert ready, output
+    assert {line.get("core") for line in ready} == {"compiled"}, output  # one line per worker
     assert stop_seconds < 15, "SIGTERM should drain an idle bridge at once, not wait for SIGKILL"
