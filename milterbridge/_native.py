@@ -1,7 +1,7 @@
 """Which build of the hot core runs: the one compiled with mypyc, or the Python sources.
 
 ``setup.py`` compiles the modules in ``COMPILED_MODULES`` with mypyc when it can (about a
-quarter fewer instructions on the milter side; docs/performance.md) and records the SHA-256
+third fewer instructions on the milter side; docs/performance.md) and records the SHA-256
 of each source it compiled in ``MANIFEST``. An extension module shadows the ``.py`` file of
 the same name, so a source edited after the build would otherwise keep running its old
 compiled code. ``select()`` (called once, from ``milterbridge/__init__.py``) hashes the
@@ -37,6 +37,11 @@ COMPILED_MODULES = (
     "milterbridge.milter.negotiation",
     "milterbridge.milter.session",
     "milterbridge.payload",
+    "milterbridge.policy.apply",
+    "milterbridge.policy.merge",
+    "milterbridge.policy.model",
+    "milterbridge.policy.parse",
+    "milterbridge.policy.transaction",
 )
 #: The group's shared library is ``milterbridge/_core__mypyc.<abi>.so``.
 GROUP_NAME = "milterbridge._core"

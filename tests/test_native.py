@@ -26,7 +26,7 @@ from tests.conftest import missing_prerequisite
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The core's own tests, run again on the Python sources.
-CORE_TESTS = ("tests/milter", "tests/test_payload_ids.py", "tests/test_connection.py")
+CORE_TESTS = ("tests/milter", "tests/policy", "tests/test_payload_ids.py", "tests/test_connection.py")
 
 PROBE = (
     "import json, milterbridge, importlib;"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Final
+from typing import Final
 
 from milterbridge.milter.constants import Action, Event
 from milterbridge.milter.messages import ReplyCode
@@ -175,14 +175,21 @@ class ModificationOp:
     """Base of the modification ops an endpoint can ask for (applied at end-of-message)."""
 
     __slots__ = ()
-    op: ClassVar[ModOp]
+
+    @property
+    def op(self) -> ModOp:
+        """Which operation this is (the ``op`` key)."""
+        raise NotImplementedError
 
 
 @dataclass(**_FROZEN)
 class AddHeaderOp(ModificationOp):
     """Append a header at the end of the header block."""
 
-    op: ClassVar[ModOp] = ModOp.ADD_HEADER
+    @property
+    def op(self) -> ModOp:
+        return ModOp.ADD_HEADER
+
     name: str
     value: str
 
@@ -191,7 +198,10 @@ class AddHeaderOp(ModificationOp):
 class InsertHeaderOp(ModificationOp):
     """Insert a header after the ``index``-th header the endpoint received (0 = very top)."""
 
-    op: ClassVar[ModOp] = ModOp.INSERT_HEADER
+    @property
+    def op(self) -> ModOp:
+        return ModOp.INSERT_HEADER
+
     index: int
     name: str
     value: str
@@ -201,7 +211,10 @@ class InsertHeaderOp(ModificationOp):
 class ChangeHeaderOp(ModificationOp):
     """Replace the value of the ``index``-th header named ``name`` (1-based, case-insensitive)."""
 
-    op: ClassVar[ModOp] = ModOp.CHANGE_HEADER
+    @property
+    def op(self) -> ModOp:
+        return ModOp.CHANGE_HEADER
+
     name: str
     index: int
     value: str
@@ -211,7 +224,10 @@ class ChangeHeaderOp(ModificationOp):
 class DeleteHeaderOp(ModificationOp):
     """Delete the ``index``-th header named ``name`` (1-based, case-insensitive)."""
 
-    op: ClassVar[ModOp] = ModOp.DELETE_HEADER
+    @property
+    def op(self) -> ModOp:
+        return ModOp.DELETE_HEADER
+
     name: str
     index: int
 
@@ -220,7 +236,10 @@ class DeleteHeaderOp(ModificationOp):
 class ReplaceBodyOp(ModificationOp):
     """Replace the whole body with ``body`` (decoded from base64)."""
 
-    op: ClassVar[ModOp] = ModOp.REPLACE_BODY
+    @property
+    def op(self) -> ModOp:
+        return ModOp.REPLACE_BODY
+
     body: bytes
 
 
@@ -228,7 +247,10 @@ class ReplaceBodyOp(ModificationOp):
 class AddRcptOp(ModificationOp):
     """Add an envelope recipient, with optional ESMTP arguments (one per item)."""
 
-    op: ClassVar[ModOp] = ModOp.ADD_RCPT
+    @property
+    def op(self) -> ModOp:
+        return ModOp.ADD_RCPT
+
     address: str
     args: tuple[str, ...] = ()
 
@@ -237,7 +259,10 @@ class AddRcptOp(ModificationOp):
 class DeleteRcptOp(ModificationOp):
     """Remove an envelope recipient (Postfix: exact match on the address as received)."""
 
-    op: ClassVar[ModOp] = ModOp.DELETE_RCPT
+    @property
+    def op(self) -> ModOp:
+        return ModOp.DELETE_RCPT
+
     address: str
 
 
@@ -245,7 +270,10 @@ class DeleteRcptOp(ModificationOp):
 class ChangeFromOp(ModificationOp):
     """Replace the envelope sender, with optional ESMTP arguments."""
 
-    op: ClassVar[ModOp] = ModOp.CHANGE_FROM
+    @property
+    def op(self) -> ModOp:
+        return ModOp.CHANGE_FROM
+
     address: str
     args: tuple[str, ...] = ()
 
