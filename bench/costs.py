@@ -43,6 +43,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+import milterbridge
 from bench import eventloop, procs, run
 from bench.endpoint import _CONTINUE, _EOM, HOOK_PATH
 from bench.loadgen import run_load
@@ -312,6 +313,10 @@ def bridge_instructions(profile: Profile) -> float:
     return (totals[1] - totals[0]) / (many - few)
 
 
+def _environment() -> str:
+    return f"event loop: {eventloop.loop_name()}; core: {milterbridge.CORE.build}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.costs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="a", choices=sorted(k for k, p in PROFILES.items() if p.kind == "sweep"))
@@ -332,12 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = PROFILES[args.profile]
     if args.bridge_instructions:
         count = bridge_instructions(profile)
-        print(f"profile ({profile.key}) {profile.title}")
+        print(f"profile ({profile.key}) {profile.title}; core: {milterbridge.CORE.build}")
         print(f"  milterbridge serve under the load generator: {count:,.0f} instructions per message (callgrind)")
         return 0
     if args.instructions:
         count = milter_side_instructions(profile)
-        print(f"profile ({profile.key}) {profile.title}")
+        print(f"profile ({profile.key}) {profile.title}; core: {milterbridge.CORE.build}")
         print(f"  milter side, no sockets, instant webhooks: {count:,.0f} instructions per message (callgrind)")
         return 0
     layout = procs.CoreLayout.choose(pin=not args.no_pin)
@@ -345,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.sched_setaffinity(0, layout.loadgen)
     milter_us, eom_body = eventloop.run(milter_side(profile, args.messages))
     if args.milter_only:
-        print(f"profile ({profile.key}) {profile.title}; event loop: {eventloop.loop_name()}")
+        print(f"profile ({profile.key}) {profile.title}; {_environment()}")
         print(f"  milter side, no sockets, instant webhooks: {milter_us:7.1f} µs CPU per message")
         return 0
     port = procs.free_port(HOST)
@@ -362,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             url = f"http://{HOST}:{port}{HOOK_PATH}"
             webhook_us = eventloop.run(webhook_calls(url, eom_body, args.messages))
             aiohttp_us = eventloop.run(aiohttp_calls(url, eom_body, args.messages))
-    print(f"profile ({profile.key}) {profile.title}; event loop: {eventloop.loop_name()}")
+    print(f"profile ({profile.key}) {profile.title}; {_environment()}")
     print(f"  milter side, no sockets, instant webhooks: {milter_us:7.1f} µs CPU per message")
     print(f"  one WebhookClient.post of the eom request: {webhook_us:7.1f} µs CPU per call ({len(eom_body)} bytes)")
     print(f"  the same request with bare aiohttp:        {aiohttp_us:7.1f} µs CPU per call")

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
+import milterbridge
 from bench import eventloop, procs
 from bench.endpoint import HOOK_PATH
 from bench.loadgen import LoadResult, idle_connections, raise_open_files_limit, run_load
@@ -424,6 +425,13 @@ def _runs(target: str, profile: Profile, results: Results) -> bool:
     return not (target.endswith("-all") and profile.kind != "sweep")
 
 
+def _core() -> str:
+    """Which build of milterbridge's core every target and the load generator run (milterbridge._native)."""
+    core = milterbridge.CORE
+    built = "compiled with mypyc" if core.build == "compiled" else f"Python sources ({core.reason})"
+    return f"{built}, for the bridge, the minimal milters and the load generator alike"
+
+
 def header(settings: Settings, layout: procs.CoreLayout) -> dict[str, str]:
     if settings.duration_seconds is not None:
         length = f"{settings.duration_seconds:g} s per point after {settings.warmup_seconds:g} s of warm-up"
@@ -435,6 +443,7 @@ def header(settings: Settings, layout: procs.CoreLayout) -> dict[str, str]:
         "load average at start": f"{procs.load_average():.2f} (numbers are only comparable on a quiet machine)",
         "pinning": layout.describe(),
         "event loop": eventloop.loop_name(),
+        "milterbridge core": _core(),
         "run length": length
         + (f"; {settings.rounds} rounds in alternating order, medians shown" if settings.rounds > 1 else ""),
         "concurrency": ", ".join(str(c) for c in settings.concurrency),
