@@ -92,7 +92,11 @@ def detect(root: Path = ROOT, environ: dict[str, str] | None = None) -> Core:
         recorded = json.loads((root / "milterbridge" / MANIFEST).read_text())
     except (OSError, ValueError):
         return Core("python", f"compiled files without a valid {MANIFEST}", stale=True)
-    current = source_digests(root)
+    try:
+        current = source_digests(root)
+    except OSError:
+        # An install without the .py files: there is nothing else to run, nor to compare with.
+        return Core("compiled", "sources not installed, so not compared")
     changed = sorted(m for m in COMPILED_MODULES if recorded.get(m) != current[m])
     if changed:
         return Core("python", "sources changed since the build: " + ", ".join(changed), stale=True)

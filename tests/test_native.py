@@ -201,3 +201,9 @@ def test_detect_names_every_changed_source(tmp_path: Path) -> None:
 def test_detect_pure_env_wins_over_a_fresh_build(tmp_path: Path) -> None:
     core = _native.detect(_tree(tmp_path), environ={_native.PURE_ENV: "1"})
     assert core == _native.Core("python", f"{_native.PURE_ENV}=1")
+
+
+def test_detect_a_build_without_its_sources_runs_compiled(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    _native.source_path("milterbridge.milter.codec", root).unlink()
+    assert _native.detect(root, environ={}) == _native.Core("compiled", "sources not installed, so not compared")
