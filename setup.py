@@ -39,9 +39,16 @@ def _remove_compiled(root: Path) -> None:
     (root / "milterbridge" / NATIVE["MANIFEST"]).unlink(missing_ok=True)
 
 
+#: The commands that build extension modules. pip also runs setup.py for metadata (egg_info,
+#: dist_info), which needs no mypyc run: it would type-check and generate the C code again.
+_BUILD_COMMANDS = frozenset({"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"})
+
+
 def _extensions() -> list[Any]:
     if MODE == "0":
         _remove_compiled(ROOT)
+        return []
+    if not _BUILD_COMMANDS.intersection(sys.argv[1:]):
         return []
     try:
         from mypyc.build import mypycify
