@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from standardwebhooks.webhooks import Webhook
 
 from milterbridge.client import Envelope, MilterClient
 from milterbridge.config import Config, EndpointSettings
@@ -112,6 +117,84 @@ async def test_allowlist_refuses_unsigned_requests(allowlist_url: str) -> None:
     endpoint = EndpointSettings(name="allowlist", url=allowlist_url, events=frozenset({Event.EOM}))
     result = await run((endpoint,), Envelope(), b"Subject: hi\r\n\r\nhello\r\n")
     assert result.final == m.TempFail()
+
+
+def signed_headers(body: bytes, timestamp: float, secret: str = SECRET) -> dict[str, str]:
+    """Standard Webhooks headers for ``body`` at ``timestamp``, signed by the reference library."""
+    when = datetime.fromtimestamp(timestamp, UTC)
+    return {
+        "webhook-id": "evt_test",
+        "webhook-timestamp": str(int(timestamp)),
+        "webhook-signature": Webhook(secret).sign("evt_test", when, body),
+    }
+
+
+RCPT_BODY = json.dumps({"event": "rcpt", "data": {"address": "ok@example.com"}}).encode()
+
+
+async def post_status(url: str, headers: dict[str, str], body: bytes = RCPT_BODY) -> int:
+    """POST ``body`` to the example server and return the status."""
+    async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as response:
+        return response.status
+
+
+@pytest.mark.asyncio
+async def test_allowlist_accepts_a_fresh_signed_request(allowlist_url: str) -> None:
+    """The control case of the refusals below: a request signed just now is answered 200."""
+    assert await post_status(allowlist_url, signed_headers(RCPT_BODY, time.time())) == 200
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "age",
+    [
+        pytest.param(301, id="5min-1s-old"),
+        pytest.param(3600, id="an-hour-old"),
+        pytest.param(-301, id="5min-1s-ahead"),
+    ],
+)
+async def test_allowlist_refuses_replayed_requests(allowlist_url: str, age: float) -> None:
+    """A correctly signed request whose timestamp is over 5 minutes away from now gets 401."""
+    assert await post_status(allowlist_url, signed_headers(RCPT_BODY, time.time() - age)) == 401
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "drop",
+    [
+        pytest.param(("webhook-signature",), id="no-signature"),
+        pytest.param(("webhook-timestamp",), id="no-timestamp"),
+        pytest.param(("webhook-id",), id="no-id"),
+        pytest.param(("webhook-id", "webhook-timestamp", "webhook-signature"), id="no-headers"),
+    ],
+)
+async def test_allowlist_refuses_unsigned_requests_directly(allowlist_url: str, drop: tuple[str, ...]) -> None:
+    """With a secret set, a request missing any Standard Webhooks header gets 401 (never a 500)."""
+    headers = {k: v for k, v in signed_headers(RCPT_BODY, time.time()).items() if k not in drop}
+    assert await post_status(allowlist_url, headers) == 401
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"webhook-signature": "v1,AAAA"}, id="wrong-signature"),
+        pytest.param({"webhook-signature": "v1,caf\u00e9"}, id="non-ascii-signature"),
+        pytest.param({"webhook-timestamp": "soon"}, id="timestamp-not-a-number"),
+        pytest.param({"webhook-id": "evt_other"}, id="other-id"),
+    ],
+)
+async def test_allowlist_refuses_tampered_requests(allowlist_url: str, change: dict[str, str]) -> None:
+    """A signature that does not cover these exact headers and body gets 401."""
+    headers = signed_headers(RCPT_BODY, time.time()) | change
+    assert await post_status(allowlist_url, headers) == 401
+
+
+@pytest.mark.asyncio
+async def test_allowlist_refuses_another_key(allowlist_url: str) -> None:
+    """A fresh request signed with a key other than the example's gets 401."""
+    other_key = "whsec_" + "b3RoZXIta2V5LWZvci10ZXN0cy1vbmx5"
+    assert await post_status(allowlist_url, signed_headers(RCPT_BODY, time.time(), other_key)) == 401
 
 
 @pytest.mark.asyncio

@@ -8,8 +8,11 @@ Subscribe it to ``rcpt`` and ``eom``:
   ``X-Spam-Flag: YES`` and ``X-Spam-Words`` and, with three hits or more,
   the message is quarantined.
 
-Requests are verified with the Standard Webhooks signature when the
-environment variable FILTER_SECRET holds the endpoint's ``whsec_`` secret.
+When the environment variable FILTER_SECRET holds the endpoint's ``whsec_``
+secret, every request must carry a valid Standard Webhooks signature over a
+``webhook-timestamp`` at most five minutes away from this machine's clock;
+anything else (unsigned, badly signed, or an old request replayed) gets a 401,
+which the bridge counts as a failure of the endpoint (its ``on_error`` applies).
 
 Run: ``python filter.py --port 8080`` and point an endpoint at
 ``http://127.0.0.1:8080/milter``.
@@ -22,22 +25,33 @@ import base64
 import hashlib
 import hmac
 import os
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 ALLOWED_DOMAINS = {"example.com", "example.net"}
 SPAM_WORDS = ("viagra", "lottery", "winner", "crypto giveaway")
+#: A signed request older (or newer) than this is refused, so a captured one cannot be replayed later.
+TIMESTAMP_TOLERANCE = 5 * 60
 
 
-def verify(secret: str, headers: Any, body: bytes) -> bool:
-    """Check the webhook-signature header (Standard Webhooks v1)."""
+def verify(secret: str, headers: Mapping[str, str], body: bytes) -> bool:
+    """Check the Standard Webhooks v1 headers: a recent timestamp and a signature by ``secret``."""
+    webhook_id = headers.get("webhook-id", "")
+    timestamp = headers.get("webhook-timestamp", "")
+    signatures = headers.get("webhook-signature", "").split()
+    if not webhook_id or not signatures or not (timestamp.isascii() and timestamp.isdigit()):
+        return False
+    if abs(time.time() - int(timestamp)) > TIMESTAMP_TOLERANCE:
+        return False
     key = base64.b64decode(secret.removeprefix("whsec_"))
-    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
-    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-    return any(
-        hmac.compare_digest(sig.partition(",")[2], expected) for sig in headers.get("webhook-signature", "").split()
-    )
+    signed = f"{webhook_id}.{timestamp}.".encode() + body
+    expected = b"v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest())
+    # Several signatures arrive during a key rotation; one by our key is enough. Compared as
+    # bytes: compare_digest refuses str with non-ASCII characters, which a header may hold.
+    return any(hmac.compare_digest(sig.encode(errors="replace"), expected) for sig in signatures)
 
 
 def decide(request: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +92,7 @@ def make_app(secret: str | None = None) -> web.Application:
     async def handle(request: web.Request) -> web.Response:
         raw = await request.read()
         if secret and not verify(secret, request.headers, raw):
-            return web.Response(status=401, text="bad signature")
+            return web.Response(status=401, text="missing, bad or expired signature")
         return web.json_response(decide(await request.json()))
 
     app = web.Application()

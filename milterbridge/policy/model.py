@@ -97,6 +97,10 @@ class ModOp(enum.StrEnum):
     CHANGE_FROM = "change_from"
 
 
+#: Every op: the default of an endpoint's ``allowed_ops``.
+ALL_OPS: Final = frozenset(ModOp)
+
+
 # --------------------------------------------------------------------------
 # the contract's tables
 

@@ -20,17 +20,23 @@ Rules, beyond the per-event action table (:data:`LEGAL_ACTIONS`):
 * ``reason``: at most :data:`MAX_REASON_CHARS` characters, no CR, LF or NUL
   (it is the quarantine text on the wire).
 * No modifications at ``unknown``; at most ``max_modifications`` elsewhere.
+* Only the ops in ``allowed_ops`` (the endpoint's setting; default all);
+  any other op makes the whole response invalid.
 * Header names: 1-:data:`MAX_HEADER_NAME_BYTES` printable ASCII bytes
-  (0x21-0x7E) without ``:``. Header values: at most
-  :data:`MAX_HEADER_VALUE_BYTES` of UTF-8, no CR or NUL, and LF only as a
-  fold (each LF followed by a space or a tab, so never at the end).
+  (0x21-0x7E) without ``:`` (RFC 5322 §2.2 ftext). Header values: at most
+  :data:`MAX_HEADER_VALUE_BYTES` of UTF-8, no control character (C0, DEL, C1)
+  but HTAB, and LF only to fold: each LF starts a line of a space or a tab
+  then at least one character that is not (RFC 5322 §3.2.2: no fold line
+  made only of whitespace, which a parser could take for the end of the
+  header block). The first line may be empty: a value may start with a fold.
 * Indexes: integers, at least 1 for change/delete and 0 for insert, at most
   :data:`MAX_HEADER_INDEX`.
 * ``replace_body.base64``: standard alphabet with padding, canonical (it
   re-encodes to the same text); no whitespace or line breaks.
-* Addresses: 1-:data:`MAX_ADDRESS_BYTES` bytes of UTF-8, no control
-  characters (C0, DEL), no ``<`` or ``>`` (the bridge adds the brackets), no
-  leading or trailing whitespace. So the null sender cannot be set.
+* Addresses: an RFC 5321 ``Mailbox`` without angle brackets (the bridge
+  adds them), UTF-8 allowed as in RFC 6531; see :func:`mailbox_problem`.
+  ``""`` is the null sender, allowed only in ``change_from`` (``<>`` on the
+  wire: Postfix sets the null sender, and ignores a null recipient).
 * ESMTP ``args``: a list of at most :data:`MAX_ARGS` non-empty strings of at
   most :data:`MAX_ARG_BYTES` bytes, without whitespace or control characters
   (they are joined with spaces on the wire).
@@ -42,13 +48,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Final
 
 from milterbridge.milter.constants import Action, Event
 
 from .model import (
+    ALL_OPS,
     CONTINUE,
     LEGAL_ACTIONS,
     NOTIFICATION_EVENTS,
@@ -78,8 +86,12 @@ MAX_HEADER_NAME_BYTES: Final = 256
 #: Below Postfix's ``header_size_limit`` (102400), which would cut the header silently.
 MAX_HEADER_VALUE_BYTES: Final = 65536
 MAX_HEADER_INDEX: Final = 1_000_000
-#: Generous next to RFC 5321's 256-octet path.
-MAX_ADDRESS_BYTES: Final = 1024
+#: RFC 5321 §4.5.3.1.3: a path is at most 256 octets, angle brackets included.
+MAX_ADDRESS_BYTES: Final = 254
+#: RFC 5321 §4.5.3.1.1.
+MAX_LOCAL_PART_BYTES: Final = 64
+#: RFC 1035 §2.3.4; a U-label counts in its ACE (``xn--``) form.
+MAX_LABEL_BYTES: Final = 63
 MAX_ARGS: Final = 16
 MAX_ARG_BYTES: Final = 1024
 
@@ -88,9 +100,30 @@ _TOP_KEYS: Final = frozenset({"action", "reply", "reason", "modifications"})
 _REPLY_KEYS: Final = frozenset({"code", "enhanced", "text"})
 _ENHANCED: Final = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 _HEADER_NAME: Final = re.compile(r"[\x21-\x39\x3b-\x7e]+")
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _ARG_BAD: Final = re.compile(r"[\x00-\x20\x7f]")
-_BAD_FOLD: Final = re.compile(r"\n(?![ \t])")
+#: A header value: lines of text without control characters but HTAB; every
+#: line after an LF is a fold, whitespace then something that is not.
+_VALUE_TEXT: Final = r"[^\x00-\x08\x0a-\x1f\x7f-\x9f]"
+_HEADER_VALUE: Final = re.compile(rf"{_VALUE_TEXT}*(?:\n[ \t]+[^\x00-\x20\x7f-\x9f]{_VALUE_TEXT}*)*")
+_VALUE_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+# RFC 5321 §4.1.2 and §4.1.3 productions, widened by RFC 6531 §3.3 to UTF-8
+# (UTF8-non-ascii of RFC 6532 §3.1, less the C1 controls U+0080-U+009F).
+_UTF8_NON_ASCII: Final = "\u00a0-\U0010ffff"
+#: Atom = 1*atext (RFC 5322 §3.2.3 atext).
+_ATOM: Final = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~\-{_UTF8_NON_ASCII}]+"
+#: Dot-string = Atom *("." Atom).
+_DOT_STRING: Final = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
+#: Quoted-string = DQUOTE *(qtextSMTP / quoted-pairSMTP) DQUOTE.
+_QUOTED_STRING: Final = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8_NON_ASCII}]|\\[\x20-\x7e])*"')
+#: sub-domain = Let-dig [Ldh-str], or a U-label (its shape; IDNA2008's tables are not in the stdlib).
+_LET_DIG: Final = rf"[A-Za-z0-9{_UTF8_NON_ASCII}]"
+_SUB_DOMAIN: Final = re.compile(rf"{_LET_DIG}(?:[A-Za-z0-9\-{_UTF8_NON_ASCII}]*{_LET_DIG})?")
+#: IPv4-address-literal = Snum 3("." Snum), Snum 0-255.
+_SNUM: Final = r"(?:25[0-5]|2[0-4][0-9]|[01]?[0-9]{1,2})"
+_IPV4_LITERAL: Final = re.compile(rf"{_SNUM}(?:\.{_SNUM}){{3}}")
+#: IPv6-address-literal = "IPv6:" IPv6-addr (the tag is case-insensitive, as in all ABNF strings).
+_IPV6_LITERAL: Final = re.compile(r"[Ii][Pp][Vv]6:([0-9A-Fa-f:.]+)")
 #: Value -> member: a dict lookup instead of the enum's call-by-value, which runs per response.
 _ACTION_NAMES: Final[dict[str, ActionName]] = {member.value: member for member in ActionName}
 _MOD_OPS: Final[dict[str, ModOp]] = {member.value: member for member in ModOp}
@@ -102,13 +135,15 @@ def parse_decision(
     *,
     max_modifications: int,
     allowed_actions: Action | None = None,
+    allowed_ops: Collection[ModOp] = ALL_OPS,
 ) -> Decision:
     """Validate a JSON-decoded response to ``event``; ``None`` (204, empty body) is continue.
 
     At ``abort`` and ``close`` the response is ignored and nothing is parsed.
     ``allowed_actions`` is what the MTA granted at negotiation; when given, an
     op or a quarantine needing an action outside it makes the response invalid.
-    Raises :class:`DecisionError`.
+    ``allowed_ops`` is the endpoint's setting: any other op makes the response
+    invalid. Raises :class:`DecisionError`.
     """
     if event in NOTIFICATION_EVENTS:
         return CONTINUE
@@ -128,7 +163,7 @@ def parse_decision(
         raise DecisionError("action: quarantine was not granted by the MTA")
     reply = _reply(top.get("reply"), action, event)
     reason = _reason(top.get("reason"))
-    modifications = _modifications(top.get("modifications"), event, max_modifications, allowed_actions)
+    modifications = _modifications(top.get("modifications"), event, max_modifications, allowed_actions, allowed_ops)
     return Decision(action=action, reply=reply, reason=reason, modifications=modifications)
 
 
@@ -255,7 +290,11 @@ def _reason(obj: object) -> str | None:
 
 
 def _modifications(
-    obj: object, event: Event, max_modifications: int, allowed_actions: Action | None
+    obj: object,
+    event: Event,
+    max_modifications: int,
+    allowed_actions: Action | None,
+    allowed_ops: Collection[ModOp],
 ) -> tuple[AnyOp, ...]:
     if obj is None:
         return ()
@@ -268,20 +307,22 @@ def _modifications(
     ops: list[AnyOp] = []
     for n, item in enumerate(obj):
         where = f"modifications[{n}]"
-        op = _modification(item, where)
+        op = _modification(item, where, allowed_ops)
         if allowed_actions is not None and not required_action(op) & allowed_actions:
             raise DecisionError(f"{where}: {op.op} needs an action the MTA did not grant ({required_action(op)!r})")
         ops.append(op)
     return tuple(ops)
 
 
-def _modification(obj: object, where: str) -> AnyOp:
+def _modification(obj: object, where: str, allowed_ops: Collection[ModOp]) -> AnyOp:
     if not isinstance(obj, dict):
         raise DecisionError(f"{where}: expected an object, got {_kind(obj)}")
     raw_op = _string(obj.get("op"), f"{where}.op")
     op = _MOD_OPS.get(raw_op)
     if op is None:
         raise DecisionError(f"{where}.op: unknown op {raw_op!r}")
+    if op not in allowed_ops:
+        raise DecisionError(f"{where}.op: {op} is not in this endpoint's allowed_ops")
     keys, required, build = _OPS[op]
     raw = _object(obj, where, keys | {"op"}, required)
     return build(raw, where)
@@ -299,26 +340,95 @@ def _header_name(raw: Mapping[str, object], where: str) -> str:
 def _header_value(raw: Mapping[str, object], where: str) -> str:
     here = f"{where}.value"
     value = _string(raw["value"], here)
-    if "\r" in value or "\0" in value:
-        raise DecisionError(f"{here}: must not contain CR or NUL")
-    if _BAD_FOLD.search(value):
-        raise DecisionError(f"{here}: LF is allowed only as a fold, followed by a space or a tab")
     if _utf8_len(value, here) > MAX_HEADER_VALUE_BYTES:
         raise DecisionError(f"{here}: longer than {MAX_HEADER_VALUE_BYTES} bytes")
+    if not _HEADER_VALUE.fullmatch(value):
+        raise DecisionError(f"{here}: {_value_problem(value)}")
     return value
 
 
-def _address(raw: Mapping[str, object], where: str) -> str:
+def _value_problem(value: str) -> str:
+    """Why a header value failed :data:`_HEADER_VALUE`, for the error message."""
+    lines = value.split("\n")
+    for line in lines:
+        control = _VALUE_CONTROL.search(line)
+        if control:
+            return f"control character U+{ord(control.group()):04X} (only HTAB, and LF to fold, are allowed)"
+    for line in lines[1:]:
+        if line[:1] not in (" ", "\t"):
+            return "LF is allowed only to fold: followed by a space or a tab"
+    return "a fold line must not be only whitespace"
+
+
+def mailbox_problem(address: str) -> str | None:
+    """Why ``address`` is not an RFC 5321 ``Mailbox``, or None when it is one.
+
+    ``Mailbox = Local-part "@" ( Domain / address-literal )`` (RFC 5321 §4.1.2),
+    written without angle brackets:
+
+    * Local-part: a Dot-string (atoms of RFC 5322 §3.2.3 atext joined by
+      dots) or a Quoted-string (printable ASCII and space, ``\\`` escaping
+      a printable character or space); at most 64 octets (§4.5.3.1.1).
+    * Domain: sub-domains of letters, digits and inner hyphens, joined by
+      dots, each at most 63 octets (RFC 1035 §2.3.4).
+    * address-literal (§4.1.3): ``[IPv4]`` or ``[IPv6:...]``; General-address-literal
+      needs a registered tag and there is none besides IPv6, so it is refused.
+    * RFC 6531 §3.3 (SMTPUTF8) adds UTF-8 to atext, qtextSMTP and sub-domain
+      (U-labels); C1 controls stay refused. A U-label's length counts in its
+      ``xn--`` form; its IDNA2008 validity is left to the MTA and DNS.
+    * The whole address is at most 254 octets of UTF-8: a path of 256 with
+      its brackets (§4.5.3.1.3), which also bounds the domain below its 255.
+    """
+    try:
+        size = len(address.encode())
+    except UnicodeEncodeError:
+        return "not valid Unicode text (a lone surrogate)"
+    if size > MAX_ADDRESS_BYTES:
+        return f"longer than {MAX_ADDRESS_BYTES} bytes (RFC 5321 path limit)"
+    if address[:1] == "<" and address[-1:] == ">":
+        return "write it without angle brackets: the bridge adds them"
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return "not an address: local-part@domain expected"
+    if not (_DOT_STRING.fullmatch(local) or _QUOTED_STRING.fullmatch(local)):
+        return "the local part is neither a dot-string nor a quoted string (RFC 5321 §4.1.2)"
+    if len(local.encode()) > MAX_LOCAL_PART_BYTES:
+        return f"the local part is longer than {MAX_LOCAL_PART_BYTES} bytes"
+    if domain.startswith("["):
+        return _literal_problem(domain)
+    for label in domain.split("."):
+        if not _SUB_DOMAIN.fullmatch(label):
+            return "the domain is not a domain name (RFC 5321 §4.1.2) or an address literal"
+        ace = label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
+        if len(ace) > MAX_LABEL_BYTES:
+            return f"a domain label is longer than {MAX_LABEL_BYTES} bytes"
+    return None
+
+
+def _literal_problem(literal: str) -> str | None:
+    inner = literal[1:-1] if literal.endswith("]") else ""
+    if _IPV4_LITERAL.fullmatch(inner):
+        return None
+    v6 = _IPV6_LITERAL.fullmatch(inner)
+    if v6:
+        try:
+            ipaddress.IPv6Address(v6.group(1))
+        except ValueError:
+            return "the address literal is not a valid IPv6 address"
+        return None
+    return "the address literal is neither [IPv4] nor [IPv6:...] (RFC 5321 §4.1.3)"
+
+
+def _address(raw: Mapping[str, object], where: str, *, null_ok: bool = False) -> str:
     here = f"{where}.address"
     address = _string(raw["address"], here)
     if not address:
-        raise DecisionError(f"{here}: must not be empty")
-    if _CONTROL.search(address) or "<" in address or ">" in address:
-        raise DecisionError(f"{here}: must not contain control characters, '<' or '>'")
-    if address != address.strip():
-        raise DecisionError(f"{here}: must not start or end with whitespace")
-    if _utf8_len(address, here) > MAX_ADDRESS_BYTES:
-        raise DecisionError(f"{here}: longer than {MAX_ADDRESS_BYTES} bytes")
+        if null_ok:
+            return address  # the null sender, <> on the wire
+        raise DecisionError(f'{here}: must not be empty (the null sender "" is only for change_from)')
+    problem = mailbox_problem(address)
+    if problem:
+        raise DecisionError(f"{here}: {problem}")
     return address
 
 
@@ -389,7 +499,7 @@ def _delete_rcpt(raw: Mapping[str, object], where: str) -> AnyOp:
 
 
 def _change_from(raw: Mapping[str, object], where: str) -> AnyOp:
-    return ChangeFromOp(address=_address(raw, where), args=_args(raw, where))
+    return ChangeFromOp(address=_address(raw, where, null_ok=True), args=_args(raw, where))
 
 
 _Builder = Callable[[Mapping[str, object], str], AnyOp]
