@@ -8,22 +8,30 @@ events) or with an awaitable; only then does the connection start one task,
 and while it runs at end-of-message it sends SMFIR_PROGRESS keep-alives.
 
 A malformed frame or an illegal command closes this connection only, logged
-with the reason.
+with the reason. A connection that does not negotiate within
+``negotiate_timeout`` is closed, and so is one idle for ``idle_timeout``.
+
+Admission (:meth:`ServerState.admit`, once per accepted socket): a peer outside
+``allowed_clients`` is closed at once; over ``max_connections`` a connection is
+still served, by :class:`OverLimitHandler` (a tempfail, no webhook), up to a
+second, small cap; only past that one is it closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from inspect import isawaitable
 from typing import Protocol as TypingProtocol
 from typing import cast
 
+from milterbridge.milter.constants import Action, Event
 from milterbridge.milter.errors import LocalProtocolError, MilterError, NegotiationError, RemoteProtocolError
 from milterbridge.milter.messages import (
     Accept,
@@ -36,6 +44,7 @@ from milterbridge.milter.messages import (
     Progress,
     Quit,
     Reply,
+    ReplyCode,
     TempFail,
 )
 from milterbridge.milter.negotiation import Requirements, negotiate
@@ -81,6 +90,7 @@ class Handler(TypingProtocol):
 
 
 HandlerFactory = Callable[[MilterSession], Handler]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,7 +98,13 @@ class ConnectionSettings:
     """Per-connection knobs, taken from ServerSettings."""
 
     limits: SessionLimits = SessionLimits()
-    idle_timeout: float = 7200.0
+    #: Seconds between commands before a connection is closed. A Postfix milter connection
+    #: lives as long as its SMTP session and can be quiet for several smtpd_timeout periods
+    #: (docs/postfix.md, "Timeouts"); closing a live one hands the rest of that session to
+    #: milter_default_action, so this is generous.
+    idle_timeout: float = 3600.0
+    #: Seconds from accept to the MTA's OPTNEG (Postfix sends it at once).
+    negotiate_timeout: float = 10.0
     progress_interval: float = 1.0
     #: Pause reading when a busy connection has buffered this much.
     max_buffered_bytes: int = 4 * 1024 * 1024
@@ -119,12 +135,55 @@ class StaticHandler:
         return None
 
 
+#: The answer to every session over ``max_connections`` (see OverLimitHandler).
+OVER_LIMIT_REPLY = ReplyCode.build(451, [b"too many connections to the filter, try again later"], b"4.3.2")
+
+
+class OverLimitHandler:
+    """A connection accepted over ``max_connections``: 451 4.3.2, no webhook.
+
+    Hanging up instead would hand the SMTP session to Postfix's milter_default_action,
+    which may be ``accept``. A milter connection belongs to one SMTP session and this one
+    stays over the limit for its whole life, so every message of the session is to be
+    tempfailed anyway. Asking only for CONNECT and tempfailing it does that in one round
+    trip: Postfix then closes the milter connection at once (freeing the slot), still
+    answers HELO/EHLO, and gives MAIL, VRFY and ETRN this reply (milter-protocol.md §5.4).
+    Tempfailing each MAIL instead would hold the connection for the whole session. Any
+    other command the MTA waits on (end-of-message from an MTA that skips CONNECT) gets the
+    same answer.
+    """
+
+    REQUIREMENTS = Requirements(
+        events=frozenset({Event.CONNECT}),
+        reply_events=frozenset({Event.CONNECT}),
+        actions=Action.NONE,
+        header_leading_space=False,
+        skip=False,
+    )
+
+    def __init__(self, session: MilterSession) -> None:
+        self.session = session
+
+    def negotiate(self, offer: Negotiate) -> NegotiateReply:
+        return negotiate(offer, self.REQUIREMENTS).reply()
+
+    def handle(self, command: Command) -> HandlerResult:
+        if not self.session.needs_reply:
+            return None
+        return (OVER_LIMIT_REPLY,)
+
+    def connection_lost(self) -> None:
+        return None
+
+
 class ConnectionObserver(TypingProtocol):
     """Metric hooks of the listener (milterbridge.metrics.Metrics satisfies it)."""
 
     def connection_opened(self) -> None: ...
     def connection_closed(self) -> None: ...
-    def connection_refused(self) -> None: ...
+    def connection_refused(self, reason: str) -> None: ...
+    def connection_over_limit(self) -> None: ...
+    def connection_timeout(self, stage: str) -> None: ...
     def progress(self) -> None: ...
     def protocol_error(self) -> None: ...
 
@@ -136,7 +195,13 @@ class _NoObserver:
     def connection_closed(self) -> None:
         return None
 
-    def connection_refused(self) -> None:
+    def connection_refused(self, reason: str) -> None:
+        return None
+
+    def connection_over_limit(self) -> None:
+        return None
+
+    def connection_timeout(self, stage: str) -> None:
         return None
 
     def progress(self) -> None:
@@ -146,29 +211,171 @@ class _NoObserver:
         return None
 
 
-class ServerState:
-    """What the server and its connections share: the live connections and metric hooks."""
+#: ``ServerState.admit`` answers: serve normally, serve with OverLimitHandler, or one of the
+#: refusal reasons (the ``reason`` label of ``connections_refused_total``).
+SERVE = "serve"
+OVER_LIMIT = "over_limit"
+NOT_ALLOWED = "not_allowed"
+MAX_CONNECTIONS = "max_connections"
+REFUSAL_REASONS = (NOT_ALLOWED, MAX_CONNECTIONS)
+#: ``connection_timeouts_total{stage}``: no OPTNEG in time, or idle between commands.
+TIMEOUT_STAGES = ("negotiate", "idle")
 
-    def __init__(self, observer: ConnectionObserver | None = None) -> None:
+
+def default_over_limit(max_connections: int) -> int:
+    """How many connections may be served over ``max_connections`` (with OverLimitHandler).
+
+    An over-limit connection normally lives for one round trip (OPTNEG, CONNECT answered,
+    Postfix hangs up); its frames are capped at 64 KiB and its life at
+    ``over_limit_lifetime``, so a tenth of the limit (at least 10) absorbs a burst without
+    letting a flood grow memory. Past this cap connections are closed at accept.
+    """
+    return max(10, max_connections // 10)
+
+
+def over_limit_settings(settings: ConnectionSettings) -> ConnectionSettings:
+    """Settings of an over-limit connection: it needs no large frame (it asks for no content)."""
+    limits = replace(settings.limits, max_frame_bytes=min(settings.limits.max_frame_bytes, 65535))
+    return replace(settings, limits=limits)
+
+
+def over_limit_lifetime(settings: ConnectionSettings) -> float:
+    """Seconds an over-limit connection may stay open, busy or not.
+
+    Postfix sends CONNECT right after OPTNEG and hangs up after our tempfail, so anything
+    longer is a peer holding a slot (ABORTs every few seconds would defeat an idle timer).
+    """
+    return 2 * settings.negotiate_timeout
+
+
+class LogThrottle:
+    """At most one log line per ``interval`` seconds for one kind of event, so a flood of
+    connections cannot flood the log; ``due`` says how many were left out since the last."""
+
+    __slots__ = ("_next", "_skipped", "interval")
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self._skipped = 0
+
+    def due(self) -> int | None:
+        """The number left out since the last line if one may be logged now, else None."""
+        now = time.monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return None
+        skipped, self._skipped = self._skipped, 0
+        self._next = now + self.interval
+        return skipped
+
+
+class ServerState:
+    """What the server and its connections share: the live connections, admission and metric hooks."""
+
+    def __init__(
+        self,
+        observer: ConnectionObserver | None = None,
+        *,
+        max_connections: int = 1000,
+        max_over_limit: int | None = None,
+        allowed_clients: Sequence[Network] = (),
+    ) -> None:
         self.observer: ConnectionObserver = observer or _NoObserver()
         self.connections: set[MilterConnection] = set()
         self.total_connections = 0
+        self.max_connections = max_connections
+        self.max_over_limit = default_over_limit(max_connections) if max_over_limit is None else max_over_limit
+        #: inet peers must be in one of these networks; empty: every peer may connect.
+        self.allowed_clients = tuple(allowed_clients)
+        #: Connections in ``connections`` served by OverLimitHandler.
+        self.over_limit = 0
+        self.refused = 0
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
+        self._throttles = {kind: LogThrottle() for kind in (*REFUSAL_REASONS, OVER_LIMIT, "negotiate")}
+
+    def admit(self, host: str | None) -> str:
+        """How to treat a new connection from ``host`` (None for a unix socket).
+
+        SERVE, OVER_LIMIT, or a refusal reason (NOT_ALLOWED, MAX_CONNECTIONS).
+        """
+        if host is not None and self.allowed_clients and not self._allowed(host):
+            return NOT_ALLOWED
+        if len(self.connections) - self.over_limit < self.max_connections:
+            return SERVE
+        if self.over_limit < self.max_over_limit:
+            return OVER_LIMIT
+        return MAX_CONNECTIONS
+
+    def _allowed(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # an IPv4 peer on a dual-stack listener
+        return any(ip in network for network in self.allowed_clients)
+
+    def refuse(self, reason: str, peer: str) -> None:
+        """Count and log (throttled) a connection closed at accept."""
+        self.refused += 1
+        self.observer.connection_refused(reason)
+        skipped = self._throttles[reason].due()
+        if skipped is None:
+            return
+        if reason == NOT_ALLOWED:
+            why = "the address is not in server.allowed_clients"
+        else:
+            why = (
+                f"{self.max_connections} connections (server.max_connections) and {self.over_limit} over the limit "
+                "are open; the MTA applies its milter_default_action to this session"
+            )
+        log.warning("refusing milter connection from %s: %s%s", peer, why, _left_out(skipped))
 
     def add(self, conn: MilterConnection) -> None:
         self.connections.add(conn)
         self.total_connections += 1
         self.idle.clear()
         self.observer.connection_opened()
+        if conn.over_limit:
+            self.over_limit += 1
+            self.observer.connection_over_limit()
+            skipped = self._throttles[OVER_LIMIT].due()
+            if skipped is not None:
+                log.warning(
+                    "milter connection from %s is over server.max_connections (%d): its session gets %s%s",
+                    conn.peer,
+                    self.max_connections,
+                    OVER_LIMIT_REPLY.text.decode(),
+                    _left_out(skipped),
+                )
 
     def remove(self, conn: MilterConnection) -> None:
         if conn in self.connections:
             self.observer.connection_closed()
+            if conn.over_limit:
+                self.over_limit -= 1
         self.connections.discard(conn)
         if not self.connections:
             self.idle.set()
+
+    def negotiation_overdue(self, peer: str, timeout: float) -> None:
+        """Count and log (throttled) a connection closed for not negotiating in time."""
+        self.observer.connection_timeout("negotiate")
+        skipped = self._throttles["negotiate"].due()
+        if skipped is not None:
+            log.warning(
+                "closing milter connection %s: no option negotiation within %g s (server.negotiate_timeout)%s",
+                peer,
+                timeout,
+                _left_out(skipped),
+            )
+
+
+def _left_out(skipped: int) -> str:
+    return f" ({skipped} more like it since the last report)" if skipped else ""
 
 
 class MilterConnection(asyncio.Protocol):
@@ -192,8 +399,13 @@ class MilterConnection(asyncio.Protocol):
         self._busy: asyncio.Task[None] | None = None
         self._paused = False
         self._closed = False
+        #: False until admitted at accept (a refused connection never joins the state).
+        self._admitted = False
+        #: Served by OverLimitHandler (accepted over max_connections).
+        self.over_limit = False
         self._last_activity = 0.0
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._lifetime_handle: asyncio.TimerHandle | None = None
         self._progress_handle: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
@@ -205,7 +417,20 @@ class MilterConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "unix")
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        inet = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+        admission = self._state.admit(peer[0] if inet and isinstance(peer, tuple) else None)
+        if admission is not SERVE and admission is not OVER_LIMIT:
+            self._closed = True
+            self._state.refuse(admission, self.peer)
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self._admitted = True
+        if admission is OVER_LIMIT:
+            self.over_limit = True
+            self._settings = over_limit_settings(self._settings)
+            self.session = MilterSession(self._settings.limits)
+            self._factory = OverLimitHandler
+        if inet:
             # Our back-to-back packets must not wait for an ACK (Nagle), and
             # Postfix's must not wait for our delayed ACK (postfix-e2e.md pitfall 7).
             with contextlib.suppress(OSError):
@@ -213,7 +438,10 @@ class MilterConnection(asyncio.Protocol):
         self._state.add(self)
         self.handler = self._factory(self.session)
         self._last_activity = time.monotonic()
-        self._arm_idle_timer(self._settings.idle_timeout)
+        # One timer checks both deadlines: the negotiation's first (see _check_idle).
+        self._arm_idle_timer(min(self._settings.negotiate_timeout, self._settings.idle_timeout))
+        if self.over_limit:
+            self._lifetime_handle = self._loop.call_later(over_limit_lifetime(self._settings), self._close)
         if _TCP_QUICKACK is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # QUICKACK is set again after each of our writes. uvloop's socket stand-in builds a socket
             # object (and calls getsockname) for each setsockopt, so keep one socket object
@@ -245,12 +473,16 @@ class MilterConnection(asyncio.Protocol):
         return False  # close the transport; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self._admitted:
+            return
         if self._sock is not None:
             self._sock.detach()
             self._sock = None
         self._closed = True
         if self._idle_handle is not None:
             self._idle_handle.cancel()
+        if self._lifetime_handle is not None:
+            self._lifetime_handle.cancel()
         if self._busy is not None:
             self._busy.cancel()
             self._busy = None
@@ -403,9 +635,15 @@ class MilterConnection(asyncio.Protocol):
     def _check_idle(self) -> None:
         if self._closed:
             return
+        # Until OPTNEG no command has completed, so idle_for counts from accept.
         idle_for = time.monotonic() - self._last_activity
+        if self.session.state is State.INIT and idle_for >= self._settings.negotiate_timeout:
+            self._state.negotiation_overdue(self.peer, self._settings.negotiate_timeout)
+            self._close()
+            return
         if idle_for >= self._settings.idle_timeout and self._busy is None:
             log.info("closing idle milter connection %s after %.0f s", self.peer, idle_for)
+            self._state.observer.connection_timeout("idle")
             self._close()
             return
         self._arm_idle_timer(max(self._settings.idle_timeout - idle_for, 0.01))

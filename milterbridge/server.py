@@ -6,6 +6,12 @@ configured mode (0660 by default) under a matching umask, so it is never
 briefly wider; a stale socket file (nothing listening) is replaced, a live
 one is never stolen.
 
+Admission is decided per accepted socket (``ServerState.admit``): inet peers
+outside ``allowed_clients`` are closed at once; over ``max_connections`` the
+connection is still negotiated and its session tempfailed (``OverLimitHandler``)
+up to ``max_over_limit`` more; only past that is it closed. Unix-socket peers
+are never filtered by address.
+
 Lifecycle (uvicorn's shape): construct, ``start()`` binds, ``shutdown()``
 stops accepting, lets busy connections reach a message boundary until the
 drain deadline, then aborts what is left.
@@ -26,6 +32,7 @@ from milterbridge.connection import (
     ConnectionSettings,
     HandlerFactory,
     MilterConnection,
+    Network,
     ServerState,
 )
 from milterbridge.milter.address import parse_listen_address
@@ -46,6 +53,8 @@ class MilterServer:
         settings: ConnectionSettings | None = None,
         *,
         max_connections: int = 1000,
+        max_over_limit: int | None = None,
+        allowed_clients: Sequence[Network] = (),
         socket_mode: int = 0o660,
         reuse_port: bool = False,
         observer: ConnectionObserver | None = None,
@@ -59,8 +68,9 @@ class MilterServer:
         self.reuse_port = reuse_port
         #: Unix sockets bound by a parent process (workers share them); not unlinked here.
         self.prebound = dict(prebound or {})
-        self.state = ServerState(observer)
-        self.refused_connections = 0
+        self.state = ServerState(
+            observer, max_connections=max_connections, max_over_limit=max_over_limit, allowed_clients=allowed_clients
+        )
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
 
@@ -94,11 +104,13 @@ class MilterServer:
             raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror or exc}") from exc
 
     def _protocol(self) -> asyncio.Protocol:
-        if len(self.state.connections) >= self.max_connections:
-            self.refused_connections += 1
-            self.state.observer.connection_refused()
-            return _Refuse(self.max_connections)
+        # Admission needs the peer address, so the connection decides in connection_made.
         return MilterConnection(self.state, self.factory, self.settings)
+
+    @property
+    def refused_connections(self) -> int:
+        """Connections closed at accept (address not allowed, or over both connection caps)."""
+        return self.state.refused
 
     @property
     def bound(self) -> list[str]:
@@ -151,17 +163,6 @@ class MilterServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self._unix_paths.clear()
-
-
-class _Refuse(asyncio.Protocol):
-    """Closes a connection over the limit at once (the MTA applies its default action)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        log.warning("refusing milter connection: limit of %d connections reached", self.limit)
-        transport.abort()  # type: ignore[attr-defined]
 
 
 def bind_unix(path: str, mode: int) -> socket.socket:

@@ -172,17 +172,21 @@ async def test_garbage_closes_only_that_connection(garbage: bytes, caplog: pytes
 
 @pytest.mark.asyncio
 async def test_connection_limit() -> None:
-    """Connections over max_connections are closed at once; the others are served."""
-    async with running_server(StaticHandler, max_connections=2) as server:
+    """A connection over max_connections is not hung up on: its session gets a tempfail; the others are served."""
+    async with running_server(Recorder, max_connections=2) as server:
         clients = [await MilterClient.open(server.bound[0]) for _ in range(2)]
         for c in clients:
             await c.negotiate()
         extra = await MilterClient.open(server.bound[0])
-        with pytest.raises((MilterClientError, ConnectionError)):
-            await extra.negotiate()
-        await extra.aclose()
-        assert server.refused_connections == 1
+        await extra.negotiate()
+        result = await extra.send_message(Envelope(), MESSAGE)
+        assert isinstance(result.final, m.ReplyCode)
+        assert result.final.text.startswith(b"451 4.3.2 ")
+        await extra.quit()
+        assert server.refused_connections == 0
         for c in clients:
+            result = await c.send_message(Envelope(), MESSAGE)
+            assert result.final == m.Accept()
             await c.quit()
 
 

@@ -31,7 +31,7 @@ from milterbridge.policy.model import OnError
 from milterbridge.server import MilterServer
 from tests.conftest import running_server
 from tests.fakes.webhooks import FakeResponse, FakeWebhooks
-from tests.hostile import MESSAGE, Bridge, endpoint, host_port, limited, rss_kib, well_behaved
+from tests.hostile import MESSAGE, Bridge, endpoint, host_port, rss_kib, well_behaved
 
 OFFER = m.Negotiate(version=6, actions=ALL_ACTIONS, protocol=ALL_PROTOCOL)
 #: The client address the hostile connections present (the well-behaved one uses 192.0.2.1).
@@ -188,9 +188,9 @@ async def test_truncated_frame_then_eof(tail: bytes, caplog: pytest.LogCaptureFi
 
 @pytest.mark.asyncio
 async def test_slow_bytes_hit_the_idle_timeout(caplog: pytest.LogCaptureFixture) -> None:
-    """A byte less often than idle_timeout: the connection is closed as idle (default 7200 s)."""
+    """A byte less often than idle_timeout: the connection is closed as idle (default 3600 s)."""
     caplog.set_level(logging.INFO, logger="milterbridge.connection")
-    assert ConnectionSettings().idle_timeout == 7200.0
+    assert ConnectionSettings().idle_timeout == 3600.0
     settings = ConnectionSettings(idle_timeout=0.3)
     async with running_server(every_event, settings=settings) as server:
 
@@ -419,70 +419,10 @@ async def test_data_after_quit_closes(caplog: pytest.LogCaptureFixture) -> None:
         await well_behaved(server.bound[0])
 
 
-LIMITS = dict(max_recipients=3, max_headers=3, max_header_bytes=200, max_macros=4)
-
-
-@pytest.mark.asyncio
-@pytest.mark.parametrize(
-    ("stream", "reason"),
-    [
-        pytest.param(
-            frames(m.MailFrom(address=b"<a@b>"), *(m.RcptTo(address=b"<r%d@x>" % n) for n in range(4))),
-            "more than 3 recipients",
-            id="recipients",
-        ),
-        pytest.param(
-            frames(
-                m.MailFrom(address=b"<a@b>"),
-                m.RcptTo(address=b"<r@x>"),
-                m.Data(),
-                *(m.Header(name=b"X-H", value=b" v") for _ in range(4)),
-            ),
-            "more than 3 headers",
-            id="header-count",
-        ),
-        pytest.param(
-            frames(m.MailFrom(address=b"<a@b>"), m.RcptTo(address=b"<r@x>"), m.Header(name=b"X", value=b"v" * 300)),
-            "headers larger than 200 bytes",
-            id="header-bytes",
-        ),
-        pytest.param(
-            frames(m.Macro(stage=b"M", macros=tuple((b"m%d" % n, b"v") for n in range(5)))),
-            "5 macros in one packet",
-            id="macros-one-packet",
-        ),
-        pytest.param(
-            frames(
-                m.Macro(stage=b"M", macros=((b"a", b"1"), (b"b", b"2"))),
-                m.MailFrom(address=b"<a@b>"),
-                m.Macro(stage=b"R", macros=((b"c", b"3"), (b"d", b"4"), (b"e", b"5"))),
-                m.RcptTo(address=b"<r@x>"),
-            ),
-            "more than 4 macros",
-            id="macros-accumulated",
-        ),
-    ],
-)
-async def test_session_limits(stream: bytes, reason: str, caplog: pytest.LogCaptureFixture) -> None:
-    """Too many recipients, headers, header bytes or macros close only that connection."""
-    settings = limited(ConnectionSettings(), **LIMITS)
-    async with running_server(every_event, settings=settings) as server:
-
-        async def hostile() -> None:
-            raw = await Raw.open(server.bound[0])
-            await raw.negotiate()
-            await raw.send(OPENING + stream)
-            assert await raw.closed_by_peer()
-            await raw.aclose()
-
-        await misbehave_beside_good_client(server.bound[0], hostile)
-    assert any(reason in text for text in closing_reason(caplog)), closing_reason(caplog)
-
-
 @pytest.mark.asyncio
 async def test_connection_flood_over_the_limit_is_refused() -> None:
-    """Past max_connections new sockets are closed at once and counted; existing sessions go on."""
-    async with running_server(every_event, max_connections=3) as server:
+    """Past max_connections and the over-limit cap, new sockets are closed at once and counted; sessions go on."""
+    async with running_server(every_event, max_connections=3, max_over_limit=5) as server:
         assert isinstance(server, MilterServer)
         good = await MilterClient.open(server.bound[0])
         await good.negotiate()
@@ -490,13 +430,68 @@ async def test_connection_flood_over_the_limit_is_refused() -> None:
         hogs = [await Raw.open(server.bound[0]) for _ in range(2)]
         for hog in hogs:
             await hog.negotiate()
+        # The first 5 extra sockets are over-limit connections (negotiated, tempfailed), the rest closed.
         extra = [await Raw.open(server.bound[0]) for _ in range(20)]
-        for raw in extra:
+        for raw in extra[:5]:
+            await raw.negotiate()
+        for raw in extra[5:]:
             assert await raw.closed_by_peer()
+        assert server.refused_connections == 15
+        assert server.state.over_limit == 5
+        for raw in extra:
             await raw.aclose()
-        assert server.refused_connections == 20
         result = await good.send_transaction(Envelope(), MESSAGE)
         assert result.final == m.Accept()
         await good.quit()
         for hog in hogs:
             await hog.aclose()
+
+
+@pytest.mark.asyncio
+async def test_half_an_optneg_is_closed_at_the_negotiation_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    """A peer that sends part of OPTNEG and stalls is closed at negotiate_timeout, far before idle_timeout."""
+    settings = ConnectionSettings(negotiate_timeout=0.3)
+    assert settings.idle_timeout > 60
+    async with running_server(every_event, settings=settings) as server:
+
+        async def hostile() -> None:
+            raw = await Raw.open(server.bound[0])
+            await raw.send(OFFER.to_frame()[:7])
+            assert await raw.closed_by_peer()
+            await raw.aclose()
+
+        await misbehave_beside_good_client(server.bound[0], hostile)
+    assert any("no option negotiation" in text for text in closing_reason(caplog))
+
+
+@pytest.mark.asyncio
+async def test_over_limit_peer_cannot_hold_its_slot() -> None:
+    """An over-limit peer that keeps sending ABORT (activity) is still closed after twice negotiate_timeout."""
+    settings = ConnectionSettings(negotiate_timeout=0.2)
+    async with running_server(every_event, settings=settings, max_connections=1, max_over_limit=1) as server:
+        good = await MilterClient.open(server.bound[0])
+        await good.negotiate()
+        raw = await Raw.open(server.bound[0])
+        await raw.negotiate()
+        assert server.state.over_limit == 1
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 2.0:
+            try:
+                await raw.send(m.Abort().to_frame())
+            except ConnectionError:
+                closed = True
+                break
+            if await raw.closed_by_peer(timeout=0.05):
+                closed = True
+                break
+        await raw.aclose()
+        assert closed, "an over-limit connection outlived 2 s with negotiate_timeout 0.2 s"
+        for _ in range(100):
+            if server.state.over_limit == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert server.state.over_limit == 0
+        result = await good.send_message(Envelope(), MESSAGE)
+        assert result.final == m.Accept()
+        await good.quit()
