@@ -76,9 +76,6 @@ class _InstantWebhooks:
             self.eom_body = data
         return WebhookResponse(status=200, body=_EOM if eom else _CONTINUE, attempts=1, elapsed=0.0)
 
-    def mark_failed(self, settings: EndpointSettings) -> None:
-        return None
-
 
 class _Transport(asyncio.Transport):
     """A transport that hands what the connection writes to ``sink``."""

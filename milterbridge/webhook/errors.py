@@ -14,6 +14,11 @@ generic handlers benefit, as aiohttp's client exceptions do::
     ├── WebhookInvalidBodyError        not JSON, or not a valid decision
     └── WebhookBreakerOpenError        the circuit breaker refused the call
 
+The circuit breaker counts every one as a failure of the endpoint except
+``WebhookResponseTooLargeError`` (the endpoint answered; the answer concerns one message) and
+errors the client marks as the bridge's own fault (a spooled body it could not read): those
+set ``endpoint_failure`` to False and count neither way.
+
 Messages are safe to log: URLs go through ``redact_url`` (no userinfo, query or fragment),
 and no secret, header value or response body ever appears in them.
 """
@@ -87,6 +92,8 @@ class WebhookError(Exception):
     """
 
     outcome: ClassVar[AttemptOutcome] = AttemptOutcome.CONNECTION_ERROR
+    #: Whether the circuit breaker counts this as the endpoint's failure (see the module docstring).
+    endpoint_failure: bool = True
     #: Whether the client may retry after this error (design.md §3.5); set by the client.
     retryable: bool
 
@@ -165,6 +172,8 @@ class WebhookResponseTooLargeError(WebhookError):
     """The response body exceeded the endpoint's ``max_response_bytes``."""
 
     outcome = AttemptOutcome.TOO_LARGE
+    #: One message's answer was too big; the endpoint itself is up.
+    endpoint_failure = False
 
     def __init__(self, message: str, *, max_bytes: int, **kwargs: Unpack[_ErrorContext]) -> None:
         super().__init__(message, **kwargs)

@@ -307,7 +307,9 @@ async def test_failing_signed_endpoint_leaks_nothing(caplog: pytest.LogCaptureFi
         )
         signed = replace(signed, url=signed.url + f"?t={QUERY_TOKEN}")
         basic_url = fake.url("/basic").replace("http://", f"http://svc:{PASSWORD}@") + f"?token={QUERY_TOKEN}"
-        basic = EndpointSettings(name="basic", url=basic_url, secrets=(SECRET,), breaker_failures=1)
+        basic = EndpointSettings(
+            name="basic", url=basic_url, secrets=(SECRET,), breaker_min_calls=1, breaker_probe=30.0
+        )
         gone = EndpointSettings(
             name="gone", url=f"http://127.0.0.1:9/x?token={QUERY_TOKEN}", secrets=(SECRET,), timeout=0.5
         )

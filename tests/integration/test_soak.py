@@ -13,8 +13,9 @@ the seed and the message, so they repeat; timing, outages and scheduling do not)
 The webhooks (``FakeWebhooks``, real HTTP on loopback):
 
 * ``policy`` (enforce; events rcpt and eom; on_error tempfail; timeout ``ENDPOINT_TIMEOUT``;
-  breaker after 5 failures for 0.5 s). It follows a plan the client wrote into the envelope:
-  the sender ``<soak id>.<plan>@...`` and recipients ``ok<n>.<id>@...`` or ``deny<n>.<id>@...``.
+  breaker open at half of at least 5 calls in 1 s, probing after 0.5 s). It follows a plan
+  the client wrote into the envelope: the sender ``<soak id>.<plan>@...`` and recipients
+  ``ok<n>.<id>@...`` or ``deny<n>.<id>@...``.
   At rcpt: reject ``deny`` recipients (550), answer ``quarantine`` for plan quarantine_early,
   else continue. At eom by plan: continue; tag (``add_header X-Soak-Tag: <soak id>``);
   quarantine; discard; reject (554); tempfail (451 with its own text). Faults come on top:
@@ -404,7 +405,9 @@ def bridge_config(milter_port: int, webhooks: FakeWebhooks) -> str:
                 "events": ["rcpt", "eom"],
                 "on_error": "tempfail",
                 "timeout": ENDPOINT_TIMEOUT,
-                "breaker_failures": 5,
+                "breaker_min_calls": 5,
+                "breaker_window": 1.0,
+                "breaker_probe": BREAKER_RESET_SECONDS,
                 "breaker_reset": BREAKER_RESET_SECONDS,
             },
             {
@@ -413,7 +416,7 @@ def bridge_config(milter_port: int, webhooks: FakeWebhooks) -> str:
                 "events": ["mail", "eom", "close"],
                 "mode": "observe",
                 "timeout": OBSERVE_TIMEOUT,
-                "breaker_failures": 0,
+                "breaker_min_calls": 0,
             },
         ],
     )

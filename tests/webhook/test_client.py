@@ -16,14 +16,13 @@ from pathlib import Path
 import orjson
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
 import milterbridge
 from milterbridge.config import EndpointSettings, TlsSettings
 from milterbridge.webhook import (
     AttemptOutcome,
-    BreakerState,
-    CircuitBreaker,
     WebhookBreakerOpenError,
     WebhookClient,
     WebhookConnectionError,
@@ -375,22 +374,23 @@ async def test_body_at_the_limit_is_accepted(fake: FakeWebhooks, client: Webhook
     assert len(response.body) == 100
 
 
-# -- circuit breaker -------------------------------------------------------------------------
+# -- circuit breaker (its own rules: test_breaker.py) -------------------------------------
 
 
 @pytest.mark.asyncio
 async def test_breaker_opens_and_half_opens(
     fake: FakeWebhooks, client: WebhookClient, clock: FakeClock, observer: RecordingObserver
 ) -> None:
-    """N failures open the breaker (no request sent); after the reset a trial call closes it."""
-    endpoint = fake.endpoint("flaky", breaker_failures=2, breaker_reset=10.0, retry=False)
+    """Failures over the rate open the breaker (no request sent); after the probe delay a trial closes it."""
+    endpoint = fake.endpoint("flaky", breaker_min_calls=2, breaker_probe=10.0, retry=False)
     fake.set_default(FakeResponse.status_code(500))
     for _ in range(2):
         with pytest.raises(WebhookStatusError):
             await client.post(endpoint, BODY, webhook_id="msg_1")
     assert client.breaker_states() == {"flaky": "open"}
-    with pytest.raises(WebhookBreakerOpenError):
+    with pytest.raises(WebhookBreakerOpenError) as info:
         await client.post(endpoint, BODY, webhook_id="msg_1")
+    assert info.value.outcome == "breaker_open"
     assert len(fake.requests) == 2
     assert observer.outcomes[-1] == (0, AttemptOutcome.BREAKER_OPEN)
 
@@ -403,9 +403,11 @@ async def test_breaker_opens_and_half_opens(
 
 
 @pytest.mark.asyncio
-async def test_breaker_failed_trial_reopens(fake: FakeWebhooks, client: WebhookClient, clock: FakeClock) -> None:
-    """A failed half-open trial opens the breaker again for another reset period."""
-    endpoint = fake.endpoint("flaky", breaker_failures=1, breaker_reset=5.0, retry=False)
+async def test_breaker_failed_trial_doubles_the_wait(
+    fake: FakeWebhooks, client: WebhookClient, clock: FakeClock
+) -> None:
+    """A failed trial opens the breaker again, for twice the previous wait."""
+    endpoint = fake.endpoint("flaky", breaker_min_calls=1, breaker_probe=5.0, retry=False)
     fake.set_default(FakeResponse.status_code(500))
     with pytest.raises(WebhookStatusError):
         await client.post(endpoint, BODY, webhook_id="msg_1")
@@ -413,26 +415,82 @@ async def test_breaker_failed_trial_reopens(fake: FakeWebhooks, client: WebhookC
     with pytest.raises(WebhookStatusError):
         await client.post(endpoint, BODY, webhook_id="msg_2")
     assert client.breaker_states() == {"flaky": "open"}
-    clock.now += 4.9
+    clock.now += 9.5
     with pytest.raises(WebhookBreakerOpenError):
         await client.post(endpoint, BODY, webhook_id="msg_3")
+    clock.now += 0.5
+    with pytest.raises(WebhookStatusError):
+        await client.post(endpoint, BODY, webhook_id="msg_4")
+    assert len(fake.requests) == 3
 
 
 @pytest.mark.asyncio
-async def test_mark_failed_counts_toward_breaker(fake: FakeWebhooks, client: WebhookClient) -> None:
-    """Failures found after the call (invalid decisions) open the breaker too."""
-    endpoint = fake.endpoint("garbage", breaker_failures=2)
+async def test_answers_about_one_message_do_not_count(fake: FakeWebhooks, client: WebhookClient) -> None:
+    """Oversized responses and answers that are not decisions leave the breaker closed."""
+    endpoint = fake.endpoint("garbage", breaker_min_calls=2, breaker_failure_rate=0.5, max_response_bytes=100)
+    fake.set_default(FakeResponse.huge(4096), event="eom")
+    fake.set_default(FakeResponse.raw(b"not json"), event="rcpt")
+    for _ in range(5):
+        with pytest.raises(WebhookResponseTooLargeError):
+            await client.post(endpoint, BODY, webhook_id="msg_1")
+        # The client returns the body; the dispatcher finds it invalid (on_error applies there).
+        response = await client.post(endpoint, orjson.dumps({"event": "rcpt"}), webhook_id="msg_1")
+        assert response.body == b"not json"
+    assert client.breaker_states() == {"garbage": "closed"}
+    fake.set_default(FakeResponse.status_code(500), event="eom")
     for _ in range(2):
-        await client.post(endpoint, BODY, webhook_id="msg_1")
-        client.mark_failed(endpoint)
-    with pytest.raises(WebhookBreakerOpenError):
-        await client.post(endpoint, BODY, webhook_id="msg_1")
+        with pytest.raises(WebhookStatusError):
+            await client.post(endpoint, BODY, webhook_id="msg_2")
+    # 2 failures of 7 counted calls (the 5 invalid answers are successes): under 50%.
+    assert client.breaker_states() == {"garbage": "closed"}
+
+
+async def _serve_on(port: int) -> web.AppRunner:
+    """The endpoint coming up late: a real aiohttp server on ``port`` that answers continue."""
+
+    async def hook(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"action": "continue"})
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+@pytest.mark.asyncio
+async def test_endpoint_starting_late_is_probed_again_after_a_second(client: WebhookClient, clock: FakeClock) -> None:
+    """With the defaults, 9 refused connections leave the breaker closed; once open, the probe 1 s later closes it."""
+    port = _closed_port()
+    endpoint = EndpointSettings(name="late", url=f"http://127.0.0.1:{port}/hook")
+    for _ in range(9):
+        with pytest.raises(WebhookConnectionError):
+            await client.post(endpoint, BODY, webhook_id="msg_1")
+    assert client.breaker_states() == {"late": "closed"}
+    for _ in range(11):  # 20 calls, all failed: over 50% of at least 20
+        with pytest.raises(WebhookConnectionError):
+            await client.post(endpoint, BODY, webhook_id="msg_1")
+    assert client.breaker_states() == {"late": "open"}
+
+    runner = await _serve_on(port)
+    try:
+        clock.now += 0.5
+        with pytest.raises(WebhookBreakerOpenError):
+            await client.post(endpoint, BODY, webhook_id="msg_2")
+        clock.now += 0.5
+        response = await client.post(endpoint, BODY, webhook_id="msg_3")
+        assert decode_json(response.body) == {"action": "continue"}
+        assert client.breaker_states() == {"late": "closed"}
+    finally:
+        await runner.cleanup()
 
 
 @pytest.mark.asyncio
 async def test_update_endpoints_keeps_breaker_of_unchanged(fake: FakeWebhooks, client: WebhookClient) -> None:
-    """A reload with equal settings keeps breaker state; dropped endpoints disappear."""
-    endpoint = fake.endpoint("a", breaker_failures=1, retry=False)
+    """A reload keeps breaker state unless the URL or a breaker key changed; dropped endpoints disappear."""
+    endpoint = fake.endpoint("a", breaker_min_calls=1, retry=False)
     other = fake.endpoint("b", path="/other")
     fake.set_default(FakeResponse.status_code(500))
     with pytest.raises(WebhookStatusError):
@@ -440,53 +498,17 @@ async def test_update_endpoints_keeps_breaker_of_unchanged(fake: FakeWebhooks, c
     fake.set_default(FakeResponse.decision(), path="/other")
     await client.post(other, BODY, webhook_id="msg_1")
     assert client.breaker_states() == {"a": "open", "b": "closed"}
-    client.update_endpoints([fake.endpoint("a", breaker_failures=1, retry=False)])
+    client.update_endpoints([fake.endpoint("a", breaker_min_calls=1, retry=False)])
     assert client.breaker_states() == {"a": "open"}
-    client.update_endpoints([fake.endpoint("a", breaker_failures=1, retry=False, timeout=1.0)])
+    client.update_endpoints([fake.endpoint("a", breaker_min_calls=1, retry=False, timeout=1.0)])
     assert client.breaker_states() == {"a": "open"}
-    client.update_endpoints([fake.endpoint("a", path="/moved", breaker_failures=1)])
+    client.update_endpoints([fake.endpoint("a", breaker_min_calls=1, breaker_window=5.0)])
     assert client.breaker_states() == {"a": "closed"}
-
-
-def test_breaker_table() -> None:
-    """The breaker follows its state table, and threshold 0 never opens."""
-    clock = FakeClock()
-    breaker = CircuitBreaker(failure_threshold=3, reset_timeout=1.0, clock=clock)
-    for _ in range(2):
-        breaker.record_failure()
-    breaker.record_success()
-    assert breaker.consecutive_failures == 0
-    for _ in range(3):
-        assert breaker.allow()
-        breaker.record_failure()
-    assert breaker.state is BreakerState.OPEN
-    assert not breaker.allow()
-    clock.now += 1.0
-    assert breaker.allow()  # the trial
-    assert not breaker.allow()  # only one at a time
-    breaker.release()  # trial cancelled
-    assert breaker.allow()
-    breaker.record_success()
-    assert breaker.state is BreakerState.CLOSED
-
-    disabled = CircuitBreaker(failure_threshold=0, reset_timeout=1.0, clock=clock)
-    for _ in range(100):
-        disabled.record_failure()
-    assert disabled.allow()
-    assert disabled.state is BreakerState.CLOSED
-
-
-def test_breaker_stuck_trial_expires() -> None:
-    """A trial that never reports stops blocking after another reset period."""
-    clock = FakeClock()
-    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=2.0, clock=clock)
-    breaker.record_failure()
-    clock.now += 2.0
-    assert breaker.allow()
-    clock.now += 1.0
-    assert not breaker.allow()
-    clock.now += 1.0
-    assert breaker.allow()
+    with pytest.raises(WebhookStatusError):
+        await client.post(fake.endpoint("a", breaker_min_calls=1, breaker_window=5.0), BODY, webhook_id="msg_2")
+    assert client.breaker_states() == {"a": "open"}
+    client.update_endpoints([fake.endpoint("a", path="/moved", breaker_min_calls=1, breaker_window=5.0)])
+    assert client.breaker_states() == {"a": "closed"}
 
 
 # -- cancellation and lifecycle --------------------------------------------------------------
@@ -495,7 +517,7 @@ def test_breaker_stuck_trial_expires() -> None:
 @pytest.mark.asyncio
 async def test_cancellation_propagates(fake: FakeWebhooks, client: WebhookClient, observer: RecordingObserver) -> None:
     """Cancelling a call raises CancelledError, closes the request, and is not a failure."""
-    endpoint = fake.endpoint("slow", breaker_failures=1)
+    endpoint = fake.endpoint("slow", breaker_min_calls=1)
     fake.set_default(FakeResponse.never_answer())
     task = asyncio.create_task(client.post(endpoint, BODY, webhook_id="msg_1"))
     await fake.wait_for(1)
@@ -651,7 +673,7 @@ async def test_bad_endpoint_settings() -> None:
 @pytest.mark.asyncio
 async def test_no_budget_left_sends_nothing(fake: FakeWebhooks, client: WebhookClient) -> None:
     """A zero budget fails at once as a timeout, sends nothing and leaves the breaker alone."""
-    endpoint = fake.endpoint("late", breaker_failures=1)
+    endpoint = fake.endpoint("late", breaker_min_calls=1)
     with pytest.raises(WebhookTimeoutError) as info:
         await client.post(endpoint, BODY, webhook_id="msg_1", timeout=0.0)
     assert info.value.attempts == 0
@@ -719,8 +741,8 @@ async def test_sessions_from_before_a_reload_keep_the_new_breaker(fake: FakeWebh
     """Calls with an old snapshot's settings do not replace the current endpoint or reset its breaker."""
     fake.set_default(FakeResponse.status_code(500), path="/new")
     fake.set_default(FakeResponse.no_content(), path="/old")
-    old = fake.endpoint("policy", path="/old", breaker_failures=2, retry=False)
-    new = fake.endpoint("policy", path="/new", breaker_failures=2, retry=False)
+    old = fake.endpoint("policy", path="/old", breaker_min_calls=2, retry=False)
+    new = fake.endpoint("policy", path="/new", breaker_min_calls=2, retry=False)
     client.update_endpoints([new])
     for _ in range(2):
         await client.post(old, b"{}", webhook_id="evt_old")
