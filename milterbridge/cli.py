@@ -20,6 +20,7 @@ header/body/recipient/sender changes).
 EPILOG = """\
 examples:
   milterbridge serve                       run the built-in demo on 127.0.0.1:8890
+  milterbridge serve --demo                the demo even where MILTERBRIDGE_CONFIG is set
   milterbridge serve --config /etc/milterbridge.toml
   milterbridge check-config --config /etc/milterbridge.toml
   milterbridge send message.eml --milter inet:127.0.0.1:8890 --rcpt bob@example.net
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the bridge (the built-in demo when there is no config)")
     serve.add_argument("--config", metavar="PATH", help="TOML config file (default: $MILTERBRIDGE_CONFIG)")
     serve.add_argument("--workers", type=int, metavar="N", help="worker processes sharing the listeners")
+    serve.add_argument(
+        "--demo", action="store_true", help="run the built-in demo, ignoring MILTERBRIDGE_CONFIG (not with --config)"
+    )
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", metavar="PATH", help="TOML config file (default: $MILTERBRIDGE_CONFIG)")
@@ -63,7 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from milterbridge.app import serve
 
-        return serve(args.config, workers=args.workers)
+        if args.demo and args.config:
+            parser.error("serve: --demo and --config exclude each other")
+        return serve(args.config, workers=args.workers, demo=args.demo)
     if args.command == "check-config":
         return check_config(args.config)
     if args.command == "send":
@@ -73,28 +79,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_config(path: str | None) -> int:
-    """Validate a config; exit 1 naming the key and reason, 0 with a summary."""
-    from milterbridge.config import ConfigError, load_config
+    """Validate a config as ``serve`` would; exit 1 naming the key and reason, 0 with a summary and warnings."""
+    from milterbridge.app import load_checked
+    from milterbridge.config import ConfigError, config_warnings
+    from milterbridge.webhook.errors import redact_url
 
-    if path is None and not os.environ.get("MILTERBRIDGE_CONFIG"):
+    path = path or os.environ.get("MILTERBRIDGE_CONFIG") or None
+    if path is None:
         print("error: no config given (use --config PATH or MILTERBRIDGE_CONFIG)", file=sys.stderr)
         return 2
     try:
-        config = load_config(path)
+        config = load_checked(path)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"error: cannot read config: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot use config {path}: {exc}", file=sys.stderr)
         return 1
     print("config ok")
     print(f"  listen: {', '.join(config.server.listen)}")
     print(f"  admin: {config.admin.listen}")
     for ep in config.endpoints:
         events = ", ".join(sorted(ep.events))
-        print(f"  endpoint {ep.name}: {ep.mode} on_error={ep.on_error} timeout={ep.timeout}s events=[{events}]")
-    if not config.endpoints:
-        print("  no endpoints: every message is accepted unchanged")
+        print(
+            f"  endpoint {ep.name}: {redact_url(ep.url)} {ep.mode} on_error={ep.on_error} "
+            f"timeout={ep.timeout}s events=[{events}]"
+        )
+    if all(ep.mode != "enforce" for ep in config.endpoints):
+        print("  no enforcing endpoint (server.allow_no_endpoints = true): every message is accepted unchanged")
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

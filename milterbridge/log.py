@@ -13,13 +13,16 @@ adds ``exc`` with its type, message and traceback.
 Values orjson cannot encode natively are written as ``str(value)``; bytes are decoded as UTF-8
 with replacement characters. Field values whose key names a credential (see ``SENSITIVE_WORDS``)
 are replaced by ``"<redacted>"`` at any depth, as a last line of defence: callers are expected
-never to log secrets in the first place.
+never to log secrets in the first place. For the same reason the user info and the query string
+of any URL in the message, in a string field or in an exception (``redact_urls``) are replaced
+too: both may carry credentials or tokens.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Mapping
@@ -35,6 +38,7 @@ __all__ = [
     "RedactingFilter",
     "configure_logging",
     "redact_fields",
+    "redact_urls",
 ]
 
 #: ``log.level`` values (config.py accepts the same names) and their stdlib levels.
@@ -56,6 +60,31 @@ _OPTIONS: Final = orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z
 _MAX_DEPTH: Final = 32
 
 
+#: A URL in free text: scheme, optional user info, the rest of the authority and path, optional query.
+#: Quotes and angle brackets end a URL, so the text around it survives.
+_URL = re.compile(
+    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s'\"<>]*@)?"
+    r"(?P<rest>[^?#\s'\"<>]*)(?P<query>\?[^#\s'\"<>]*)?"
+)
+
+
+def _redact_url_match(match: re.Match[str]) -> str:
+    userinfo = f"{REDACTED}@" if match.group("userinfo") else ""
+    query = f"?{REDACTED}" if match.group("query") else ""
+    return f"{match.group('scheme')}{userinfo}{match.group('rest')}{query}"
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the user info and the query string of every URL in it replaced by ``<redacted>``.
+
+    ``https://user:pw@host/p?token=x`` becomes ``https://<redacted>@host/p?<redacted>``; the
+    scheme, host and path stay, so the line still says where a call went.
+    """
+    if "://" not in text:  # the common case: no URL, no regex
+        return text
+    return _URL.sub(_redact_url_match, text)
+
+
 def _is_sensitive(key: object) -> bool:
     if not isinstance(key, str):
         return False
@@ -74,6 +103,8 @@ def _redact_value(value: Any, depth: int) -> Any:
         return _redact_mapping(value, depth + 1)
     if isinstance(value, list | tuple):
         return [_redact_value(item, depth + 1) for item in value]
+    if isinstance(value, str):
+        return redact_urls(value)
     return value
 
 
@@ -110,7 +141,7 @@ class JsonFormatter(logging.Formatter):
             "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact_urls(record.getMessage()),
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, Mapping):
@@ -121,11 +152,11 @@ class JsonFormatter(logging.Formatter):
             exc_type, exc_value, exc_tb = record.exc_info
             line["exc"] = {
                 "type": _exception_type(exc_type),
-                "message": str(exc_value),
-                "traceback": "".join(traceback.format_exception(exc_type, exc_value, exc_tb)),
+                "message": redact_urls(str(exc_value)),
+                "traceback": redact_urls("".join(traceback.format_exception(exc_type, exc_value, exc_tb))),
             }
         if record.stack_info:
-            line["stack"] = record.stack_info
+            line["stack"] = redact_urls(record.stack_info)
         return self._dumps(line)
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,10 @@ from milterbridge.config import (
     LogSettings,
     ServerSettings,
     TlsSettings,
+    check_enforcing,
+    config_warnings,
     load_config,
+    load_serving_config,
 )
 from milterbridge.milter.address import ListenAddress, parse_listen_address, split_host_port
 from milterbridge.milter.constants import Event
@@ -96,7 +100,10 @@ tls = {{ ca_file = "ca.pem", cert_file = "client.pem", key_file = "client.key", 
 allow_insecure_http = false
 max_response_bytes = 2048
 retry = false
-breaker_failures = 0
+breaker_failure_rate = 0.25
+breaker_min_calls = 0
+breaker_window = 30
+breaker_probe = 0.5
 breaker_reset = 12
 max_modifications = 50
 
@@ -153,7 +160,10 @@ allow_insecure_http = true
                 allow_insecure_http=False,
                 max_response_bytes=2048,
                 retry=False,
-                breaker_failures=0,
+                breaker_failure_rate=0.25,
+                breaker_min_calls=0,
+                breaker_window=30.0,
+                breaker_probe=0.5,
                 breaker_reset=12.0,
                 max_modifications=50,
             ),
@@ -168,6 +178,9 @@ allow_insecure_http = true
             ),
         ),
         source=str(path),
+        # Written in the file itself: an inline header value and an inline secret (not the ${VAR} one).
+        inline_secrets=("endpoints.policy.headers.X-Tenant", "endpoints.archive-v2.secret"),
+        secret_files=(str(tmp_path / "archive.secret"),),
     )
     assert config == expected
     assert isinstance(config.server.drain_timeout, float)
@@ -608,7 +621,31 @@ def test_repr_of_config_hides_secrets_and_headers(tmp_path):
             id="timeout-pre-eom",
         ),
         pytest.param(ENDPOINT + "max_body_bytes = 0", "endpoints.policy.max_body_bytes", "minimum", id="body-size"),
-        pytest.param(ENDPOINT + "breaker_failures = -1", "endpoints.policy.breaker_failures", "minimum", id="brk"),
+        pytest.param(ENDPOINT + "breaker_min_calls = -1", "endpoints.policy.breaker_min_calls", "minimum", id="brk"),
+        pytest.param(
+            ENDPOINT + "breaker_failure_rate = 0",
+            "endpoints.policy.breaker_failure_rate",
+            "greater than 0",
+            id="brk-rate0",
+        ),
+        pytest.param(
+            ENDPOINT + "breaker_failure_rate = 1.5", "endpoints.policy.breaker_failure_rate", "at most 1", id="brk-rate"
+        ),
+        pytest.param(
+            ENDPOINT + "breaker_failure_rate = '50%'",
+            "endpoints.policy.breaker_failure_rate",
+            "number",
+            id="brk-rate-str",
+        ),
+        pytest.param(
+            ENDPOINT + "breaker_window = 0", "endpoints.policy.breaker_window", "greater than zero", id="brk-win"
+        ),
+        pytest.param(
+            ENDPOINT + "breaker_probe = -1", "endpoints.policy.breaker_probe", "greater than zero", id="brk-probe"
+        ),
+        pytest.param(
+            ENDPOINT + "breaker_failures = 5", "endpoints.policy.breaker_failures", "unknown key", id="brk-old-key"
+        ),
         pytest.param(ENDPOINT + "macros = ['auth authen']", "endpoints.policy.macros", "macro name", id="macro-name"),
         pytest.param(ENDPOINT + "macros = ['i', 'i']", "endpoints.policy.macros", "twice", id="macro-duplicate"),
         pytest.param(
@@ -752,3 +789,132 @@ def test_bad_listen_addresses_fail(text):
 def test_split_host_port(text, expected):
     """HTTP listen addresses split into host and port."""
     assert split_host_port(text) == expected
+
+
+# -- the enforcing-endpoint rule and the security warnings -------------------------------
+
+
+def serving_error(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> ConfigError:
+    """Load a config for serving that must be refused and return the error."""
+    with pytest.raises(ConfigError) as info:
+        load_serving_config(write(tmp_path, text), environ or {})
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        ("", "no endpoints (the file"),
+        ("[log]\nlevel = 'info'\n", "no endpoints,"),
+        (ENDPOINT + "mode = 'observe'\n", "only observe endpoints"),
+    ],
+    ids=["empty-file", "no-endpoints", "observe-only"],
+)
+def test_serving_needs_an_enforcing_endpoint(tmp_path, text, what):
+    """No enforcing endpoint is refused under the key server.allow_no_endpoints, saying why."""
+    err = serving_error(tmp_path, text)
+    assert err.key == "server.allow_no_endpoints"
+    assert what in str(err)
+    assert load_text(tmp_path, text).endpoints == load_config(tmp_path / "milterbridge.toml", {}).endpoints
+
+
+def test_allow_no_endpoints_from_file_or_environment(tmp_path):
+    """allow_no_endpoints = true, in the file or from the environment, lets such a config serve."""
+    config = load_serving_config(write(tmp_path, "[server]\nallow_no_endpoints = true\n"), {})
+    assert config.server.allow_no_endpoints is True
+    assert config.endpoints == ()
+    env = {"MILTERBRIDGE_SERVER__ALLOW_NO_ENDPOINTS": "true"}
+    assert load_serving_config(write(tmp_path, ENDPOINT + "mode = 'observe'\n"), env).server.allow_no_endpoints
+    assert ServerSettings().allow_no_endpoints is False
+
+
+def test_one_enforcing_endpoint_is_enough(tmp_path):
+    """An enforcing endpoint next to observe ones passes check_enforcing."""
+    text = ENDPOINT + '[[endpoints]]\nname = "shadow"\nurl = "https://shadow.example/"\nmode = "observe"\n'
+    config = load_text(tmp_path, text)
+    check_enforcing(config)
+    with pytest.raises(ConfigError):
+        check_enforcing(Config(endpoints=config.endpoints[1:]))
+
+
+def test_inline_secrets_are_recorded_only_when_the_file_holds_them(tmp_path):
+    """Inline secret, literal header value and URL credentials count; environment values do not."""
+    text = (
+        NAMED
+        + "url = 'https://u:pw@hooks.example/milter?token=x'\n"
+        + f"secret = '{SECRET_A}'\n"
+        + "headers = { X-Key = 'literal', X-Auth = 'Bearer ${TOKEN}' }\n"
+    )
+    config = load_text(tmp_path, text, {"TOKEN": TOKEN})
+    assert config.inline_secrets == (
+        "endpoints.policy.secret",
+        "endpoints.policy.headers.X-Key",
+        "endpoints.policy.url",
+    )
+    env = {"TOKEN": TOKEN, "MILTERBRIDGE_ENDPOINTS__POLICY__SECRET": SECRET_B}
+    overridden = load_text(tmp_path, ENDPOINT + f"secret = '{SECRET_A}'\n", env)
+    assert overridden.inline_secrets == ()
+
+
+def foreign_group() -> int:
+    """A group id other than this process's effective one, that this process may give a file."""
+    if os.geteuid() == 0:
+        return os.getegid() + 1
+    others = [gid for gid in os.getgroups() if gid != os.getegid()]
+    if not others:
+        pytest.skip("needs root or a second group to chown a file to another group")
+    return others[0]
+
+
+def test_config_warnings(tmp_path):
+    """Group/other-readable file with inline secrets, such a secret file, and tls.verify = false each warn."""
+    secret_file = tmp_path / "policy.secret"
+    secret_file.write_text(SECRET_B)
+    path = write(
+        tmp_path, ENDPOINT + f"secret = '{SECRET_A}'\nsecret_file = 'policy.secret'\ntls = {{ verify = false }}\n"
+    )
+    path.chmod(0o640)
+    os.chown(path, -1, foreign_group())
+    secret_file.chmod(0o604)
+    warnings = config_warnings(load_config(path, {}))
+    assert len(warnings) == 3
+    assert str(path) in warnings[0]
+    assert "0o640" in warnings[0]
+    assert "endpoints.policy.secret" in warnings[0]
+    assert str(secret_file) in warnings[1]
+    assert "0o604" in warnings[1]
+    assert warnings[2].startswith("endpoints.policy.tls.verify is false")
+    assert not any(SECRET_A in w or SECRET_B in w for w in warnings)
+
+    path.chmod(0o600)
+    secret_file.chmod(0o400)
+    assert config_warnings(load_config(path, {})) == [warnings[2]]
+    # Readable by this process's own group only (a Kubernetes secret volume with fsGroup): no warning.
+    os.chown(secret_file, -1, os.getegid())
+    secret_file.chmod(0o440)
+    assert config_warnings(load_config(path, {})) == [warnings[2]]
+
+
+def test_no_warning_without_secrets_in_the_file(tmp_path):
+    """A world-readable file is fine when its secrets come from the environment."""
+    path = write(tmp_path, ENDPOINT + "secret_env = 'S'\nheaders = { Authorization = 'Bearer ${T}' }\n")
+    path.chmod(0o644)
+    assert config_warnings(load_config(path, {"S": SECRET_A, "T": TOKEN})) == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:hunter2@hooks.example/?token=abc123",  # plain http off loopback
+        "ftp://user:hunter2@hooks.example/?token=abc123",  # not http
+        "user:hunter2@hooks.example/?token=abc123",  # no scheme at all
+        "http://user:hunter2@[::1/?token=abc123",  # unparseable: an error, not a traceback
+    ],
+)
+def test_url_errors_redact_user_info_and_query(tmp_path, url):
+    """Whatever is wrong with a URL, the error shows neither its password nor its query."""
+    err = load_error(tmp_path, NAMED + f"url = '{url}'")
+    assert err.key == "endpoints.policy.url"
+    assert "hunter2" not in str(err)
+    assert "abc123" not in str(err)
+    assert "<redacted>" in str(err)

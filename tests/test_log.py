@@ -10,7 +10,7 @@ import logging
 import orjson
 import pytest
 
-from milterbridge.log import REDACTED, configure_logging, redact_fields
+from milterbridge.log import REDACTED, configure_logging, redact_fields, redact_urls
 
 
 class Colour(enum.StrEnum):
@@ -182,3 +182,37 @@ def test_other_handlers_are_kept(stream):
         assert other in root.handlers
     finally:
         root.removeHandler(other)
+
+
+def test_urls_lose_user_info_and_query_in_every_part_of_a_line(stream):
+    """A URL with user:password@ and ?token= is redacted in msg, string fields and exceptions."""
+    configure_logging("info", stream)
+    url = "https://ops:hunter2@hooks.example:8443/milter?token=t0ken-31337&x=1"
+    try:
+        raise ValueError(f"cannot reach {url}")
+    except ValueError:
+        logging.getLogger("t").exception("call to %s failed", url, extra={"fields": {"target": url, "n": [url]}})
+    text = stream.getvalue()
+    assert "hunter2" not in text
+    assert "t0ken-31337" not in text
+    (line,) = lines(stream)
+    shown = f"https://{REDACTED}@hooks.example:8443/milter?{REDACTED}"
+    assert line["msg"] == f"call to {shown} failed"
+    assert line["target"] == shown
+    assert line["n"] == [shown]
+    assert shown in line["exc"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("no url here", "no url here"),
+        ("see https://hooks.example/p", "see https://hooks.example/p"),
+        ("'http://[::1]:9/hook?k=v' refused", f"'http://[::1]:9/hook?{REDACTED}' refused"),
+        ("u http://a:b@c@host/x#frag", f"u http://{REDACTED}@host/x#frag"),
+        ("ftp://user@files.example/a?b", f"ftp://{REDACTED}@files.example/a?{REDACTED}"),
+    ],
+)
+def test_redact_urls(text, expected):
+    """Only user info and query change; scheme, host, port, path and the text around stay."""
+    assert redact_urls(text) == expected

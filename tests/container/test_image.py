@@ -37,11 +37,12 @@ STORAGE_DRIVER = os.environ.get("STORAGE_DRIVER", "vfs")
 RUNTIME_UID = 10001
 
 # The config a container needs: the defaults listen on loopback, which nothing outside the
-# container's network namespace can reach. No endpoints: every message is accepted.
+# container's network namespace can reach. No endpoints, said explicitly: every message is accepted.
 CONTAINER_CONFIG = """\
 [server]
 listen = ["inet:0.0.0.0:8890"]
 drain_timeout = 5.0
+allow_no_endpoints = true
 
 [admin]
 listen = "0.0.0.0:8891"
@@ -87,6 +88,14 @@ def test_dockerfile_runtime_stage_is_non_root_with_exec_form_entrypoint():
     assert json.loads(stage["ENTRYPOINT"]) == ["milterbridge"]
     assert json.loads(stage["CMD"]) == ["serve", "--config", "/etc/milterbridge/config.toml"]
     assert stage["EXPOSE"].split() == ["8890", "8891"]
+
+
+def test_dockerfile_never_falls_back_to_the_demo():
+    """MILTERBRIDGE_CONFIG names the CMD's file, so ``serve`` without --config needs it too (the demo is --demo)."""
+    envs = " ".join(rest for keyword, rest in _runtime_stage() if keyword == "ENV")
+    assert "MILTERBRIDGE_CONFIG=/etc/milterbridge/config.toml" in envs.split()
+    stage = dict(reversed(_runtime_stage()))
+    assert json.loads(stage["CMD"])[-1] == "/etc/milterbridge/config.toml"
 
 
 def test_dockerfile_healthcheck_asks_livez_on_the_admin_port():
@@ -279,3 +288,29 @@ def test_container_serves_a_message_and_stops_cleanly(image, container_name, tmp
     assert ready, output
     assert {line.get("core") for line in ready} == {"compiled"}, output  # one line per worker
     assert stop_seconds < 15, "SIGTERM should drain an idle bridge at once, not wait for SIGKILL"
+
+
+@needs_opt_in
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("command", [[], ["serve"]], ids=["default-command", "serve-without-config"])
+def test_container_without_a_config_fails_instead_of_running_the_demo(image, container_name, command):
+    """No config mounted: the container exits 1 naming the file, whether or not the command gives --config."""
+    nofile = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 65536)  # see the test above
+    result = _podman(
+        "run",
+        "--name",
+        container_name,
+        "--ulimit",
+        f"nofile={nofile}:{nofile}",
+        "--ulimit",
+        "nproc=4096:4096",
+        "--health-interval",
+        "disable",
+        image,
+        *command,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "/etc/milterbridge/config.toml" in result.stderr
+    assert "demo" not in result.stdout + result.stderr

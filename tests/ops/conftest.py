@@ -47,6 +47,8 @@ from tests.fakes.webhooks import FakeWebhooks
 SOURCE_ROOT = str(Path(milterbridge.__file__).resolve().parent.parent)
 #: A small message with a subject and a body.
 MESSAGE = b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: hello\r\n\r\nHello there.\r\n"
+#: ``server=`` for a config without endpoints: ``serve`` refuses one unless told (design.md §3.7).
+NO_ENDPOINTS = {"allow_no_endpoints": True}
 #: Longest any single wait in these tests may take; a healthy run needs a fraction of it.
 WAIT_TIMEOUT = 10.0
 _POLL_INTERVAL = 0.02

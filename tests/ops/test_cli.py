@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,169 @@ def test_serve_refuses_a_bad_config_before_starting(tmp_path):
     assert result.returncode == 1
     assert "server.max_connections" in result.stderr
     no_traceback(result)
+
+
+# -- fail closed: a config that would let mail through unfiltered (design.md §3.7) --------
+
+POLICY = {"name": "policy", "url": "http://127.0.0.1:9/hook"}
+OBSERVER = {"name": "shadow", "url": "http://127.0.0.1:9/shadow", "mode": "observe"}
+
+
+def make_unusable(path: Path, case: str) -> str:
+    """Turn ``path`` into the named bad config; return what the error must say."""
+    match case:
+        case "empty":
+            path.write_text("")
+            return "server.allow_no_endpoints: the config has no endpoints (the file"
+        case "unreadable":
+            path.mkdir()  # root reads any file whatever its mode; a directory cannot be read as one
+            return "cannot read config file"
+        case "invalid-toml":
+            path.write_text(config_text(endpoints=[POLICY]) + "[server\n")
+            return "is not valid TOML"
+        case "no-endpoints":
+            path.write_text(config_text())
+            return "server.allow_no_endpoints: the config has no endpoints"
+        case "observe-only":
+            path.write_text(config_text(endpoints=[OBSERVER]))
+            return "server.allow_no_endpoints: the config has only observe endpoints"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+@pytest.mark.parametrize("case", ["empty", "unreadable", "invalid-toml", "no-endpoints", "observe-only"])
+def test_a_config_that_would_not_filter_is_refused(tmp_path, command, case):
+    """check-config and serve both exit 1 with a one-line error for each config that cannot filter mail."""
+    path = tmp_path / "milterbridge.toml"
+    expected = make_unusable(path, case)
+    extra = ["--workers", "1"] if command == "serve" else []
+    result = cli(command, "--config", str(path), *extra)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.startswith("error:"), result.stderr
+    assert expected in result.stderr
+    assert "config ok" not in result.stdout
+    no_traceback(result)
+
+
+def test_check_config_and_serve_give_the_same_refusal(tmp_path):
+    """The enforcing-endpoint rule is one rule: both commands print the same message."""
+    path = write_config(tmp_path, endpoints=[OBSERVER])
+    checked = cli("check-config", "--config", str(path))
+    served = cli("serve", "--config", str(path), "--workers", "2")
+    assert checked.returncode == served.returncode == 1
+    assert checked.stderr == served.stderr
+    assert "allow_no_endpoints = true" in checked.stderr
+
+
+def test_allow_no_endpoints_accepts_a_config_without_enforcing_endpoints(tmp_path):
+    """With server.allow_no_endpoints = true the same config passes, and the summary says what it means."""
+    path = write_config(tmp_path, endpoints=[OBSERVER], server={"allow_no_endpoints": True})
+    result = cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "no enforcing endpoint" in result.stdout
+    assert "every message is accepted unchanged" in result.stdout
+
+
+def test_allow_no_endpoints_must_be_a_boolean(tmp_path):
+    """allow_no_endpoints = "yes" is a type error naming the key, not a truthy string."""
+    path = write_config(tmp_path, server={"allow_no_endpoints": "yes"})
+    result = cli("check-config", "--config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: server.allow_no_endpoints: expected true or false"), result.stderr
+
+
+def test_check_config_refuses_tls_files_the_client_cannot_use(tmp_path):
+    """A CA file that holds no certificate fails check-config (and serve), not only a later reload."""
+    bad_ca = tmp_path / "ca.pem"
+    bad_ca.write_text("not a certificate\n")
+    path = write_config(tmp_path, endpoints=[{**POLICY, "tls": {"ca_file": str(bad_ca)}}])
+    for command in ("check-config", "serve"):
+        result = cli(command, "--config", str(path), *(["--workers", "1"] if command == "serve" else []))
+        assert result.returncode == 1, result.stdout
+        assert result.stderr.startswith(f"error: cannot use config {path}"), result.stderr
+        no_traceback(result)
+
+
+def warnings_of(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The ``warning:`` lines check-config printed."""
+    return [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+
+
+def test_check_config_warns_about_a_readable_file_with_inline_secrets(tmp_path):
+    """An inline secret, header value or URL token in a file others can read is a warning; exit stays 0."""
+    endpoint = {
+        **POLICY,
+        "url": "http://ops:hunter2@127.0.0.1:9/hook?token=url-token-31337",
+        "secret": SECRET,
+        "headers": {"X-Api-Key": TOKEN},
+    }
+    path = write_config(tmp_path, endpoints=[endpoint])
+    path.chmod(0o644)
+    result = cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    (warning,) = warnings_of(result)
+    assert str(path) in warning
+    assert "0o644" in warning
+    for key in ("endpoints.policy.secret", "endpoints.policy.headers.X-Api-Key", "endpoints.policy.url"):
+        assert key in warning
+    # The summary shows where the endpoint is, without its credentials or query.
+    assert "endpoint policy: http://127.0.0.1:9/hook enforce" in result.stdout
+    everything = result.stdout + result.stderr
+    for secret in (SECRET, TOKEN, "hunter2", "url-token-31337"):
+        assert secret not in everything
+
+    path.chmod(0o600)
+    result = cli("check-config", "--config", str(path))
+    assert result.returncode == 0
+    assert warnings_of(result) == []
+
+
+def test_check_config_no_warning_for_secrets_from_the_environment(tmp_path):
+    """secret_env and ${VAR} header values keep the file free of secrets: no warning at mode 0644."""
+    endpoint = {**POLICY, "secret_env": "OPS_SECRET", "headers": {"Authorization": "Bearer ${OPS_TOKEN}"}}
+    path = write_config(tmp_path, endpoints=[endpoint])
+    path.chmod(0o644)
+    result = cli("check-config", "--config", str(path), env={"OPS_SECRET": SECRET, "OPS_TOKEN": TOKEN})
+    assert result.returncode == 0, result.stderr
+    assert warnings_of(result) == []
+
+
+def test_check_config_warns_about_a_readable_secret_file_and_tls_verify_off(tmp_path):
+    """A secret_file readable by another group, and tls.verify = false, each get a warning."""
+    secret_file = tmp_path / "policy.secret"
+    secret_file.write_text(SECRET + "\n")
+    secret_file.chmod(0o640)
+    os.chown(secret_file, -1, os.getegid() + 1)  # a group other than the bridge's own (we are root)
+    path = write_config(tmp_path, endpoints=[{**POLICY, "secret_file": str(secret_file), "tls": {"verify": False}}])
+    path.chmod(0o600)
+    result = cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    file_warning, tls_warning = warnings_of(result)
+    assert f"secret file '{secret_file}'" in file_warning
+    assert "0o640" in file_warning
+    assert "endpoints.policy.tls.verify is false" in tls_warning
+    assert SECRET not in result.stdout + result.stderr
+
+    secret_file.chmod(0o600)
+    assert warnings_of(cli("check-config", "--config", str(path))) == [tls_warning]
+
+
+def test_config_errors_redact_url_credentials_and_query(tmp_path):
+    """A refused URL is shown without its user info or query string."""
+    url = "http://ops:hunter2@filters.example/hook?token=url-token-31337"
+    path = write_config(tmp_path, endpoints=[{**POLICY, "url": url}])
+    result = cli("check-config", "--config", str(path))
+    assert result.returncode == 1
+    assert "endpoints.policy.url: 'http://<redacted>@filters.example/hook?<redacted>' is plain http" in result.stderr
+    assert "hunter2" not in result.stderr
+    assert "url-token-31337" not in result.stderr
+
+
+def test_serve_demo_and_config_exclude_each_other(tmp_path):
+    """``serve --demo --config PATH`` is a usage error, not a silent choice of one."""
+    result = cli("serve", "--demo", "--config", str(tmp_path / "x.toml"))
+    assert result.returncode == 2
+    assert "--demo" in result.stderr
 
 
 # -- send --------------------------------------------------------------------------------

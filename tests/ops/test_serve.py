@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,7 @@ from tests.fakes.webhooks import FakeResponse, FakeWebhooks
 
 from .conftest import (
     MESSAGE,
+    NO_ENDPOINTS,
     WAIT_TIMEOUT,
     BridgeProcess,
     child_env,
@@ -151,7 +153,7 @@ def test_demo_with_its_filter_port_busy_fails_cleanly():
 async def test_demo_is_not_used_when_milterbridge_config_is_set(tmp_path, bridges):
     """MILTERBRIDGE_CONFIG alone selects the configured bridge (no banner, the file's listener)."""
     port = free_port()
-    path = write_config(tmp_path, listen=[f"inet:127.0.0.1:{port}"])
+    path = write_config(tmp_path, listen=[f"inet:127.0.0.1:{port}"], server=NO_ENDPOINTS)
     bridge = await bridges.start(None, env={"MILTERBRIDGE_CONFIG": str(path)})
     assert bridge.milter == f"inet:127.0.0.1:{port}"
     assert "demo" not in bridge.stderr()
@@ -403,7 +405,7 @@ async def test_sigterm_drains_in_flight_messages(tmp_path, bridges, webhooks):
 @pytest.mark.asyncio
 async def test_sigint_stops_like_sigterm(tmp_path, bridges):
     """SIGINT (Ctrl-C) drains and exits 0 like SIGTERM, without a KeyboardInterrupt traceback."""
-    bridge = await bridges.start(write_config(tmp_path))
+    bridge = await bridges.start(write_config(tmp_path, server=NO_ENDPOINTS))
     bridge.send_signal(signal.SIGINT)
     assert await bridge.wait_exit() == 0
     assert bridge.logs("stopped")
@@ -474,7 +476,7 @@ async def test_sighup_reload_switches_endpoints_without_dropping_sessions(tmp_pa
     assert added_headers(result) == {"X-Ops": "old"}
     text = await bridge.metrics()
     assert metric_value(text, "milterbridge_config_reloads_total", result="ok") == 1
-    assert metric_value(text, "milterbridge_config_reloads_total", result="error") == 0
+    assert metric_value(text, "milterbridge_config_reloads_total", result="refused") == 0
 
 
 @pytest.mark.asyncio
@@ -506,6 +508,102 @@ async def test_sighup_with_an_invalid_config_keeps_the_old_one(tmp_path, bridges
     assert added_headers(await send_message(bridge.milter)) == {"X-Ops": "old"}
     assert not webhooks.requests_for(path="/new")
     text = await bridge.metrics()
-    assert metric_value(text, "milterbridge_config_reloads_total", result="error") == 3
+    assert metric_value(text, "milterbridge_config_reloads_total", result="refused") == 3
     assert metric_value(text, "milterbridge_config_reloads_total", result="ok") == 0
     assert (await bridge.get("/readyz"))[0] == 200
+
+
+def make_unusable(config: Path, case: str, webhooks: FakeWebhooks) -> str:
+    """Turn the config file into the named bad config; return what the refusal must say."""
+    match case:
+        case "empty":  # a config-management write caught half-way
+            config.write_text("")
+            return "the config has no endpoints (the file"
+        case "unreadable":
+            config.unlink()
+            config.mkdir()  # root reads any file whatever its mode; a directory cannot be read as one
+            return "cannot read config file"
+        case "invalid":
+            config.write_text(config_text(endpoints=[policy_endpoint(webhooks, "/new")]) + "[server\n")
+            return "is not valid TOML"
+        case "no-enforcing-endpoint":
+            config.write_text(config_text(endpoints=[policy_endpoint(webhooks, "/new", mode="observe")]))
+            return "server.allow_no_endpoints: the config has only observe endpoints"
+    raise AssertionError(case)
+
+
+def restore(config: Path, text: str) -> None:
+    """Put a good file back where ``make_unusable`` left a bad one (or a directory)."""
+    if config.is_dir():
+        config.rmdir()
+    config.write_text(text)
+
+
+@pytest.mark.asyncio
+async def test_sighup_refuses_every_config_that_would_not_filter(tmp_path, bridges, webhooks):
+    """Empty, unreadable, invalid or no enforcing endpoint: refused at error, counted, the old endpoint decides."""
+    webhooks.set_default(tag("old"), path="/old")
+    webhooks.set_default(tag("new"), path="/new")
+    config = tmp_path / "milterbridge.toml"
+    good = config_text(endpoints=[policy_endpoint(webhooks, "/old")])
+    config.write_text(good)
+    bridge = await bridges.start(config)
+
+    cases = ["empty", "unreadable", "invalid", "no-enforcing-endpoint"]
+    for case in cases:
+        reason = make_unusable(config, case, webhooks)
+        await reloaded(bridge, "config reload refused")
+        refused = bridge.logs("config reload refused")[-1]
+        assert refused["level"] == "error"
+        assert reason in refused["msg"], (case, refused["msg"])
+        assert added_headers(await send_message(bridge.milter, queue_id=f"Q{len(case)}")) == {"X-Ops": "old"}, case
+        restore(config, good)
+    assert not webhooks.requests_for(path="/new")
+    text = await bridge.metrics()
+    assert metric_value(text, "milterbridge_config_reloads_total", result="refused") == len(cases)
+    assert metric_value(text, "milterbridge_config_reloads_total", result="ok") == 0
+
+    # Said explicitly, the same observe-only config is applied: nothing enforces any more.
+    config.write_text(
+        config_text(endpoints=[policy_endpoint(webhooks, "/new", mode="observe")], server={"allow_no_endpoints": True})
+    )
+    await reloaded(bridge, "config reloaded")
+    result = await send_message(bridge.milter, queue_id="QOBSERVED")
+    assert isinstance(result.final, Continue)
+    assert added_headers(result) == {}
+    await webhooks.wait_for(1, path="/new")
+    text = await bridge.metrics()
+    assert metric_value(text, "milterbridge_config_reloads_total", result="ok") == 1
+
+
+@pytest.mark.asyncio
+async def test_start_warnings_and_url_redaction_in_the_log(tmp_path, bridges, webhooks):
+    """Readable inline secrets and tls.verify = false are logged as warnings; no log line shows URL credentials."""
+    webhooks.set_default(tag("yes"), path="/hook")
+    url = webhooks.url("/hook").replace("http://", "http://ops:hunter2@") + "?token=url-token-31337"
+    config = tmp_path / "milterbridge.toml"
+    good = config_text(
+        endpoints=[{**policy_endpoint(webhooks), "url": url, "secret": SECRET, "tls": {"verify": False}}]
+    )
+    config.write_text(good)
+    config.chmod(0o644)
+    bridge = await bridges.start(config)
+
+    warnings = [r["msg"] for r in bridge.records() if r["level"] == "warning"]
+    assert any(str(config) in w and "endpoints.policy.secret" in w and "endpoints.policy.url" in w for w in warnings)
+    assert any("endpoints.policy.tls.verify is false" in w for w in warnings), warnings
+    assert added_headers(await send_message(bridge.milter)) == {"X-Ops": "yes"}
+    assert webhooks.requests_for(path="/hook")[0].query == "token=url-token-31337"  # the real URL was used
+
+    # A refused reload names the bad URL, redacted.
+    config.write_text(good.replace("127.0.0.1", "filters.example"))  # plain http off loopback: refused
+    await reloaded(bridge, "config reload refused")
+    assert "http://<redacted>@filters.example:" in bridge.logs("config reload refused")[-1]["msg"]
+    # An accepted reload logs the warnings again.
+    config.write_text(good)
+    await reloaded(bridge, "config reloaded")
+    assert len([r for r in bridge.records() if "tls.verify is false" in r["msg"]]) == 2
+
+    output = bridge.stdout() + bridge.stderr()
+    for secret in ("hunter2", "url-token-31337", SECRET, SECRET_B64):
+        assert secret not in output

@@ -6,17 +6,22 @@ import asyncio
 import os
 import signal
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
-from milterbridge.milter.messages import Continue
+from milterbridge.client import TransactionResult
+from milterbridge.milter.messages import AddHeader, Continue
+from tests.fakes.webhooks import FakeResponse, FakeWebhooks
 
 from .conftest import (
+    NO_ENDPOINTS,
     WAIT_TIMEOUT,
     BridgeLauncher,
     BridgeProcess,
     children_of,
+    config_text,
     free_port,
     free_port_run,
     metric_value,
@@ -57,7 +62,7 @@ async def connections_per_worker(bridge: BridgeProcess, admins: list[str]) -> li
 
 async def start_workers(tmp_path: Path, bridges: BridgeLauncher, listen: list[str]) -> BridgeProcess:
     """A ``--workers 2`` bridge with per-worker admin listeners on free ports (port 0)."""
-    path = write_config(tmp_path, listen=listen, admin="127.0.0.1:0", drain_timeout=3.0)
+    path = write_config(tmp_path, listen=listen, admin="127.0.0.1:0", drain_timeout=3.0, server=NO_ENDPOINTS)
     bridge = await bridges.start(path, workers=WORKERS)
     assert len(worker_pids(bridge)) == WORKERS
     return bridge
@@ -138,7 +143,11 @@ async def test_each_worker_serves_admin_on_port_plus_index(tmp_path, bridges):
     """With admin on port P, worker 0 answers on P and worker 1 on P+1; both count their connections."""
     admin_port = free_port_run(WORKERS)
     path = write_config(
-        tmp_path, listen=[f"inet:127.0.0.1:{free_port()}"], admin=f"127.0.0.1:{admin_port}", drain_timeout=3.0
+        tmp_path,
+        listen=[f"inet:127.0.0.1:{free_port()}"],
+        admin=f"127.0.0.1:{admin_port}",
+        drain_timeout=3.0,
+        server=NO_ENDPOINTS,
     )
     bridge = await bridges.start(path, workers=WORKERS, wait_ready=False)
     # Fail fast on the first error line instead of waiting for a readiness that never comes.
@@ -168,3 +177,78 @@ async def test_sigterm_while_a_worker_restarts_still_stops(tmp_path, bridges):
     bridge.send_signal(signal.SIGTERM)
     assert await bridge.wait_exit(timeout=3.0) == 0
     assert not children_of(bridge.pid)
+
+
+def tagging_config(webhooks: FakeWebhooks, path: str, listen: str) -> str:
+    """A config with one enforcing eom endpoint at ``path`` (it answers with an X-Ops tag)."""
+    endpoint = {"name": "policy", "url": webhooks.url(path), "events": ["eom"], "timeout": 3}
+    return config_text(listen=[listen], admin="127.0.0.1:0", drain_timeout=3.0, endpoints=[endpoint])
+
+
+def ops_tag(result: TransactionResult) -> str | None:
+    """The X-Ops header value added at end-of-message, if any."""
+    eom = result.eom
+    values = [m.value.decode().strip() for m in (eom.modifications if eom else ()) if isinstance(m, AddHeader)]
+    return values[0] if values else None
+
+
+def tag_op(value: str) -> dict[str, str]:
+    """An add_header modification ``X-Ops: value``."""
+    return {"op": "add_header", "name": "X-Ops", "value": value}
+
+
+async def refused_count(bridge: BridgeProcess, admin: str, *, wanted: float) -> float:
+    """``config_reloads_total{result="refused"}`` of one worker, polled until it reaches ``wanted`` (or time is up)."""
+    deadline = time.monotonic() + WAIT_TIMEOUT
+    while True:
+        text = await bridge.metrics(admin=admin)
+        count = metric_value(text, "milterbridge_config_reloads_total", result="refused")
+        if count >= wanted or time.monotonic() > deadline:
+            return count
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.asyncio
+async def test_a_restarted_worker_gets_the_last_accepted_config(tmp_path, bridges, webhooks):
+    """A worker killed while the file is broken comes back with the last config the supervisor accepted."""
+    for name in ("old", "new"):
+        webhooks.set_default(FakeResponse.decision("continue", modifications=[tag_op(name)]), path=f"/{name}")
+    listen = f"inet:127.0.0.1:{free_port()}"
+    config = tmp_path / "milterbridge.toml"
+    config.write_text(tagging_config(webhooks, "/old", listen))
+    bridge = await bridges.start(config, workers=WORKERS)
+    victim, survivor = worker_pids(bridge)
+
+    # An accepted reload: the supervisor passes SIGHUP on and both workers switch.
+    config.write_text(tagging_config(webhooks, "/new", listen))
+    bridge.send_signal(signal.SIGHUP)
+    await bridge.wait_log("config accepted")
+    await bridge.wait_log("config reloaded", count=WORKERS)
+
+    # Then the file breaks: refused by the supervisor, never passed on, counted by each worker.
+    config.write_text("")
+    bridge.send_signal(signal.SIGHUP)
+    (refused,) = await bridge.wait_log("config reload refused")
+    assert refused["level"] == "error"
+    assert "server.allow_no_endpoints" in refused["msg"]
+    for admin in admin_addresses(bridge):
+        assert await refused_count(bridge, admin, wanted=1) == 1
+    os.kill(victim, signal.SIGKILL)
+    await bridge.wait_log("milterbridge ", count=WORKERS + 1)  # the replacement's "ready" line
+    (replacement,) = children_of(bridge.pid) - {survivor}
+    replacement_admin = admin_addresses(bridge)[-1]
+
+    # Every message gets the accepted endpoint's answer, including those the replacement serves.
+    tags = []
+    for n in range(40):
+        tags.append(ops_tag(await send_message(bridge.milter, queue_id=f"R{n}")))
+        served = metric_value(await bridge.metrics(admin=replacement_admin), "milterbridge_connections_total")
+        if served >= 3 and n >= 9:
+            break
+    assert served >= 3, "the kernel sent no connection to the restarted worker"
+    assert tags == ["new"] * len(tags)
+    assert len(bridge.logs("config reloaded")) == WORKERS  # the broken file reached no worker
+    text = await bridge.metrics(admin=replacement_admin)
+    assert metric_value(text, "milterbridge_config_reloads_total", result="refused") == 0  # it started after
+    assert pid_alive(replacement)
+    await stop(bridge)
