@@ -4,6 +4,11 @@ Bodies are kept only when some endpoint wants them (``include_body``): in
 memory up to ``body_memory_bytes``, then in an anonymous temporary file. Past
 ``max_message_bytes`` nothing more is stored and the message is flagged
 oversize; what happens then is ``server.on_oversize``.
+
+A spool file that cannot be written (ENOSPC, a read-only ``/tmp``) or read back is the
+bridge's fault, never the endpoint's: ``append`` records it in :attr:`BodyBuffer.failed` and
+keeps nothing more, and ``chunks`` raises :class:`SpoolError`; either way the dispatcher
+tempfails the message (design.md §3.7).
 """
 
 from __future__ import annotations
@@ -12,6 +17,10 @@ import os
 import tempfile
 from collections.abc import Iterator
 from typing import IO
+
+
+class SpoolError(OSError):
+    """The spooled body could not be read back whole (the bridge's fault, not the endpoint's)."""
 
 
 class BodyBuffer:
@@ -24,6 +33,8 @@ class BodyBuffer:
         #: Bytes seen (stored or not).
         self.size = 0
         self.oversize = False
+        #: Why the body could not be kept (a spool write failed), or None.
+        self.failed: str | None = None
         self._memory = bytearray()
         self._file: IO[bytes] | None = None
 
@@ -43,11 +54,15 @@ class BodyBuffer:
         if self._file is None and len(self._memory) + len(data) <= self.memory_bytes:
             self._memory += data
             return
-        if self._file is None:
-            self._file = tempfile.TemporaryFile(prefix="milterbridge-body-")  # noqa: SIM115 - owned by this object
-            self._file.write(self._memory)
-            self._memory = bytearray()
-        self._file.write(data)
+        try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="milterbridge-body-")  # noqa: SIM115 - owned by this object
+                self._file.write(self._memory)
+                self._memory = bytearray()
+            self._file.write(data)
+        except OSError as exc:
+            self.failed = f"cannot spool the message body: {exc.strerror or exc}"
+            self.discard()
 
     def read(self, limit: int) -> bytes:
         """Up to ``limit`` bytes from the start of the body."""
@@ -66,13 +81,18 @@ class BodyBuffer:
         end = min(limit, self.size)
         while offset < end:
             n = min(size, end - offset)
-            if self._file is None:
-                piece = bytes(self._memory[offset : offset + n])
-            else:
-                self._file.flush()
-                piece = os.pread(self._file.fileno(), n, offset)
+            try:
+                if self._file is None:
+                    piece = bytes(self._memory[offset : offset + n])
+                else:
+                    self._file.flush()
+                    piece = os.pread(self._file.fileno(), n, offset)
+            except (OSError, ValueError) as exc:  # ValueError: the file was closed meanwhile
+                raise SpoolError(f"cannot read the spooled message body: {exc}") from None
             if not piece:
-                return
+                # The request declared ``end`` bytes: a short stream would leave the endpoint
+                # waiting for the rest until the call's timeout.
+                raise SpoolError(f"the message body ended after {offset} of {end} bytes")
             offset += len(piece)
             yield piece
 

@@ -19,6 +19,7 @@ import base64
 import binascii
 import difflib
 import functools
+import ipaddress
 import json
 import math
 import os
@@ -31,9 +32,10 @@ from urllib.parse import urlsplit
 
 from yarl import URL
 
+from milterbridge.log import redact_urls
 from milterbridge.milter.address import is_loopback_host, parse_listen_address, split_host_port
 from milterbridge.milter.constants import Event
-from milterbridge.policy.model import Mode, OnError, OnOversize
+from milterbridge.policy.model import ALL_OPS, Mode, ModOp, OnError, OnOversize
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,12 +75,23 @@ class EndpointSettings:
     max_response_bytes: int = 1024 * 1024
     #: Retry once (inside the timeout) on connection errors and 429/502/503/504.
     retry: bool = True
-    #: Consecutive failures that open the circuit breaker (0 disables it).
-    breaker_failures: int = 5
-    #: Seconds the breaker stays open before one trial call.
+    #: Share of failed calls in the breaker window that opens the circuit breaker.
+    breaker_failure_rate: float = 0.5
+    #: Calls the window must hold before the rate counts (0 disables the breaker).
+    breaker_min_calls: int = 20
+    #: Seconds of calls the breaker judges (a sliding window).
+    breaker_window: float = 10.0
+    #: Seconds the open breaker waits before its first trial call (doubled after each failed one).
+    breaker_probe: float = 1.0
+    #: Longest wait between trial calls, in seconds.
     breaker_reset: float = 30.0
     #: Most modifications accepted in one response.
     max_modifications: int = 1000
+    #: Observe and notification (abort, close) calls in flight at once, per worker; more are
+    #: dropped and counted, never queued (they never hold a reply to the MTA).
+    max_background: int = 100
+    #: Modification ops this endpoint may ask for; any other makes its answer invalid.
+    allowed_ops: frozenset[ModOp] = ALL_OPS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,8 +104,12 @@ class ServerSettings:
     on_oversize: OnOversize = OnOversize.TEMPFAIL
     body_memory_bytes: int = 1024 * 1024
     drain_timeout: float = 30.0
-    #: Seconds a milter connection may sit idle between commands.
-    idle_timeout: float = 7200.0
+    #: Seconds a milter connection may sit idle between commands (docs/postfix.md, "Timeouts").
+    idle_timeout: float = 3600.0
+    #: Seconds from accept to the MTA's option negotiation.
+    negotiate_timeout: float = 10.0
+    #: Networks inet peers must come from; empty: any (unix sockets are never filtered).
+    allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     #: Largest inbound milter frame payload.
     max_frame_bytes: int = 1024 * 1024
     max_recipients: int = 10_000
@@ -103,6 +120,8 @@ class ServerSettings:
     socket_mode: int = 0o660
     #: Seconds between SMFIR_PROGRESS keep-alives while an eom webhook is slow.
     progress_interval: float = 1.0
+    #: Serve (and reload to) a config without any enforcing endpoint; see ``check_enforcing``.
+    allow_no_endpoints: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,6 +149,10 @@ class Config:
     #: Path of the TOML file loaded; None when built from defaults and environment only
     #: (the CLI runs the demo then).
     source: str | None = None
+    #: Dotted keys whose secret value is written in the file itself (for ``config_warnings``).
+    inline_secrets: tuple[str, ...] = ()
+    #: Secret files read (``secret_file``), absolute paths (for ``config_warnings``).
+    secret_files: tuple[str, ...] = ()
 
 
 # -- the loader -------------------------------------------------------------------
@@ -161,6 +184,9 @@ class _Context:
     base_dir: str | None
     #: Dotted key -> environment variable that set it, to say so in errors.
     sources: dict[str, str] = field(default_factory=dict)
+    #: What ``Config.inline_secrets`` and ``Config.secret_files`` report.
+    inline_secrets: list[str] = field(default_factory=list)
+    secret_files: list[str] = field(default_factory=list)
 
     def error(self, key: str, message: str) -> ConfigError:
         probe = key
@@ -221,6 +247,15 @@ def _seconds(*, zero_ok: bool = False) -> Converter:
     return convert
 
 
+def _fraction(value: Any, key: str, ctx: _Context) -> float:
+    """A share above 0 and at most 1, such as a failure rate (0.5 is half)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ctx.error(key, f"expected a number, got {_type(value)} {_show(value)}")
+    if not 0 < value <= 1:
+        raise ctx.error(key, f"{_show(value)} must be greater than 0 and at most 1")
+    return float(value)
+
+
 def _choice(choices: Iterable[str], cast: Callable[[str], Any] = str) -> Converter:
     """A string from a fixed lower-case set, matched ignoring case; ``cast`` makes the stored value."""
     allowed = tuple(choices)
@@ -264,6 +299,20 @@ def _listen(value: Any, key: str, ctx: _Context) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _networks(value: Any, key: str, ctx: _Context) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    items = _str_list(value, key, ctx, single_ok=True)
+    if not items:
+        raise ctx.error(key, "needs at least one network (leave the key out to accept every client)")
+    out = []
+    for item in items:
+        try:
+            out.append(ipaddress.ip_network(item.strip()))  # a plain address is a /32 or /128
+        except ValueError as exc:
+            raise ctx.error(key, f"{_show(item)} is not an address or a CIDR network: {exc}") from None
+    _unique([str(network) for network in out], key, ctx)
+    return tuple(out)
+
+
 def _admin_listen(value: Any, key: str, ctx: _Context) -> str:
     text = _str(value, key, ctx)
     try:
@@ -295,6 +344,8 @@ _SERVER: dict[str, Converter] = {
     "body_memory_bytes": _int(1),
     "drain_timeout": _seconds(zero_ok=True),
     "idle_timeout": _seconds(),
+    "negotiate_timeout": _seconds(),
+    "allowed_clients": _networks,
     "max_frame_bytes": _int(65535),  # Postfix body chunks are 65535 bytes (milter-protocol.md §1.4)
     "max_recipients": _int(1),
     "max_headers": _int(1),
@@ -302,6 +353,7 @@ _SERVER: dict[str, Converter] = {
     "max_macros": _int(1),
     "socket_mode": _socket_mode,
     "progress_interval": _seconds(),
+    "allow_no_endpoints": _bool,
 }
 _ADMIN: dict[str, Converter] = {"listen": _admin_listen}
 _LOG: dict[str, Converter] = {"level": _choice(("debug", "info", "warning", "error"))}
@@ -331,18 +383,19 @@ def _name(value: Any, key: str, ctx: _Context) -> str:
 
 
 def _show_url(url: str) -> str:
-    password = urlsplit(url).password  # basic-auth credentials are a secret too
-    return _show(url.replace(f":{password}@", f":{REDACTED}@") if password else url)
+    """The URL for an error message, its user info and query (credentials, tokens) as ``<redacted>``."""
+    # Without a scheme (a common slip) the text is redacted as if it had one.
+    return _show(redact_urls(url) if "://" in url else redact_urls(f"x://{url}")[4:])
 
 
 def _url(value: Any, key: str, ctx: _Context) -> str:
     text = _str(value, key, ctx)
-    parts = urlsplit(text)
     shown = _show_url(text)
     try:
+        parts = urlsplit(text)
         port_ok = parts.port is None or parts.port > 0
-    except ValueError:
-        port_ok = False
+    except ValueError:  # a malformed port or IPv6 address
+        raise ctx.error(key, f"{shown} is not an http:// or https:// URL with a host") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
         raise ctx.error(key, f"{shown} is not an http:// or https:// URL with a host")
     if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in text):
@@ -364,6 +417,17 @@ def _events(value: Any, key: str, ctx: _Context) -> frozenset[Event]:
             raise ctx.error(key, f"{_show(item)} is not an event (known: {', '.join(e.value for e in Event)})")
     _unique(items, key, ctx)
     return frozenset(Event(item) for item in items)
+
+
+def _ops(value: Any, key: str, ctx: _Context) -> frozenset[ModOp]:
+    # An empty list is valid: an endpoint that may decide but never modify.
+    items = _str_list(value, key, ctx)
+    known = [op.value for op in ModOp]
+    for item in items:
+        if item not in known:
+            raise ctx.error(key, f"{_show(item)} is not a modification op (known: {', '.join(known)})")
+    _unique(items, key, ctx)
+    return frozenset(ModOp(item) for item in items)
 
 
 def _macros(value: Any, key: str, ctx: _Context) -> tuple[str, ...]:
@@ -407,6 +471,7 @@ def _secrets(source: str) -> Converter:
                 except (OSError, UnicodeDecodeError) as exc:
                     reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
                     raise ctx.error(key, f"cannot read secret file {_show(path)}: {reason}") from None
+                ctx.secret_files.append(path)
                 out.append(_check_secret(text, key, ctx, f"the content of {path}"))
         return tuple(out)
 
@@ -483,9 +548,14 @@ _ENDPOINT: dict[str, Converter] = {
     "allow_insecure_http": _bool,
     "max_response_bytes": _int(1),
     "retry": _bool,
-    "breaker_failures": _int(0),
+    "breaker_failure_rate": _fraction,
+    "breaker_min_calls": _int(0),
+    "breaker_window": _seconds(),
+    "breaker_probe": _seconds(),
     "breaker_reset": _seconds(),
     "max_modifications": _int(1),
+    "max_background": _int(0),
+    "allowed_ops": _ops,
 }
 _SECTIONS = {"server": _SERVER, "admin": _ADMIN, "log": _LOG}
 
@@ -502,6 +572,23 @@ def _section(table: Any, specs: Mapping[str, Converter], prefix: str, ctx: _Cont
     return {name: specs[name](value, f"{prefix}.{name}", ctx) for name, value in table.items()}
 
 
+def _inline_secrets(table: dict[str, Any], prefix: str, ctx: _Context) -> list[str]:
+    """Keys of this (already validated) endpoint table whose secret value the config file itself holds.
+
+    Values set from the environment are not in the file; a header value counts unless it
+    takes something from a ``${VAR}``; a URL counts when it carries a password or a query.
+    """
+    keys = []
+    if "secret" in table and f"{prefix}.secret" not in ctx.sources:
+        keys.append(f"{prefix}.secret")
+    if f"{prefix}.headers" not in ctx.sources:
+        keys += [f"{prefix}.headers.{name}" for name, raw in table.get("headers", {}).items() if "${" not in raw]
+    parts = urlsplit(table["url"])
+    if f"{prefix}.url" not in ctx.sources and (parts.password or parts.query):
+        keys.append(f"{prefix}.url")
+    return keys
+
+
 def _endpoint(table: Any, index: int, ctx: _Context) -> EndpointSettings:
     if not isinstance(table, dict):
         raise ctx.error(f"endpoints[{index}]", f"expected a table, got {_type(table)}")
@@ -510,6 +597,7 @@ def _endpoint(table: Any, index: int, ctx: _Context) -> EndpointSettings:
             raise ctx.error(f"endpoints[{index}].{required}", "is required")
     prefix = f"endpoints.{_name(table['name'], f'endpoints[{index}].name', ctx)}"
     kwargs = _section(table, _ENDPOINT, prefix, ctx)
+    ctx.inline_secrets.extend(_inline_secrets(table, prefix, ctx))
     kwargs["secrets"] = kwargs.pop("secret", ()) + kwargs.pop("secret_env", ()) + kwargs.pop("secret_file", ())
     settings = EndpointSettings(**kwargs)
     parts = urlsplit(settings.url)
@@ -628,4 +716,90 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] 
         log=LogSettings(**sections["log"]),
         endpoints=endpoints,
         source=source,
+        inline_secrets=tuple(ctx.inline_secrets),
+        secret_files=tuple(ctx.secret_files),
     )
+
+
+# -- rules for a config that serves mail (design.md §3.7) ---------------------------
+
+
+def check_enforcing(config: Config) -> None:
+    """Refuse a config in which no endpoint enforces, unless ``server.allow_no_endpoints`` says so.
+
+    Such a config accepts every message unfiltered, which an empty or half-written file
+    would do silently. ``serve``, ``check-config``, every SIGHUP reload and the worker
+    supervisor call this, so they all apply the same rule.
+
+    Raises:
+        ConfigError: with the key ``server.allow_no_endpoints``.
+    """
+    if config.server.allow_no_endpoints or any(ep.mode is Mode.ENFORCE for ep in config.endpoints):
+        return
+    what = "only observe endpoints" if config.endpoints else "no endpoints"
+    if config.source is not None and _is_empty_file(config.source):
+        what += f" (the file {config.source!r} is empty)"
+    raise ConfigError(
+        "server.allow_no_endpoints",
+        f"the config has {what}, so every message would pass unfiltered; add an endpoint with "
+        f'mode = "enforce", or set allow_no_endpoints = true in [server] if that is intended',
+    )
+
+
+def _is_empty_file(path: str) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False
+
+
+def load_serving_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Config:
+    """``load_config`` plus ``check_enforcing``: what a bridge may start or reload with."""
+    config = load_config(path, environ)
+    check_enforcing(config)
+    return config
+
+
+def _readable_by_others(path: str) -> str | None:
+    """The file's mode as ``0o644`` when others, or a group other than this process's, may read it; else None.
+
+    The process's own group is exempt: a Kubernetes secret volume can only reach a non-root
+    container through its group (files owned by root, group ``fsGroup``, mode 0440).
+    """
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    mode = status.st_mode & 0o777
+    loose = mode & 0o004 or (mode & 0o040 and status.st_gid != os.getegid())
+    return f"0o{mode:o}" if loose else None
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Things that load but weaken security: secrets others can read, TLS without verification.
+
+    Printed by ``check-config`` and logged at warning level by ``serve`` (start and reload);
+    they never stop either.
+    """
+    warnings = []
+    mode = _readable_by_others(config.source) if config.source and config.inline_secrets else None
+    if mode is not None:
+        warnings.append(
+            f"config file {config.source!r} is readable by group or others (mode {mode}) and holds secrets "
+            f"inline ({', '.join(config.inline_secrets)}); chmod 600 it (owned by the user milterbridge "
+            f"runs as), or take them from secret_env, secret_file or ${{VAR}}"
+        )
+    for path in dict.fromkeys(config.secret_files):
+        mode = _readable_by_others(path)
+        if mode is not None:
+            warnings.append(
+                f"secret file {path!r} is readable by group or others (mode {mode}); chmod 600 it "
+                f"(owned by the user milterbridge runs as)"
+            )
+    warnings += [
+        f"endpoints.{ep.name}.tls.verify is false: the endpoint's certificate is not checked, so anyone "
+        f"on the network path can read the webhooks and answer them"
+        for ep in config.endpoints
+        if not ep.tls.verify
+    ]
+    return warnings

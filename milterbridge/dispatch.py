@@ -14,6 +14,7 @@ Events nobody enforces are answered at once, without a task (the fast path).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Coroutine, Mapping, Sequence
@@ -21,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from milterbridge import payload as pl
-from milterbridge.body import BodyBuffer
+from milterbridge.body import BodyBuffer, SpoolError
 from milterbridge.config import Config, EndpointSettings
 from milterbridge.connection import HandlerResult
 from milterbridge.milter.constants import ALL_ACTIONS, Action, Event, MacroStage
-from milterbridge.milter.context import MessageContext
+from milterbridge.milter.context import MessageContext, over_limit
 from milterbridge.milter.messages import (
     Abort,
     Accept,
@@ -33,7 +34,9 @@ from milterbridge.milter.messages import (
     Command,
     Connect,
     Continue,
+    Data,
     Discard,
+    EndOfHeaders,
     EndOfMessage,
     Header,
     Helo,
@@ -83,10 +86,31 @@ DEFAULT_MACROS: Mapping[MacroStage, tuple[bytes, ...]] = {
     MacroStage.EOM: (b"i",),
 }
 
-OVERSIZE_REPLIES: Mapping[OnOversize, Reply] = {
-    OnOversize.TEMPFAIL: ReplyCode.build(452, [b"Message size exceeds the filter limit"], b"4.3.4"),
-    OnOversize.REJECT: ReplyCode.build(552, [b"Message size exceeds fixed maximum message size"], b"5.3.4"),
+#: What the reply to a message over a limit says went wrong, per limit (its [server] key).
+_OVER_LIMIT_TEXT: Mapping[str, str] = {
+    "max_message_bytes": "Message size exceeds the mail filter's limit",
+    "max_headers": "Too many header lines for the mail filter",
+    "max_header_bytes": "Header section too large for the mail filter",
+    "max_recipients": "Too many recipients for the mail filter",
+    "max_macros": "Too many MTA macros for the mail filter",
 }
+_OVER_LIMIT_CODE: Mapping[OnOversize, tuple[int, bytes]] = {
+    OnOversize.TEMPFAIL: (451, b"4.3.4"),
+    OnOversize.REJECT: (552, b"5.3.4"),
+}
+#: on_oversize (tempfail or reject) -> limit -> the reply, e.g. "451 4.3.4 Too many header
+#: lines for the mail filter (max_headers)".
+OVER_LIMIT_REPLIES: Mapping[OnOversize, Mapping[str, Reply]] = {
+    mode: {
+        limit: ReplyCode.build(code, [f"{text} ({limit})".encode()], enhanced)
+        for limit, text in _OVER_LIMIT_TEXT.items()
+    }
+    for mode, (code, enhanced) in _OVER_LIMIT_CODE.items()
+}
+#: Commands answered with on_oversize when their message (or connection) is over a limit.
+#: UNKNOWN is not: Postfix honours only 4xx there, and the message's next command is refused.
+#: A refusal at CONNECT or HELO refuses the SMTP session; at RCPT, that recipient.
+_REFUSED_OVER_LIMIT = frozenset({Connect, Helo, MailFrom, RcptTo, Data, Header, EndOfHeaders, BodyChunk, EndOfMessage})
 
 
 class WebhookPoster(Protocol):
@@ -94,10 +118,6 @@ class WebhookPoster(Protocol):
 
     async def post(self, endpoint: EndpointSettings, body: bytes | pl.StreamedRequest, *, webhook_id: str) -> Any:
         """POST ``body``; returns an object with ``status``, ``body``, ``attempts``; raises on failure."""
-        ...
-
-    def mark_failed(self, endpoint: EndpointSettings) -> None:
-        """Count the last successful call as a failure (its answer was not a valid decision)."""
         ...
 
 
@@ -109,7 +129,9 @@ class Observer(Protocol):
     def message(self, outcome: str) -> None: ...
     def webhook(self, endpoint: str, event: str, outcome: str, seconds: float) -> None: ...
     def decision(self, endpoint: str, event: str, action: str, mode: str) -> None: ...
-    def oversize(self) -> None: ...
+    def oversize(self, limit: str) -> None: ...
+    def bridge_fault(self, kind: str) -> None: ...
+    def background_dropped(self, endpoint: str) -> None: ...
     def spooled(self, nbytes: int, *, new_file: bool = True) -> None: ...
     def unspooled(self, nbytes: int) -> None: ...
 
@@ -156,6 +178,9 @@ class Snapshot:
         subscribed = {e for ep in self.endpoints for e in ep.settings.events}
         #: Commands whose event no endpoint subscribes to: no payload is built for them.
         self.quiet = frozenset(kind for kind, event in EVENT_OF.items() if event not in subscribed)
+        #: Whether a message over a limit is refused (on_oversize tempfail or reject) rather than
+        #: passed on to the endpoints with what was kept (continue).
+        self.refuse_over_limit = config.server.on_oversize is not OnOversize.CONTINUE
 
     def negotiate(self, offer: Negotiate) -> tuple[Negotiated, NegotiateReply, bool]:
         """Our answer to an offer, computed once per distinct offer (Postfix always sends the same).
@@ -206,6 +231,8 @@ class Dispatcher:
         self.event_counts: dict[str, int] = metrics.event_counts() if metrics is not None else {}
         self.snapshot = Snapshot(config)
         self._background: set[asyncio.Task[None]] = set()
+        #: Background calls running, per endpoint name (see ``spawn``).
+        self._background_by_endpoint: dict[str, int] = {}
 
     def reload(self, config: Config) -> None:
         """New connections use ``config``; live ones keep the snapshot they started with."""
@@ -214,11 +241,27 @@ class Dispatcher:
     def __call__(self, session: MilterSession) -> ConnectionHandler:
         return ConnectionHandler(self, self.snapshot, session)
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run a notification or observe call in the background, tracked for shutdown."""
+    def spawn(self, coro: Coroutine[Any, Any, None], endpoint: EndpointSettings) -> None:
+        """Run a notification or observe call in the background, tracked for shutdown.
+
+        At most ``endpoint.max_background`` of an endpoint's calls run at once: a slow observe
+        endpoint must not grow the bridge's memory with the mail flow. Over the cap the call
+        is dropped and counted (it never holds a reply, so nothing waits for it).
+        """
+        name = endpoint.name
+        running = self._background_by_endpoint.get(name, 0)
+        if running >= endpoint.max_background:
+            coro.close()
+            self.metrics.background_dropped(name)
+            return
+        self._background_by_endpoint[name] = running + 1
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(functools.partial(self._background_done, name))
+
+    def _background_done(self, name: str, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        self._background_by_endpoint[name] -= 1
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Let background calls finish up to ``timeout``, then cancel the rest."""
@@ -308,10 +351,6 @@ class ConnectionHandler:
             self._message_started = time.monotonic()
             self._message_calls = []
             self._new_body()
-        elif kind is BodyChunk:
-            return self._body_chunk(command)  # type: ignore[arg-type]
-        elif kind is EndOfMessage:
-            return self._eom(command)  # type: ignore[arg-type]
         elif kind is Abort:
             return None
         elif kind is Quit or kind is QuitNewConnection:
@@ -319,6 +358,14 @@ class ConnectionHandler:
             if kind is QuitNewConnection:
                 self._restart()
             return None
+        if session.needs_reply and self.snapshot.refuse_over_limit and kind in _REFUSED_OVER_LIMIT:
+            limit = session.over_limit()
+            if limit is not None:
+                return self._refuse_over_limit(kind, limit)
+        if kind is BodyChunk:
+            return self._body_chunk(command)  # type: ignore[arg-type]
+        if kind is EndOfMessage:
+            return self._eom(command)  # type: ignore[arg-type]
         if kind in self.snapshot.quiet and not session.needs_reply:
             return None  # the fast path: nobody listens and the MTA does not wait
         assert event is not None
@@ -381,7 +428,10 @@ class ConnectionHandler:
         return self._decide_async(event, targets, request)
 
     async def _decide_async(self, event: Event, targets: Sequence[EndpointPolicy], request: pl.JSON) -> Sequence[Reply]:
-        outcomes = await self._call_all(event, targets, [request] * len(targets))
+        try:
+            outcomes = await self._call_all(event, targets, [request] * len(targets))
+        except Exception as exc:
+            return self._bridge_fault(event, exc)
         return self._apply(event, outcomes)
 
     def _apply(self, event: Event, outcomes: Mapping[str, Outcome]) -> Sequence[Reply]:
@@ -401,18 +451,7 @@ class ConnectionHandler:
         if result.ends_session or (
             event in (Event.CONNECT, Event.HELO) and not isinstance(result.reply, Continue | Accept)
         ):
-            log.info(
-                "connection refused at %s",
-                event.value,
-                extra={
-                    "fields": {
-                        "session": self.builder.session_id,
-                        "event": event.value,
-                        "reply": _reply_text(result.reply) or type(result.reply).__name__.lower(),
-                        "reason": self._reason(result.winner),
-                    }
-                },
-            )
+            self._log_connection_refused(event, result.reply, self._reason(result.winner))
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "event %s: %s",
@@ -420,6 +459,20 @@ class ConnectionHandler:
                 result.action,
                 extra={"fields": {"session": self.builder.session_id, "event": event.value, "action": result.action}},
             )
+
+    def _log_connection_refused(self, event: Event, reply: Reply, reason: str | None) -> None:
+        log.info(
+            "connection refused at %s",
+            event.value,
+            extra={
+                "fields": {
+                    "session": self.builder.session_id,
+                    "event": event.value,
+                    "reply": _reply_text(reply) or type(reply).__name__.lower(),
+                    "reason": reason,
+                }
+            },
+        )
 
     @staticmethod
     def _reason(winner: Any) -> str | None:
@@ -444,18 +497,27 @@ class ConnectionHandler:
             self.body.discard()
             self.body = None
 
-    def _body_chunk(self, command: BodyChunk) -> HandlerResult:
-        body = self._store_chunk(command.data)
-        refuse = self.snapshot.config.server.on_oversize
-        if body.oversize and refuse is not OnOversize.CONTINUE:
-            if not self.session.needs_reply:
-                return None  # refused at end-of-message
-            reply = OVERSIZE_REPLIES[refuse]
-            msg = self.session.message
-            self.policy.reset_message()
-            if msg is not None:
-                self._log_message(msg, reply, quarantined=False, reason=f"message larger than {body.max_bytes} bytes")
+    def _refuse_over_limit(self, kind: type[Command], limit: str) -> HandlerResult:
+        """Answer a command of a message (or connection) over ``limit`` with on_oversize.
+
+        The bridge never hangs up over a limit: that would hand the message to Postfix's
+        milter_default_action (design.md §3.7).
+        """
+        reply = OVER_LIMIT_REPLIES[self.snapshot.config.server.on_oversize][limit]
+        msg = self.session.message
+        if kind is RcptTo:
+            return (reply,)  # this recipient only; the message is refused at its next command
+        if kind is Connect or kind is Helo:
+            self._log_connection_refused(EVENT_OF[kind], reply, f"over the limit {limit}")
             return (reply,)
+        self.policy.reset_message()
+        self._drop_body()
+        if msg is not None:
+            self._log_message(msg, reply, quarantined=False, reason=f"over the limit {limit}")
+        return (reply,)
+
+    def _body_chunk(self, command: BodyChunk) -> HandlerResult:
+        self._store_chunk(command.data)
         if BodyChunk in self.snapshot.quiet and not self.session.needs_reply:
             return None
         return self._decide(Event.BODY, command, self.session.message)
@@ -472,10 +534,8 @@ class ConnectionHandler:
         if body.spooled:
             # The gauge follows the bytes on disk; a new file is counted once.
             self.metrics.spooled(body.size if not was_spooled else len(data), new_file=not was_spooled)
-        if body.oversize and not was_oversize:
-            self.metrics.oversize()
-            if was_spooled:
-                self.metrics.unspooled(body.size - len(data))
+        if body.oversize and not was_oversize and was_spooled:
+            self.metrics.unspooled(body.size - len(data))
         return body
 
     # ------------------------------------------------------------------- eom
@@ -485,13 +545,8 @@ class ConnectionHandler:
         assert msg is not None
         if command.data:
             self._store_chunk(command.data)  # a body tail inside EOM (libmilter style): no body event
-        body = self.body
-        refuse = self.snapshot.config.server.on_oversize
-        if body is not None and body.oversize and refuse is not OnOversize.CONTINUE:
-            reply = OVERSIZE_REPLIES[refuse]
-            self.policy.reset_message()
-            self._log_message(msg, reply, quarantined=False, reason=f"message larger than {body.max_bytes} bytes")
-            return (reply,)
+        if self.body is not None and self.body.failed is not None:
+            return self._bridge_fault(Event.EOM, self.body.failed)
         targets = self.policy.targets(Event.EOM)
         observers = self.policy.observers(Event.EOM)
         if not targets and not observers:
@@ -526,8 +581,33 @@ class ConnectionHandler:
     async def _eom_async(
         self, msg: MessageContext, targets: Sequence[EndpointPolicy], requests: Sequence[pl.JSON]
     ) -> Sequence[Reply | Modification]:
-        outcomes = await self._call_all(Event.EOM, targets, requests)
+        try:
+            outcomes = await self._call_all(Event.EOM, targets, requests)
+        except Exception as exc:
+            return self._bridge_fault(Event.EOM, exc)
         return self._finish(msg, outcomes)
+
+    def _bridge_fault(self, event: Event, fault: Exception | str) -> Sequence[Reply]:
+        """A fault of the bridge itself (spool I/O, a bug) tempfails: never the endpoint's
+        on_error, which could be continue (design.md §3.7). At RCPT it refuses that recipient."""
+        if isinstance(fault, SpoolError):
+            kind, why = "spool", str(fault)
+        elif isinstance(fault, str):
+            kind, why = "spool", fault
+        else:
+            kind, why = "internal", f"internal error: {type(fault).__name__}: {fault}"
+            log.error("bug: %s at %s", why, event.value, exc_info=fault)
+        self.metrics.bridge_fault(kind)
+        reply = TempFail()
+        msg = self.session.message
+        if event not in (Event.CONNECT, Event.HELO, Event.RCPT, Event.UNKNOWN):
+            self.policy.reset_message()
+            self._drop_body()
+            if msg is not None:
+                self._log_message(msg, reply, quarantined=False, reason=f"bridge fault: {why}")
+        else:
+            log.warning("bridge fault at %s, answered tempfail: %s", event.value, why)
+        return (reply,)
 
     def _finish(self, msg: MessageContext, outcomes: Mapping[str, Outcome]) -> Sequence[Reply | Modification]:
         result: EomResult = self.policy.finish_eom(outcomes, msg.headers)
@@ -561,10 +641,17 @@ class ConnectionHandler:
     ) -> dict[str, Outcome]:
         if len(targets) == 1:
             return {targets[0].name: await self._call(event, targets[0].name, requests[0])}
+        # return_exceptions: a bridge fault in one call must not leave the others running on.
         results = await asyncio.gather(
-            *(self._call(event, ep.name, req) for ep, req in zip(targets, requests, strict=True))
+            *(self._call(event, ep.name, req) for ep, req in zip(targets, requests, strict=True)),
+            return_exceptions=True,
         )
-        return {ep.name: outcome for ep, outcome in zip(targets, results, strict=True)}
+        outcomes: dict[str, Outcome] = {}
+        for ep, result in zip(targets, results, strict=True):
+            if isinstance(result, BaseException):
+                raise result
+            outcomes[ep.name] = result
+        return outcomes
 
     async def _call(
         self,
@@ -582,31 +669,41 @@ class ConnectionHandler:
         started = time.monotonic()
         outcome: Outcome
         label = "ok"
+        if request is not None:
+            encoded = pl.encode({**request, "id": webhook_id})
+        body: bytes | pl.StreamedRequest = encoded
+        message = request.get("message") if request is not None else None
+        if message is not None and message.get("body", {}).get("base64") == pl.BODY_PLACEHOLDER:
+            assert self.body is not None
+            body = pl.StreamedRequest(encoded, self.body, settings.max_body_bytes)
         try:
-            if request is not None:
-                encoded = pl.encode({**request, "id": webhook_id})
-            body: bytes | pl.StreamedRequest = encoded
-            message = request.get("message") if request is not None else None
-            if message is not None and message.get("body", {}).get("base64") == pl.BODY_PLACEHOLDER:
-                assert self.body is not None
-                body = pl.StreamedRequest(encoded, self.body, settings.max_body_bytes)
             response = await self.dispatcher.client.post(settings, body, webhook_id=webhook_id)
-            decoded = pl.decode(response.body)
-            actions = self.negotiated.actions if self.negotiated else ALL_ACTIONS
-            outcome = parse_decision(
-                decoded, event, max_modifications=settings.max_modifications, allowed_actions=actions
-            )
-        except DecisionError as exc:
-            label = "invalid_decision"
-            outcome = Failure(reason=f"invalid decision: {exc}")
-            self.dispatcher.client.mark_failed(settings)
-        except ValueError as exc:
-            label = "invalid_body"
-            outcome = Failure(reason=f"invalid response body: {exc}")
-            self.dispatcher.client.mark_failed(settings)
-        except Exception as exc:  # the webhook client's errors carry safe messages
-            label = getattr(exc, "outcome", None) or "connection_error"
-            outcome = Failure(reason=str(exc))
+        except Exception as exc:
+            # The webhook client's errors (WebhookError) name their outcome and carry safe
+            # messages. Anything else is the bridge's own fault (a spooled body it cannot read,
+            # a bug): never charged to the endpoint, never its on_error (see _bridge_fault).
+            failed = getattr(exc, "outcome", None)
+            if failed is None:
+                raise
+            label = str(failed)
+            outcome = Failure(reason="breaker_open" if label == "breaker_open" else str(exc))
+        else:
+            try:
+                decoded = pl.decode(response.body)
+                actions = self.negotiated.actions if self.negotiated else ALL_ACTIONS
+                outcome = parse_decision(
+                    decoded,
+                    event,
+                    max_modifications=settings.max_modifications,
+                    allowed_actions=actions,
+                    allowed_ops=settings.allowed_ops,
+                )
+            except DecisionError as exc:
+                label = "invalid_decision"
+                outcome = Failure(reason=f"invalid decision: {exc}")
+            except ValueError as exc:
+                label = "invalid_body"
+                outcome = Failure(reason=f"invalid response body: {exc}")
         elapsed = time.monotonic() - started
         event_name = event.value  # an enum's .value is a descriptor call: read it once per call
         self.metrics.webhook(name, event_name, str(label), elapsed)
@@ -649,10 +746,16 @@ class ConnectionHandler:
 
     def _observe(self, event: Event, name: str, request: pl.JSON) -> None:
         """Call an observe endpoint without waiting for it (its calls are not in the message's log line)."""
-        self.dispatcher.spawn(self._observe_call(event, name, self._prepare(request)))
+        self.dispatcher.spawn(
+            self._observe_call(event, name, self._prepare(request)), self.snapshot.by_name[name].settings
+        )
 
     async def _observe_call(self, event: Event, name: str, prepared: tuple[str, bytes]) -> None:
-        outcome = await self._call(event, name, None, prepared, record=False)
+        try:
+            outcome = await self._call(event, name, None, prepared, record=False)
+        except Exception:
+            log.exception("bug: observe call to %s at %s failed", name, event.value)
+            return
         if log.isEnabledFor(logging.INFO) and event not in (Event.ABORT, Event.CLOSE):
             action = "failure" if isinstance(outcome, Failure) else outcome.action.value
             log.info(
@@ -677,10 +780,13 @@ class ConnectionHandler:
             return
         request = self.builder.request(event.value, {}, msg)
         for ep in subscribers:
-            self.dispatcher.spawn(self._notify_call(event, ep.settings.name, self._prepare(request)))
+            self.dispatcher.spawn(self._notify_call(event, ep.settings.name, self._prepare(request)), ep.settings)
 
     async def _notify_call(self, event: Event, name: str, prepared: tuple[str, bytes]) -> None:
-        await self._call(event, name, None, prepared, record=False)
+        try:
+            await self._call(event, name, None, prepared, record=False)
+        except Exception:
+            log.exception("bug: %s notification to %s failed", event.value, name)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -727,6 +833,9 @@ class ConnectionHandler:
         self._logged_message = msg.number
         outcome = "aborted" if reply is None else _outcome_of(reply, quarantined)
         self.metrics.message(outcome)
+        limit = over_limit(msg, self.session.connection)
+        if limit is not None:
+            self.metrics.oversize(limit)
         fields: dict[str, Any] = {
             "session": self.builder.session_id,
             "message": self.builder.message_id(msg),

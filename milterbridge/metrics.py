@@ -41,12 +41,15 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 import milterbridge
+from milterbridge.milter.context import TRUNCATED_PART
 
 __all__ = [
     "PREFIX",
     "MESSAGE_OUTCOMES",
     "WEBHOOK_OUTCOMES",
     "BREAKER_STATES",
+    "REFUSAL_REASONS",
+    "TIMEOUT_STAGES",
     "DURATION_BUCKETS",
     "BreakerSource",
     "Metrics",
@@ -75,6 +78,11 @@ WEBHOOK_OUTCOMES: Final = (
 #: Every breaker state is exported for every endpoint (1 for the current one), so a query can
 #: select ``state="open"`` without knowing which series exist.
 BREAKER_STATES: Final = ("closed", "open", "half_open")
+#: Why a connection was closed at accept (``connections_refused_total{reason}``); the same
+#: strings as ``milterbridge.connection.REFUSAL_REASONS``.
+REFUSAL_REASONS: Final = ("not_allowed", "max_connections")
+#: Which timeout closed a connection (``connection_timeouts_total{stage}``).
+TIMEOUT_STAGES: Final = ("negotiate", "idle")
 #: Webhook durations: 1 ms (a local filter) to 30 s (the longest sensible endpoint timeout).
 DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -239,10 +247,28 @@ class Metrics:
             PREFIX + "connections_active", "Milter connections currently open.", registry=registry
         )
         self._connections = Counter(PREFIX + "connections_total", "Milter connections accepted.", registry=registry)
-        self._connections_refused = Counter(
-            PREFIX + "connections_refused_total",
-            "Milter connections refused because server.max_connections was reached.",
+        self._connections_refused = _Children(
+            Counter(
+                PREFIX + "connections_refused_total",
+                "Milter connections closed at accept, by reason (not_allowed, max_connections).",
+                ("reason",),
+                registry=registry,
+            ),
+            REFUSAL_REASONS,
+        )
+        self._connections_over_limit = Counter(
+            PREFIX + "connections_over_limit_total",
+            "Milter connections accepted over server.max_connections and answered with a tempfail (no webhook).",
             registry=registry,
+        )
+        self._connection_timeouts = _Children(
+            Counter(
+                PREFIX + "connection_timeouts_total",
+                "Milter connections closed by a timeout, by stage (negotiate, idle).",
+                ("stage",),
+                registry=registry,
+            ),
+            TIMEOUT_STAGES,
         )
         messages = Counter(PREFIX + "messages_total", "Messages finished, by outcome.", ("outcome",), registry=registry)
         self._messages = _Children(messages, MESSAGE_OUTCOMES)
@@ -295,13 +321,35 @@ class Metrics:
             PREFIX + "body_spool_bytes", "Bytes currently held in body spool files.", registry=registry
         )
         self._oversize = Counter(
-            PREFIX + "oversize_messages_total", "Messages over server.max_message_bytes.", registry=registry
+            PREFIX + "oversize_messages_total",
+            "Messages over a per-message limit (server.max_message_bytes, max_headers, ...), by limit.",
+            ("limit",),
+            registry=registry,
+        )
+        for limit in TRUNCATED_PART:
+            self._oversize.labels(limit)
+        self._bridge_faults = Counter(
+            PREFIX + "bridge_faults_total",
+            "Messages or recipients tempfailed by a fault of the bridge itself, by kind (spool, internal).",
+            ("kind",),
+            registry=registry,
+        )
+        for kind in ("spool", "internal"):
+            self._bridge_faults.labels(kind)
+        self._background_dropped = Counter(
+            PREFIX + "background_dropped_total",
+            "Observe and notification calls dropped because the endpoint's max_background were running.",
+            ("endpoint",),
+            registry=registry,
         )
         reloads = Counter(
-            PREFIX + "config_reloads_total", "Configuration reloads, by result.", ("result",), registry=registry
+            PREFIX + "config_reloads_total",
+            "Configuration reloads (SIGHUP), by result: ok or refused.",
+            ("result",),
+            registry=registry,
         )
         self._reload_ok = reloads.labels("ok")
-        self._reload_error = reloads.labels("error")
+        self._reload_refused = reloads.labels("refused")
         self._draining = Gauge(
             PREFIX + "draining", "1 while the server drains for shutdown, else 0.", registry=registry
         )
@@ -322,9 +370,17 @@ class Metrics:
         """An accepted milter connection ended (call once per ``connection_opened``)."""
         self._connections_active.dec()
 
-    def connection_refused(self) -> None:
-        """A connection was refused at the limit; it counts neither as opened nor as active."""
-        self._connections_refused.inc()
+    def connection_refused(self, reason: str) -> None:
+        """A connection was closed at accept (``REFUSAL_REASONS``); it counts neither as opened nor as active."""
+        self._connections_refused.get(reason).inc()
+
+    def connection_over_limit(self) -> None:
+        """An accepted connection (already counted as opened) is served over the limit with a tempfail."""
+        self._connections_over_limit.inc()
+
+    def connection_timeout(self, stage: str) -> None:
+        """A connection was closed by a timeout (``TIMEOUT_STAGES``)."""
+        self._connection_timeouts.get(stage).inc()
 
     def progress(self) -> None:
         """One progress keepalive was sent."""
@@ -389,15 +445,23 @@ class Metrics:
         """A spool file holding ``nbytes`` was closed."""
         self._body_spool_bytes.dec(nbytes)
 
-    def oversize(self) -> None:
-        """A message went over ``server.max_message_bytes``."""
-        self._oversize.inc()
+    def oversize(self, limit: str) -> None:
+        """A message went over ``limit`` (a ``[server]`` key, e.g. ``max_headers``)."""
+        self._oversize.labels(limit).inc()
+
+    def background_dropped(self, endpoint: str) -> None:
+        """An observe or notification call to ``endpoint`` was dropped: max_background were running."""
+        self._background_dropped.labels(endpoint).inc()
+
+    def bridge_fault(self, kind: str) -> None:
+        """A fault of the bridge itself (``spool`` I/O, an ``internal`` error) tempfailed a message."""
+        self._bridge_faults.labels(kind).inc()
 
     # -- lifecycle (app) -----------------------------------------------------------------
 
     def reload(self, ok: bool) -> None:
-        """A configuration reload (SIGHUP) succeeded or failed."""
-        (self._reload_ok if ok else self._reload_error).inc()
+        """A configuration reload (SIGHUP) was applied, or refused (the running config stays)."""
+        (self._reload_ok if ok else self._reload_refused).inc()
 
     def set_draining(self, draining: bool) -> None:
         """The server started (True) or stopped (False) draining."""

@@ -19,7 +19,7 @@ import orjson
 
 from milterbridge.body import BodyBuffer
 from milterbridge.milter.constants import Family
-from milterbridge.milter.context import MessageContext
+from milterbridge.milter.context import MessageContext, truncated_parts
 from milterbridge.milter.session import MilterSession
 
 JSON = dict[str, Any]
@@ -245,6 +245,9 @@ class PayloadBuilder:
             "headers": self.headers(msg),
             **macro_part,
         }
+        if msg.over_limits or self.session.connection.over_limits:
+            # Only with server.on_oversize = "continue": what was cut at a limit (design.md §3.7).
+            obj["truncated"] = truncated_parts(msg, self.session.connection)
         return obj
 
     def request(self, event: str, data: JSON, msg: MessageContext | None) -> JSON:

@@ -29,10 +29,10 @@ def test_connections_gauge_and_counters(metrics):
     metrics.connection_opened()
     metrics.connection_opened()
     metrics.connection_closed()
-    metrics.connection_refused()
+    metrics.connection_refused("max_connections")
     assert value(metrics, "milterbridge_connections_active") == 1
     assert value(metrics, "milterbridge_connections_total") == 2
-    assert value(metrics, "milterbridge_connections_refused_total") == 1
+    assert value(metrics, "milterbridge_connections_refused_total", reason="max_connections") == 1
 
 
 def test_message_outcomes_exist_at_zero_and_count(metrics):
@@ -178,7 +178,7 @@ def test_simple_counters_and_gauges(metrics):
     metrics.spooled(500, new_file=False)
     metrics.spooled(200, new_file=True)
     metrics.unspooled(1500)
-    metrics.oversize()
+    metrics.oversize("max_headers")
     metrics.reload(True)
     metrics.reload(False)
     metrics.reload(False)
@@ -187,9 +187,9 @@ def test_simple_counters_and_gauges(metrics):
     assert value(metrics, "milterbridge_protocol_errors_total") == 1
     assert value(metrics, "milterbridge_body_spooled_total") == 2
     assert value(metrics, "milterbridge_body_spool_bytes") == 200
-    assert value(metrics, "milterbridge_oversize_messages_total") == 1
+    assert value(metrics, "milterbridge_oversize_messages_total", limit="max_headers") == 1
     assert value(metrics, "milterbridge_config_reloads_total", result="ok") == 1
-    assert value(metrics, "milterbridge_config_reloads_total", result="error") == 2
+    assert value(metrics, "milterbridge_config_reloads_total", result="refused") == 2
     assert value(metrics, "milterbridge_draining") == 1
     metrics.set_draining(False)
     assert value(metrics, "milterbridge_draining") == 0

@@ -35,22 +35,27 @@ class MacroStore:
         #: Goes up whenever the values may have changed (for callers that cache what they built).
         self.version = 0
 
-    def add_raw(self, payload: bytes) -> None:
-        """Fold one ``'D'`` payload (stage byte, then name/value strings) in later."""
+    def add_raw(self, payload: bytes) -> bool:
+        """Fold one ``'D'`` payload (stage byte, then name/value strings) in later.
+
+        Returns False, keeping nothing of the packet, when it would take the store over
+        ``max_macros`` names: the caller marks its context as cut (fail closed, not a hang-up).
+        """
         raw = self._raw
         if len(payload) <= 1 or (raw and raw[-1] == payload):
             # No values, or the packet just added again (Postfix repeats the eoh macros
             # before every header): folding it in would change nothing.
-            return
+            return True
         pairs = (payload.count(b"\0") + 1) // 2
-        self._count += pairs
-        if self._count > self.max_macros:
+        if self._count + pairs > self.max_macros:
             self.values()  # parse so the count is exact (names may repeat)
-            self._count = len(self._parsed) + pairs
-            if self._count > self.max_macros:
-                raise RemoteProtocolError(f"more than {self.max_macros} macros")
+            self._count = len(self._parsed)
+            if self._count + pairs > self.max_macros:
+                return False
+        self._count += pairs
         raw.append(payload)
         self.version += 1
+        return True
 
     def values(self) -> dict[bytes, bytes]:
         """Every macro seen so far (later packets override earlier ones)."""
@@ -74,6 +79,17 @@ class MacroStore:
         self.version += 1
 
 
+#: A per-message limit (its ``[server]`` key) -> what the payload's ``truncated`` list calls
+#: the part that was cut when the limit was reached.
+TRUNCATED_PART: dict[str, str] = {
+    "max_recipients": "recipients",
+    "max_headers": "headers",
+    "max_header_bytes": "headers",
+    "max_macros": "macros",
+    "max_message_bytes": "body",
+}
+
+
 @dataclass(slots=True, kw_only=True)
 class ConnectionContext:
     """Connection-scoped facts: the client, its HELO and connection macros."""
@@ -86,6 +102,9 @@ class ConnectionContext:
     store: MacroStore = field(default_factory=MacroStore, repr=False)
     #: Messages that started on this connection (a MAIL was seen).
     message_count: int = 0
+    #: Limits this connection went over (a key of :data:`TRUNCATED_PART`) -> items not kept.
+    #: Connection-scoped (macros of the connect and helo stages): it marks every message.
+    over_limits: dict[str, int] = field(default_factory=dict)
 
     @property
     def macros(self) -> dict[bytes, bytes]:
@@ -109,6 +128,11 @@ class MessageContext:
     header_bytes: int = 0
     body_bytes: int = 0
     store: MacroStore = field(default_factory=MacroStore, repr=False)
+    #: Limits this message went over (a key of :data:`TRUNCATED_PART`) -> items not kept.
+    #: Nothing is kept past the first item over a limit, so what is kept is a prefix (header
+    #: indexes stay right). A recipient refused at RCPT for being over the limit is not in
+    #: the message, so it leaves the count again.
+    over_limits: dict[str, int] = field(default_factory=dict)
 
     @property
     def macros(self) -> dict[bytes, bytes]:
@@ -119,3 +143,18 @@ class MessageContext:
     def queue_id(self) -> bytes | None:
         """Postfix's queue id (macro ``i``) once the MTA has sent it."""
         return self.store.values().get(b"i") or None
+
+
+def over_limit(message: MessageContext | None, connection: ConnectionContext) -> str | None:
+    """The first limit ``message`` (or, for any message, its connection) went over, or None."""
+    if message is not None and message.over_limits:
+        return next(iter(message.over_limits))
+    if connection.over_limits:
+        return next(iter(connection.over_limits))
+    return None
+
+
+def truncated_parts(message: MessageContext, connection: ConnectionContext) -> list[str]:
+    """What was cut from ``message`` and its connection, for the payload: e.g. ``["headers"]``."""
+    limits = [*message.over_limits, *connection.over_limits]
+    return sorted({TRUNCATED_PART[limit] for limit in limits})

@@ -35,7 +35,7 @@ from typing import Final
 
 from .codec import _HEADER_BYTES, FrameDecoder, _unpack_u32, command_decoder
 from .constants import DEFAULT_MAX_FRAME_BYTES, LEN_BYTES, Action, Event, Protocol
-from .context import CONNECTION_MACRO_STAGES, ConnectionContext, MacroStore, MessageContext
+from .context import CONNECTION_MACRO_STAGES, ConnectionContext, MacroStore, MessageContext, over_limit
 from .errors import LocalProtocolError, RemoteProtocolError
 from .messages import (
     Abort,
@@ -253,6 +253,22 @@ class SessionLimits:
     max_headers: int = 10_000
     max_header_bytes: int = 16 * 1024 * 1024
     max_macros: int = 1_000
+    #: Body bytes of one message; counted only (the body is the caller's to keep).
+    max_message_bytes: int = 50 * 1024 * 1024
+
+
+def _over(over_limits: dict[str, int], limit: str) -> None:
+    """Count one item not kept because it went over ``limit``."""
+    over_limits[limit] = over_limits.get(limit, 0) + 1
+
+
+def _refused_over(over_limits: dict[str, int], limit: str) -> None:
+    """An item over ``limit`` was refused at the MTA after all: it is not missing from the context."""
+    left = over_limits.get(limit, 0) - 1
+    if left > 0:
+        over_limits[limit] = left
+    else:
+        over_limits.pop(limit, None)
 
 
 class MilterSession:
@@ -279,6 +295,8 @@ class MilterSession:
         #: Commands answered by nobody: NEVER_ANSWERED plus the negotiated no-reply events.
         self._silent: frozenset[type[Command]] = NEVER_ANSWERED
         self._body_replaced = 0  # 0 none yet, 1 in a REPLBODY run, 2 run ended
+        #: Whether the last recipient was kept (False: it was over max_recipients).
+        self._rcpt_kept = True
         self._quiet: frozenset[type[Command]] = frozenset()
         #: Wire code -> command class, for the commands next_event takes in itself.
         self._absorb: dict[int, type[Command]] = {}
@@ -374,11 +392,10 @@ class MilterSession:
             raise RemoteProtocolError(f"macros in state {self.state.value}")
         if not payload:
             raise RemoteProtocolError("macro packet without a stage byte")
-        pairs = (payload.count(b"\0") + 1) // 2
-        if pairs > self.limits.max_macros:
-            raise RemoteProtocolError(f"{pairs} macros in one packet (limit {self.limits.max_macros})")
-        # A new packet for a stage replaces an unclaimed one (libmilter keeps one set per
-        # stage), so a peer sending macro packets without commands cannot grow this.
+        # A packet with more names than max_macros is cut when folded in (see _fold_macros);
+        # max_frame_bytes bounds it meanwhile. A new packet for a stage replaces an unclaimed
+        # one (libmilter keeps one set per stage), so a peer sending macro packets without
+        # commands cannot grow this.
         stage = payload[:1]
         if len(payload) == 1:
             # No values: all it does is replace an unclaimed packet of its stage.
@@ -444,13 +461,14 @@ class MilterSession:
             self._add_recipient(cmd.address, cmd.args)  # type: ignore[attr-defined]
         elif kind is Header:
             self._add_header(cmd.name, cmd.value)  # type: ignore[attr-defined]
-        elif kind is BodyChunk:
-            assert self.message is not None
-            self.message.body_bytes += len(cmd.data)  # type: ignore[attr-defined]
-        elif kind is EndOfMessage:
-            assert self.message is not None
-            self.message.body_bytes += len(cmd.data)  # type: ignore[attr-defined]
-            self._body_replaced = 0
+        elif kind is BodyChunk or kind is EndOfMessage:
+            msg = self.message
+            assert msg is not None
+            msg.body_bytes += len(cmd.data)  # type: ignore[attr-defined]
+            if msg.body_bytes > self.limits.max_message_bytes and "max_message_bytes" not in msg.over_limits:
+                _over(msg.over_limits, "max_message_bytes")
+            if kind is EndOfMessage:
+                self._body_replaced = 0
         elif kind is QuitNewConnection:
             self.connection = ConnectionContext(store=MacroStore(self.limits.max_macros))
         if self._pending_macros:
@@ -475,31 +493,54 @@ class MilterSession:
         conn.port = cmd.port
         conn.address = cmd.address
 
+    # Limits (design.md §3.7): what is over a limit is not kept, and the context records
+    # which limit it went over, so that the caller can answer the MTA (server.on_oversize)
+    # instead of hanging up, which would hand the message to milter_default_action.
+
     def _add_recipient(self, address: bytes, args: tuple[bytes, ...]) -> None:
         msg = self.message
         assert msg is not None
         if len(msg.recipients) >= self.limits.max_recipients:
-            raise RemoteProtocolError(f"more than {self.limits.max_recipients} recipients")
+            _over(msg.over_limits, "max_recipients")
+            self._rcpt_kept = False
+            return
         msg.recipients.append((address, args))
+        self._rcpt_kept = True
 
     def _add_header(self, name: bytes, value: bytes) -> None:
         msg = self.message
         assert msg is not None
+        over = msg.over_limits
+        if over and ("max_headers" in over or "max_header_bytes" in over):
+            # Keep a prefix: a header kept after a cut one would shift the header indexes.
+            _over(over, "max_headers" if "max_headers" in over else "max_header_bytes")
+            return
         if len(msg.headers) >= self.limits.max_headers:
-            raise RemoteProtocolError(f"more than {self.limits.max_headers} headers")
-        msg.header_bytes += len(name) + len(value)
-        if msg.header_bytes > self.limits.max_header_bytes:
-            raise RemoteProtocolError(f"headers larger than {self.limits.max_header_bytes} bytes")
+            _over(over, "max_headers")
+            return
+        size = msg.header_bytes + len(name) + len(value)
+        if size > self.limits.max_header_bytes:
+            _over(over, "max_header_bytes")
+            return
+        msg.header_bytes = size
         msg.headers.append((name, value))
 
     def _fold_macros(self) -> None:
         message = self.message
         for stage, payload in self._pending_macros.items():
             if stage in CONNECTION_MACRO_STAGES or message is None:
-                self.connection.store.add_raw(payload)
-            else:
-                message.store.add_raw(payload)
+                if not self.connection.store.add_raw(payload):
+                    _over(self.connection.over_limits, "max_macros")
+            elif not message.store.add_raw(payload):
+                _over(message.over_limits, "max_macros")
         self._pending_macros.clear()
+
+    def over_limit(self) -> str | None:
+        """The first limit the current message (or its connection) went over, or None.
+
+        A key of :data:`~milterbridge.milter.context.TRUNCATED_PART`, e.g. ``"max_headers"``.
+        """
+        return over_limit(self.message, self.connection)
 
     def _end_message(self) -> MessageContext | None:
         msg = self.message
@@ -538,7 +579,10 @@ class MilterSession:
         self.pending = None
         if pending_kind is RcptTo and kind in (Reject, TempFail, ReplyCode) and self.message is not None:
             # A refused recipient is not part of the message (design §3.2).
-            self.message.recipients.pop()
+            if self._rcpt_kept:
+                self.message.recipients.pop()
+            else:
+                _refused_over(self.message.over_limits, "max_recipients")
         if pending_kind is EndOfMessage:
             self.completed = self._end_message()
             self.state = State.CONNECTED

@@ -15,7 +15,10 @@ enforces come from design.md §3.2 and §3.5:
   ``WebhookRedirectError`` and is never followed (the request carries secrets and tokens).
 - The response body is read in chunks up to ``max_response_bytes``; one byte more and the
   connection is closed and ``WebhookResponseTooLargeError`` raised.
-- A circuit breaker per endpoint is asked before the call and told the result after.
+- A circuit breaker per endpoint (``webhook.breaker``) is asked before the call and told the
+  result after. It judges the endpoint, not the mail: a response over ``max_response_bytes``
+  and a spooled body the bridge cannot read count neither way, and an answer the dispatcher
+  finds invalid is a success here (the endpoint answered in time).
 
 Per-endpoint work (the request head up to the per-call headers, signer, TLS context, redacted
 URL) is done once and cached by endpoint name; a reload that hands in changed settings
@@ -39,6 +42,7 @@ import orjson
 from yarl import URL
 
 import milterbridge
+from milterbridge.body import SpoolError
 from milterbridge.config import HTTP_TOKEN, RESERVED_HEADERS, EndpointSettings, TlsSettings
 from milterbridge.webhook.breaker import CircuitBreaker
 from milterbridge.webhook.errors import (
@@ -297,10 +301,6 @@ class WebhookClient:
         """Breaker state per endpoint name: ``closed``, ``open`` or ``half_open``."""
         return {name: str(ep.breaker.state) for name, ep in self._endpoints.items()}
 
-    def mark_failed(self, endpoint: EndpointSettings) -> None:
-        """Turn the last successful ``post`` into a failure for the breaker (e.g. an invalid decision)."""
-        self._endpoint(endpoint).breaker.revoke_success()
-
     def _endpoint(self, settings: EndpointSettings) -> _Endpoint:
         ep = self._endpoints.get(settings.name)
         if ep is not None and ep.settings is settings:
@@ -319,8 +319,11 @@ class WebhookClient:
 
     def _new_breaker(self, settings: EndpointSettings) -> CircuitBreaker:
         return CircuitBreaker(
-            failure_threshold=settings.breaker_failures,
-            reset_timeout=settings.breaker_reset,
+            failure_rate=settings.breaker_failure_rate,
+            min_calls=settings.breaker_min_calls,
+            window=settings.breaker_window,
+            probe_delay=settings.breaker_probe,
+            max_delay=settings.breaker_reset,
             clock=self._clock,
         )
 
@@ -343,8 +346,7 @@ class WebhookClient:
         keep_breaker = (
             previous is not None
             and previous.settings.url == settings.url
-            and previous.settings.breaker_failures == settings.breaker_failures
-            and previous.settings.breaker_reset == settings.breaker_reset
+            and _breaker_settings(previous.settings) == _breaker_settings(settings)
         )
         breaker = previous.breaker if keep_breaker and previous is not None else self._new_breaker(settings)
         ep = self._endpoints[settings.name] = self._build(settings, breaker)
@@ -380,18 +382,23 @@ class WebhookClient:
         if budget <= 0:
             # Nothing left of the caller's phase: not the endpoint's fault, so no breaker count.
             raise WebhookTimeoutError("no time left for the call", timeout=budget, endpoint=ep.name, url=ep.safe_url)
-        if not ep.breaker.allow():
+        breaker = ep.breaker
+        ticket = breaker.allow()
+        if not ticket:
             self._observe(ep, 0, AttemptOutcome.BREAKER_OPEN, 0.0)
             raise WebhookBreakerOpenError("circuit breaker is open; not called", endpoint=ep.name, url=ep.safe_url)
         try:
             response = await self._call(self._pool, ep, body, webhook_id, budget)
-        except WebhookError:
-            ep.breaker.record_failure()
+        except WebhookError as exc:
+            if exc.endpoint_failure:
+                breaker.record_failure(ticket)
+            else:
+                breaker.release(ticket)
             raise
         except BaseException:
-            ep.breaker.release()  # cancelled: says nothing about the endpoint
+            breaker.release(ticket)  # cancelled: says nothing about the endpoint
             raise
-        ep.breaker.record_success()
+        breaker.record_success(ticket)
         return response
 
     async def _call(
@@ -461,9 +468,13 @@ class WebhookClient:
         except HttpError as exc:
             # A malformed or unsupported answer: retrying would most likely see it again.
             raise WebhookConnectionError(str(exc), endpoint=ep.name, url=ep.safe_url) from None
+        except SpoolError:
+            raise
         except OSError as exc:
-            # Reading a spooled body failed (the request was cut off with its connection).
-            raise WebhookError(f"cannot read the message body: {describe_os_error(exc)}", endpoint=ep.name) from None
+            # Reading a spooled body failed (the request was cut off with its connection): the
+            # bridge's fault, not the endpoint's, so it is no WebhookError: the breaker does not
+            # count it and the dispatcher tempfails the message whatever on_error says.
+            raise SpoolError(f"cannot read the message body: {describe_os_error(exc)}") from None
         status = response.status
         if status in _SUCCESS_STATUSES:
             return status, response.body if status == 200 else b""
@@ -483,6 +494,16 @@ class WebhookClient:
             url=ep.safe_url,
             retryable=status in RETRY_STATUSES,
         )
+
+
+def _breaker_settings(settings: EndpointSettings) -> tuple[float, int, float, float, float]:
+    return (
+        settings.breaker_failure_rate,
+        settings.breaker_min_calls,
+        settings.breaker_window,
+        settings.breaker_probe,
+        settings.breaker_reset,
+    )
 
 
 def _too_large(ep: _Endpoint, max_bytes: int) -> WebhookResponseTooLargeError:

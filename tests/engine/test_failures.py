@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from milterbridge.client import Envelope, MilterClientError
-from milterbridge.config import EndpointSettings
+from milterbridge.app import connection_settings
+from milterbridge.client import Envelope, MilterClient, MilterClientError
+from milterbridge.config import Config, EndpointSettings, ServerSettings
+from milterbridge.dispatch import Dispatcher
+from milterbridge.metrics import Metrics
 from milterbridge.milter.constants import Event
 from milterbridge.milter.messages import Accept, AddHeader, Continue, Reject, Reply, TempFail
-from milterbridge.policy.model import OnError
-from tests.engine.conftest import MESSAGE, Engine, closed_port
+from milterbridge.policy.model import Mode, OnError
+from milterbridge.server import MilterServer
+from tests.engine.conftest import ENVELOPE, MESSAGE, Engine, closed_port
 from tests.fakes.webhooks import FakeResponse, RecordedRequest
 
 #: Seconds of budget for the timeout cases, and what we allow on top of it.
@@ -183,9 +188,9 @@ async def test_fast_eom_sends_no_progress(engine: Engine) -> None:
 @pytest.mark.asyncio
 @pytest.mark.parametrize("on_error", [OnError.TEMPFAIL, OnError.REJECT], ids=lambda e: e.value)
 async def test_circuit_breaker_stops_calling_a_failing_endpoint(engine: Engine, on_error: OnError) -> None:
-    """After breaker_failures failures the endpoint is not called and on_error applies at once."""
+    """Once the failure rate opens the breaker the endpoint is not called and on_error applies at once."""
     engine.fake.set_default(FakeResponse.never_answer())
-    endpoint = engine.endpoint("policy", timeout=0.25, breaker_failures=2, breaker_reset=60.0, on_error=on_error)
+    endpoint = engine.endpoint("policy", timeout=0.25, breaker_min_calls=2, breaker_probe=60.0, on_error=on_error)
     await engine.start(endpoint)
     client = await engine.client()
     await client.open_session(Envelope())
@@ -199,13 +204,15 @@ async def test_circuit_breaker_stops_calling_a_failing_endpoint(engine: Engine, 
     assert len(engine.requests("policy")) == 2
     assert min(timings[:2]) >= endpoint.timeout
     assert max(timings[2:]) < endpoint.timeout / 2  # no call, no waiting
+    refused = {"endpoint": "policy", "event": "eom", "outcome": "breaker_open"}
+    assert engine.metrics.registry.get_sample_value("milterbridge_webhook_requests_total", refused) == 2
 
 
 @pytest.mark.asyncio
-async def test_circuit_breaker_tries_again_after_reset(engine: Engine) -> None:
-    """After breaker_reset one trial call goes out; its success closes the breaker."""
+async def test_circuit_breaker_tries_again_after_the_probe_delay(engine: Engine) -> None:
+    """After breaker_probe one trial call goes out; its success closes the breaker."""
     engine.fake.set_default(FakeResponse.status_code(500))
-    await engine.start(engine.endpoint("policy", breaker_failures=2, breaker_reset=0.3))
+    await engine.start(engine.endpoint("policy", breaker_min_calls=2, breaker_probe=0.3))
     client = await engine.client()
     await client.open_session(Envelope())
     replies = [(await client.send_transaction(Envelope(), MESSAGE)).final for _ in range(3)]
@@ -219,17 +226,20 @@ async def test_circuit_breaker_tries_again_after_reset(engine: Engine) -> None:
 
 
 @pytest.mark.asyncio
-async def test_circuit_breaker_counts_invalid_decisions(engine: Engine) -> None:
-    """An endpoint that keeps answering 200 with an invalid decision opens the breaker like a 500 would."""
-    engine.fake.set_default(FakeResponse.raw(b"not json"))
-    await engine.start(engine.endpoint("policy", breaker_failures=2, breaker_reset=60.0))
+@pytest.mark.parametrize("kind", ["invalid-json", "unknown-action", "oversized"])
+async def test_circuit_breaker_ignores_answers_about_one_message(engine: Engine, kind: str) -> None:
+    """Invalid or oversized answers get on_error but never open the breaker: every message reaches the endpoint."""
+    endpoint = FAILURES[kind](engine, breaker_min_calls=2)
+    await engine.start(endpoint)
     client = await engine.client()
     await client.open_session(Envelope())
     for _ in range(4):
         result = await client.send_transaction(Envelope(), MESSAGE)
         assert result.eom is not None
         assert result.eom.reply == TempFail()
-    assert len(engine.requests("policy")) == 2
+    assert len(engine.requests("policy")) == 4
+    assert engine.webhooks is not None
+    assert engine.webhooks.breaker_states() == {"policy": "closed"}
 
 
 @pytest.mark.asyncio
@@ -245,3 +255,60 @@ async def test_mta_leaving_cancels_the_webhook(engine: Engine) -> None:
     await engine.fake.wait_until(lambda: len(engine.fake.cancelled) == 1, timeout=2.0)
     with pytest.raises(MilterClientError):
         await task
+
+
+@pytest.mark.asyncio
+async def test_background_calls_are_capped_per_endpoint(engine: Engine) -> None:
+    """Past max_background running calls an observe endpoint's calls are dropped and counted, and
+    the enforcing decision is not held up by them."""
+    engine.fake.set_default(FakeResponse.decision("continue").after(1.0), path="/shadow")
+    engine.fake.set_default(FakeResponse.decision("reject"), path="/policy")
+    shadow = engine.endpoint("shadow", mode=Mode.OBSERVE, max_background=2, timeout=2.0)
+    await engine.start(engine.endpoint("policy"), shadow)
+    client = await engine.client()
+    await client.open_session(ENVELOPE)
+    for _ in range(5):
+        result = await client.send_transaction(ENVELOPE, MESSAGE)
+        assert result.eom is not None
+        assert isinstance(result.eom.reply, Reject)
+    assert (
+        engine.metrics.registry.get_sample_value("milterbridge_background_dropped_total", {"endpoint": "shadow"}) == 3
+    )
+    await engine.settle()
+    assert len(engine.requests("shadow", "eom")) == 2
+    assert len(engine.requests("policy", "eom")) == 5
+
+
+class _BuggyClient:
+    """A webhook client with a bug: ``post`` raises an error that is no webhook failure."""
+
+    async def post(self, endpoint: EndpointSettings, body: object, *, webhook_id: str) -> object:
+        raise RuntimeError("a bug")
+
+
+@pytest.mark.asyncio
+async def test_a_bridge_fault_tempfails_and_is_not_the_endpoints_on_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A fault of the bridge itself tempfails the message even with on_error = continue, is
+    counted as an internal fault and logged with the message's outcome."""
+    caplog.set_level(logging.INFO, logger="milterbridge.dispatch")
+    metrics = Metrics()
+    endpoint = EndpointSettings(name="policy", url="http://127.0.0.1:9/x", on_error=OnError.CONTINUE)
+    config = Config(server=ServerSettings(listen=("inet:127.0.0.1:0",)), endpoints=(endpoint,))
+    dispatcher = Dispatcher(config, _BuggyClient(), metrics=metrics)
+    server = MilterServer(["inet:127.0.0.1:0"], dispatcher, connection_settings(config))
+    await server.start()
+    try:
+        client = await MilterClient.open(server.bound[0])
+        await client.negotiate()
+        result = await client.send_message(ENVELOPE, MESSAGE)
+        await client.aclose()
+    finally:
+        await server.shutdown(timeout=2.0)
+        await dispatcher.aclose()
+    assert result.eom is not None
+    assert isinstance(result.eom.reply, TempFail)
+    assert metrics.registry.get_sample_value("milterbridge_bridge_faults_total", {"kind": "internal"}) == 1
+    assert metrics.registry.get_sample_value("milterbridge_messages_total", {"outcome": "tempfailed"}) == 1
+    lines = [r for r in caplog.records if r.getMessage() == "message tempfailed"]
+    assert len(lines) == 1
+    assert "bridge fault" in lines[0].fields["reason"]  # type: ignore[attr-defined]

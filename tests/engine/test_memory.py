@@ -123,11 +123,13 @@ async def test_spool_gauge_returns_to_zero(engine: Engine) -> None:
     ("on_oversize", "reply"),
     [
         pytest.param(
-            OnOversize.TEMPFAIL, ReplyCode(text=b"452 4.3.4 Message size exceeds the filter limit"), id="tempfail"
+            OnOversize.TEMPFAIL,
+            ReplyCode(text=b"451 4.3.4 Message size exceeds the mail filter's limit (max_message_bytes)"),
+            id="tempfail",
         ),
         pytest.param(
             OnOversize.REJECT,
-            ReplyCode(text=b"552 5.3.4 Message size exceeds fixed maximum message size"),
+            ReplyCode(text=b"552 5.3.4 Message size exceeds the mail filter's limit (max_message_bytes)"),
             id="reject",
         ),
     ],

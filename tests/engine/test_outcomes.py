@@ -46,7 +46,7 @@ async def test_oversize_at_body_is_counted_as_refused(engine: Engine) -> None:
     result = await engine.send(message)
     await engine.settle()
     assert isinstance(result.stopped_by, ReplyCode)
-    assert result.stopped_by.text.startswith(b"452 4.3.4")
+    assert result.stopped_by.text.startswith(b"451 4.3.4")
     assert outcome_count(engine, "tempfailed") == 1
     assert outcome_count(engine, "aborted") == 0
 

@@ -158,7 +158,7 @@ class Bridge:
 
 def endpoint(fake: FakeWebhooks, name: str = "policy", **overrides: Any) -> EndpointSettings:
     """Settings of an endpoint served by ``fake`` at ``/<name>`` (breaker off unless asked)."""
-    overrides.setdefault("breaker_failures", 0)
+    overrides.setdefault("breaker_min_calls", 0)
     return fake.endpoint(name, path=f"/{name}", **overrides)
 
 

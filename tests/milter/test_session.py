@@ -6,6 +6,7 @@ import pytest
 
 from milterbridge.milter import messages as m
 from milterbridge.milter.constants import Action, Event, Family, Protocol
+from milterbridge.milter.context import truncated_parts
 from milterbridge.milter.errors import LocalProtocolError, RemoteProtocolError
 from milterbridge.milter.negotiation import Requirements, negotiate
 from milterbridge.milter.session import NEED_DATA, MilterSession, SessionLimits, State
@@ -319,31 +320,102 @@ def test_eof_mid_frame_is_remote_error() -> None:
         s.receive_eof()
 
 
-@pytest.mark.parametrize(
-    ("limits", "commands", "match"),
-    [
-        pytest.param(SessionLimits(max_recipients=2), [m.RcptTo(address=b"<r>")] * 3, "recipients", id="recipients"),
-        pytest.param(SessionLimits(max_headers=1), [m.Header(name=b"a", value=b"b")] * 2, "headers", id="headers"),
-        pytest.param(
-            SessionLimits(max_header_bytes=10), [m.Header(name=b"a", value=b"b" * 20)], "larger", id="header-bytes"
-        ),
-        pytest.param(
-            SessionLimits(max_macros=2),
-            [m.Macro(stage=b"R", macros=((b"a", b""), (b"b", b""), (b"c", b""))), m.RcptTo(address=b"<r>")],
-            "macros",
-            id="macros",
-        ),
-    ],
-)
-def test_limits(limits: SessionLimits, commands: list[m.Command], match: str) -> None:
-    """Oversized recipient lists, headers and macro sets are remote errors."""
-    s = MilterSession(limits)
-    s.receive_data(POSTFIX_OFFER.to_frame())
-    s.next_event()
-    s.send(negotiate(POSTFIX_OFFER, Requirements()).reply())
+LIMIT_CASES = [
+    pytest.param(
+        SessionLimits(max_recipients=2),
+        [m.RcptTo(address=b"<r1>"), m.RcptTo(address=b"<r2>"), m.RcptTo(address=b"<r3>")],
+        "max_recipients",
+        ["recipients"],
+        id="recipients",
+    ),
+    pytest.param(
+        SessionLimits(max_headers=1),
+        [m.Header(name=b"a", value=b"1"), m.Header(name=b"b", value=b"2")],
+        "max_headers",
+        ["headers"],
+        id="headers",
+    ),
+    pytest.param(
+        SessionLimits(max_header_bytes=10),
+        [m.Header(name=b"a", value=b"1"), m.Header(name=b"b", value=b"2" * 20)],
+        "max_header_bytes",
+        ["headers"],
+        id="header-bytes",
+    ),
+    pytest.param(
+        SessionLimits(max_macros=2),
+        [m.Macro(stage=b"R", macros=((b"a", b""), (b"b", b""), (b"c", b""))), m.RcptTo(address=b"<r>")],
+        "max_macros",
+        ["macros"],
+        id="macros",
+    ),
+    pytest.param(
+        SessionLimits(max_message_bytes=5),
+        [m.Data(), m.EndOfHeaders(), m.BodyChunk(data=b"123"), m.BodyChunk(data=b"456")],
+        "max_message_bytes",
+        ["body"],
+        id="message-bytes",
+    ),
+]
+
+
+@pytest.mark.parametrize(("limits", "commands", "limit", "parts"), LIMIT_CASES)
+def test_limits_mark_the_message_and_keep_the_connection(
+    limits: SessionLimits, commands: list[m.Command], limit: str, parts: list[str]
+) -> None:
+    """Going over a limit keeps nothing more, marks the message and raises nothing: the next
+    command still parses, and a new message starts unmarked."""
+    s = negotiated(limits=limits)
     feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
-    with pytest.raises(RemoteProtocolError, match=match):
-        feed(s, *commands)
+    feed(s, *commands)
+    assert s.message is not None
+    assert s.over_limit() == limit
+    assert truncated_parts(s.message, s.connection) == parts
+    assert len(s.message.recipients) <= limits.max_recipients
+    assert len(s.message.headers) <= limits.max_headers
+    assert s.message.header_bytes <= limits.max_header_bytes
+    assert len(s.message.macros) <= limits.max_macros
+    feed(s, m.EndOfMessage())
+    feed(s, m.MailFrom(address=b"<next@b>"))
+    assert s.over_limit() is None
+
+
+def test_headers_kept_are_a_prefix() -> None:
+    """After the first header over a limit no later header is kept, even one that would fit,
+    so the kept headers' indexes are those of the message."""
+    s = negotiated(limits=SessionLimits(max_header_bytes=10))
+    feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
+    feed(s, m.Header(name=b"a", value=b"1"), m.Header(name=b"b", value=b"2" * 20), m.Header(name=b"c", value=b"3"))
+    assert s.message is not None
+    assert s.message.headers == [(b"a", b"1")]
+    assert s.message.over_limits == {"max_header_bytes": 2}
+
+
+def test_a_recipient_refused_over_the_limit_is_not_missing() -> None:
+    """A recipient over max_recipients that is refused at RCPT leaves the mark again, and the
+    refusal does not drop a recipient that was kept."""
+    s = negotiated(Requirements(reply_events=frozenset({Event.RCPT})), limits=SessionLimits(max_recipients=1))
+    feed(s, *OPENING, m.MailFrom(address=b"<a@b>"), m.RcptTo(address=b"<r1>"))
+    s.receive_data(m.RcptTo(address=b"<r2>").to_frame())
+    assert isinstance(s.next_event(), m.RcptTo)
+    assert s.over_limit() == "max_recipients"
+    s.send(m.TempFail())
+    assert s.message is not None
+    assert s.message.recipients == [(b"<r1>", ())]
+    assert s.over_limit() is None
+
+
+def test_connection_macros_over_the_limit_mark_every_message() -> None:
+    """Connection-stage macros over max_macros mark the connection, so each message is marked."""
+    s = negotiated(limits=SessionLimits(max_macros=1))
+    feed(s, m.Macro(stage=b"C", macros=((b"j", b"mx"), (b"_", b"client"))), CONNECT, m.Helo(hostname=b"h"))
+    for n in range(2):
+        feed(s, m.MailFrom(address=b"<a@b>"))
+        assert s.over_limit() == "max_macros", n
+        assert s.message is not None
+        assert truncated_parts(s.message, s.connection) == ["macros"]
+        s.receive_data(m.Abort().to_frame())
+        s.next_event()
 
 
 # ------------------------------------------------------------------ quiet commands
@@ -454,8 +526,10 @@ def test_quiet_commands_respect_the_limits() -> None:
     s = negotiated(Requirements(reply_events=frozenset()), limits=SessionLimits(max_headers=1), quiet=QUIET)
     feed(s, *OPENING, m.MailFrom(address=b"<a@b>"), m.Header(name=b"a", value=b"b"))
     s.receive_data(m.Header(name=b"c", value=b"d").to_frame())
-    with pytest.raises(RemoteProtocolError, match="more than 1 headers"):
-        s.next_event()
+    assert s.next_event() is NEED_DATA
+    assert s.message is not None
+    assert s.message.headers == [(b"a", b"b")]
+    assert s.over_limit() == "max_headers"
 
 
 def test_repeated_macro_packets_fold_in_order() -> None:

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import pytest
 import pytest_asyncio
 
+from milterbridge.body import SpoolError
 from milterbridge.config import EndpointSettings
-from milterbridge.webhook import WebhookClient, WebhookConnectionError, WebhookError, WebhookStatusError
+from milterbridge.webhook import WebhookClient, WebhookConnectionError, WebhookStatusError
 from milterbridge.webhook.http import (
     MAX_HEAD_BYTES,
     HttpDisconnectedError,
@@ -470,10 +471,12 @@ class FailingBody:
 
 
 @pytest.mark.asyncio
-async def test_unreadable_body_is_a_webhook_error(raw: RawServer) -> None:
-    """A body that cannot be read fails the call as a WebhookError (so on_error applies), not a raw OSError."""
-    endpoint = EndpointSettings(name="raw", url=f"http://127.0.0.1:{raw.port}/hook", retry=False)
+async def test_unreadable_body_is_the_bridges_fault(raw: RawServer) -> None:
+    """An unreadable body fails the call as a SpoolError, not a WebhookError (the dispatcher then
+    tempfails the message whatever on_error says), and is not charged to the breaker."""
+    endpoint = EndpointSettings(name="raw", url=f"http://127.0.0.1:{raw.port}/hook", retry=False, breaker_min_calls=1)
     async with WebhookClient() as client:
-        with pytest.raises(WebhookError, match="cannot read the message body: OSError: Input/output error"):
+        with pytest.raises(SpoolError, match="cannot read the message body: OSError: Input/output error"):
             await client.post(endpoint, FailingBody(), webhook_id="evt_1")
+        assert client.breaker_states() == {"raw": "closed"}
         assert (await client.post(endpoint, b"{}", webhook_id="evt_2")).body == b"ok"
