@@ -34,6 +34,7 @@ from milterbridge.dispatch import Dispatcher
 from milterbridge.log import configure_logging
 from milterbridge.metrics import Metrics
 from milterbridge.milter.address import parse_listen_address, split_host_port
+from milterbridge.milter.context import MemoryBudget
 from milterbridge.milter.session import SessionLimits
 from milterbridge.server import MilterServer, bind_unix
 from milterbridge.webhook.client import WebhookClient
@@ -83,6 +84,7 @@ def connection_settings(config: Config) -> ConnectionSettings:
         ),
         idle_timeout=server.idle_timeout,
         negotiate_timeout=server.negotiate_timeout,
+        budget=MemoryBudget(server.max_buffered_bytes),
         progress_interval=server.progress_interval,
     )
 
@@ -107,10 +109,14 @@ class Bridge:
         self.metrics = Metrics()
         self.client = WebhookClient(observer=self.metrics)
         self.dispatcher = Dispatcher(config, self.client, metrics=self.metrics)
+        settings = connection_settings(config)
+        budget = settings.budget
+        assert budget is not None
+        self.metrics.set_buffered_source(lambda: budget.used)
         self.server = MilterServer(
             config.server.listen,
             self.dispatcher,
-            connection_settings(config),
+            settings,
             max_connections=config.server.max_connections,
             allowed_clients=config.server.allowed_clients,
             socket_mode=config.server.socket_mode,

@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO
 
+from milterbridge.milter.context import MemoryBudget
+
 
 class SpoolError(OSError):
     """The spooled body could not be read back whole (the bridge's fault, not the endpoint's)."""
@@ -26,8 +28,11 @@ class SpoolError(OSError):
 class BodyBuffer:
     """The body of one message, spooled to disk beyond a threshold."""
 
-    def __init__(self, memory_bytes: int, max_bytes: int, *, keep: bool) -> None:
+    def __init__(self, memory_bytes: int, max_bytes: int, *, keep: bool, budget: MemoryBudget | None = None) -> None:
         self.memory_bytes = memory_bytes
+        #: Shared with every connection of the process: memory bytes are taken from it, and a
+        #: piece that does not fit goes to the spool file instead.
+        self.budget = budget
         self.max_bytes = max_bytes
         self.keep = keep
         #: Bytes seen (stored or not).
@@ -51,14 +56,18 @@ class BodyBuffer:
             return
         if not self.keep:
             return
-        if self._file is None and len(self._memory) + len(data) <= self.memory_bytes:
+        if (
+            self._file is None
+            and len(self._memory) + len(data) <= self.memory_bytes
+            and (self.budget is None or self.budget.take(len(data)))
+        ):
             self._memory += data
             return
         try:
             if self._file is None:
                 self._file = tempfile.TemporaryFile(prefix="milterbridge-body-")  # noqa: SIM115 - owned by this object
                 self._file.write(self._memory)
-                self._memory = bytearray()
+                self._free_memory()
             self._file.write(data)
         except OSError as exc:
             self.failed = f"cannot spool the message body: {exc.strerror or exc}"
@@ -96,10 +105,15 @@ class BodyBuffer:
             offset += len(piece)
             yield piece
 
+    def _free_memory(self) -> None:
+        if self.budget is not None:
+            self.budget.give(len(self._memory))
+        self._memory = bytearray()
+
     def discard(self) -> None:
         """Free the memory and the temporary file."""
         self.keep = False
-        self._memory = bytearray()
+        self._free_memory()
         if self._file is not None:
             self._file.close()
             self._file = None

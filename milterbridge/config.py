@@ -116,6 +116,8 @@ class ServerSettings:
     max_headers: int = 10_000
     max_header_bytes: int = 16 * 1024 * 1024
     max_macros: int = 1_000
+    #: Header and in-memory body bytes all connections of a worker may hold together.
+    max_buffered_bytes: int = 256 * 1024 * 1024
     #: Mode of the unix socket file.
     socket_mode: int = 0o660
     #: Seconds between SMFIR_PROGRESS keep-alives while an eom webhook is slow.
@@ -351,6 +353,7 @@ _SERVER: dict[str, Converter] = {
     "max_headers": _int(1),
     "max_header_bytes": _int(1),
     "max_macros": _int(1),
+    "max_buffered_bytes": _int(1024 * 1024),
     "socket_mode": _socket_mode,
     "progress_interval": _seconds(),
     "allow_no_endpoints": _bool,

@@ -32,6 +32,7 @@ from typing import Protocol as TypingProtocol
 from typing import cast
 
 from milterbridge.milter.constants import Action, Event
+from milterbridge.milter.context import MemoryBudget
 from milterbridge.milter.errors import LocalProtocolError, MilterError, NegotiationError, RemoteProtocolError
 from milterbridge.milter.messages import (
     Accept,
@@ -107,7 +108,9 @@ class ConnectionSettings:
     negotiate_timeout: float = 10.0
     progress_interval: float = 1.0
     #: Pause reading when a busy connection has buffered this much.
-    max_buffered_bytes: int = 4 * 1024 * 1024
+    pause_reading_bytes: int = 4 * 1024 * 1024
+    #: Shared by all connections of the process (``[server] max_buffered_bytes``); None: no budget.
+    budget: MemoryBudget | None = None
 
 
 class StaticHandler:
@@ -385,7 +388,7 @@ class MilterConnection(asyncio.Protocol):
         self._state = state
         self._factory = factory
         self._settings = settings
-        self.session = MilterSession(settings.limits)
+        self.session = MilterSession(settings.limits, budget=settings.budget)
         self.handler: Handler | None = None
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -464,7 +467,7 @@ class MilterConnection(asyncio.Protocol):
             return
         if self._busy is None:
             self._drive()
-        elif self.session._decoder.buffered > self._settings.max_buffered_bytes and not self._paused:
+        elif self.session._decoder.buffered > self._settings.pause_reading_bytes and not self._paused:
             assert self.transport is not None
             self.transport.pause_reading()
             self._paused = True

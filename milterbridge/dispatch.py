@@ -26,7 +26,7 @@ from milterbridge.body import BodyBuffer, SpoolError
 from milterbridge.config import Config, EndpointSettings
 from milterbridge.connection import HandlerResult
 from milterbridge.milter.constants import ALL_ACTIONS, Action, Event, MacroStage
-from milterbridge.milter.context import MessageContext, over_limit
+from milterbridge.milter.context import BUDGET_LIMIT, MessageContext, over_limit
 from milterbridge.milter.messages import (
     Abort,
     Accept,
@@ -107,6 +107,9 @@ OVER_LIMIT_REPLIES: Mapping[OnOversize, Mapping[str, Reply]] = {
     }
     for mode, (code, enhanced) in _OVER_LIMIT_CODE.items()
 }
+#: The answer to a message refused because all connections together hold max_buffered_bytes:
+#: a tempfail whatever on_oversize says (the message itself may be fine).
+BUSY_REPLY: Reply = ReplyCode.build(451, [f"Mail filter busy, try again later ({BUDGET_LIMIT})".encode()], b"4.3.2")
 #: Commands answered with on_oversize when their message (or connection) is over a limit.
 #: UNKNOWN is not: Postfix honours only 4xx there, and the message's next command is refused.
 #: A refusal at CONNECT or HELO refuses the SMTP session; at RCPT, that recipient.
@@ -358,9 +361,9 @@ class ConnectionHandler:
             if kind is QuitNewConnection:
                 self._restart()
             return None
-        if session.needs_reply and self.snapshot.refuse_over_limit and kind in _REFUSED_OVER_LIMIT:
+        if session.needs_reply and kind in _REFUSED_OVER_LIMIT:
             limit = session.over_limit()
-            if limit is not None:
+            if limit is not None and (self.snapshot.refuse_over_limit or limit == BUDGET_LIMIT):
                 return self._refuse_over_limit(kind, limit)
         if kind is BodyChunk:
             return self._body_chunk(command)  # type: ignore[arg-type]
@@ -487,7 +490,12 @@ class ConnectionHandler:
         if self.body is not None:
             self._drop_body()
         server = self.snapshot.config.server
-        self.body = BodyBuffer(server.body_memory_bytes, server.max_message_bytes, keep=self.snapshot.keep_body)
+        self.body = BodyBuffer(
+            server.body_memory_bytes,
+            server.max_message_bytes,
+            keep=self.snapshot.keep_body,
+            budget=self.session.budget,
+        )
         self._body_offset = 0
 
     def _drop_body(self) -> None:
@@ -503,7 +511,10 @@ class ConnectionHandler:
         The bridge never hangs up over a limit: that would hand the message to Postfix's
         milter_default_action (design.md §3.7).
         """
-        reply = OVER_LIMIT_REPLIES[self.snapshot.config.server.on_oversize][limit]
+        if limit == BUDGET_LIMIT:
+            reply = BUSY_REPLY
+        else:
+            reply = OVER_LIMIT_REPLIES[self.snapshot.config.server.on_oversize][limit]
         msg = self.session.message
         if kind is RcptTo:
             return (reply,)  # this recipient only; the message is refused at its next command

@@ -355,6 +355,11 @@ class Metrics:
         )
         info = Gauge(PREFIX + "info", "Build information; always 1.", ("version",), registry=registry)
         self._tasks = Gauge(PREFIX + "asyncio_tasks", "asyncio tasks alive in this process.", registry=registry)
+        self._buffered = Gauge(
+            PREFIX + "buffered_bytes",
+            "Header and in-memory body bytes held by all connections (server.max_buffered_bytes bounds it).",
+            registry=registry,
+        )
         # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
         ProcessCollector(registry=registry)
         info.labels(version).set(1)
@@ -466,6 +471,10 @@ class Metrics:
     def set_draining(self, draining: bool) -> None:
         """The server started (True) or stopped (False) draining."""
         self._draining.set(1 if draining else 0)
+
+    def set_buffered_source(self, source: Callable[[], float]) -> None:
+        """Read the bytes held by all connections from ``source`` at each scrape."""
+        self._buffered.set_function(source)
 
     def set_task_source(self, source: Callable[[], float]) -> None:
         """Read the number of live asyncio tasks from ``source`` at each scrape."""

@@ -79,6 +79,10 @@ class MacroStore:
         self.version += 1
 
 
+#: The limit of all connections together (see :class:`MemoryBudget`): a message over it is
+#: always tempfailed, whatever ``on_oversize`` says, since it says nothing about the message.
+BUDGET_LIMIT = "max_buffered_bytes"
+
 #: A per-message limit (its ``[server]`` key) -> what the payload's ``truncated`` list calls
 #: the part that was cut when the limit was reached.
 TRUNCATED_PART: dict[str, str] = {
@@ -87,7 +91,42 @@ TRUNCATED_PART: dict[str, str] = {
     "max_header_bytes": "headers",
     "max_macros": "macros",
     "max_message_bytes": "body",
+    BUDGET_LIMIT: "headers",
 }
+
+
+class MemoryBudget:
+    """Bytes that all connections of a process may hold together (``[server] max_buffered_bytes``).
+
+    Header bytes and in-memory body bytes are taken from it while a message is received and
+    given back when it ends, so a flood spread over many connections cannot grow memory past
+    it. A header that does not fit marks its message over :data:`BUDGET_LIMIT`; a body piece
+    that does not fit goes to the spool file instead of memory; a new message is marked while
+    less than a sixteenth of the budget is free (``low``), so that the messages already in
+    progress can finish.
+    """
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, nbytes: int) -> bool:
+        """Reserve ``nbytes``; False (nothing reserved) when they do not fit."""
+        if self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        return True
+
+    def give(self, nbytes: int) -> None:
+        """Return bytes taken earlier."""
+        self.used -= nbytes
+
+    @property
+    def low(self) -> bool:
+        """Less than a sixteenth of the budget is free: new messages are refused."""
+        return self.limit - self.used < self.limit // 16
 
 
 @dataclass(slots=True, kw_only=True)
@@ -146,8 +185,13 @@ class MessageContext:
 
 
 def over_limit(message: MessageContext | None, connection: ConnectionContext) -> str | None:
-    """The first limit ``message`` (or, for any message, its connection) went over, or None."""
+    """The first limit ``message`` (or, for any message, its connection) went over, or None.
+
+    :data:`BUDGET_LIMIT` comes first: a message over it is refused however the others apply.
+    """
     if message is not None and message.over_limits:
+        if BUDGET_LIMIT in message.over_limits:
+            return BUDGET_LIMIT
         return next(iter(message.over_limits))
     if connection.over_limits:
         return next(iter(connection.over_limits))

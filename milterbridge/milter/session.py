@@ -35,7 +35,16 @@ from typing import Final
 
 from .codec import _HEADER_BYTES, FrameDecoder, _unpack_u32, command_decoder
 from .constants import DEFAULT_MAX_FRAME_BYTES, LEN_BYTES, Action, Event, Protocol
-from .context import CONNECTION_MACRO_STAGES, ConnectionContext, MacroStore, MessageContext, over_limit
+from .context import (
+    BUDGET_LIMIT,
+    CONNECTION_MACRO_STAGES,
+    TRUNCATED_PART,
+    ConnectionContext,
+    MacroStore,
+    MemoryBudget,
+    MessageContext,
+    over_limit,
+)
 from .errors import LocalProtocolError, RemoteProtocolError
 from .messages import (
     Abort,
@@ -274,8 +283,10 @@ def _refused_over(over_limits: dict[str, int], limit: str) -> None:
 class MilterSession:
     """One milter connection as seen from the milter (our) side."""
 
-    def __init__(self, limits: SessionLimits | None = None) -> None:
+    def __init__(self, limits: SessionLimits | None = None, *, budget: MemoryBudget | None = None) -> None:
         self.limits = limits or SessionLimits()
+        #: Shared by every connection of the process (``[server] max_buffered_bytes``), or None.
+        self.budget = budget
         self._decoder: FrameDecoder[Command] = command_decoder(self.limits.max_frame_bytes)
         self.state = State.INIT
         self.connection = ConnectionContext(store=MacroStore(self.limits.max_macros))
@@ -485,6 +496,8 @@ class MilterSession:
             mail_args=args,
             store=MacroStore(self.limits.max_macros),
         )
+        if self.budget is not None and self.budget.low:
+            _over(self.message.over_limits, BUDGET_LIMIT)
 
     def _on_connect(self, cmd: Connect) -> None:
         conn = self.connection
@@ -511,16 +524,20 @@ class MilterSession:
         msg = self.message
         assert msg is not None
         over = msg.over_limits
-        if over and ("max_headers" in over or "max_header_bytes" in over):
+        if over and ("max_headers" in over or "max_header_bytes" in over or BUDGET_LIMIT in over):
             # Keep a prefix: a header kept after a cut one would shift the header indexes.
-            _over(over, "max_headers" if "max_headers" in over else "max_header_bytes")
+            _over(over, next(limit for limit in over if TRUNCATED_PART[limit] == "headers"))
             return
         if len(msg.headers) >= self.limits.max_headers:
             _over(over, "max_headers")
             return
-        size = msg.header_bytes + len(name) + len(value)
+        nbytes = len(name) + len(value)
+        size = msg.header_bytes + nbytes
         if size > self.limits.max_header_bytes:
             _over(over, "max_header_bytes")
+            return
+        if self.budget is not None and not self.budget.take(nbytes):
+            _over(over, BUDGET_LIMIT)
             return
         msg.header_bytes = size
         msg.headers.append((name, value))
@@ -545,6 +562,8 @@ class MilterSession:
     def _end_message(self) -> MessageContext | None:
         msg = self.message
         self.message = None
+        if msg is not None and self.budget is not None:
+            self.budget.give(msg.header_bytes)
         return msg
 
     # ----------------------------------------------------------------- output

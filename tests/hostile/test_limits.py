@@ -9,6 +9,8 @@ for it, and the connection carries the next message as usual.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -144,3 +146,56 @@ async def test_a_header_flood_is_refused_at_the_header_when_headers_wait() -> No
     assert b"max_headers" in result.stopped_by.text
     assert len(fake.requests_for(event="header")) == 3
     assert fake.requests_for(event="eom") == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("on_oversize", [OnOversize.CONTINUE, OnOversize.REJECT])
+async def test_all_connections_share_max_buffered_bytes(on_oversize: OnOversize) -> None:
+    """While one connection holds nearly all of max_buffered_bytes in headers, another's new
+    message is tempfailed (451 4.3.2, whatever on_oversize says) without an endpoint call; once
+    the first message ends, its bytes are given back and both connections are served again."""
+    fake_settings = server_settings(
+        max_buffered_bytes=1024 * 1024, max_headers=10_000, max_header_bytes=16 * 1024 * 1024, on_oversize=on_oversize
+    )
+    async with FakeWebhooks() as fake:
+        fake.set_default(FakeResponse.decision("reject"), event="eom")
+        async with Bridge(fake, endpoint(fake, "policy"), server=fake_settings) as bridge:
+            hog = await bridge.client()
+            await bridge.session(hog, GOOD)
+            await hog.mail_from(GOOD.mail_from)
+            await hog.rcpt_to(GOOD.recipients[0])
+            await hog.data()
+            for n in range(990):  # 990 headers of about 1,000 bytes: less than 1/16 left free
+                await hog.header(b"X-Hog-%d" % n, b" " + b"v" * 1000)
+            budget = bridge.settings.budget
+            assert budget is not None
+            # The headers need no reply: wait until the bridge has read them.
+            await _wait_until(lambda: budget.low)
+
+            other = await bridge.client()
+            await bridge.session(other, GOOD)
+            refused = await other.send_transaction(GOOD, MESSAGE)
+            assert refused.eom is not None
+            assert isinstance(refused.eom.reply, m.ReplyCode)
+            assert refused.eom.reply.text.startswith(b"451 4.3.2")
+            assert b"max_buffered_bytes" in refused.eom.reply.text
+            assert fake.requests_for(event="eom") == []
+
+            await hog.end_of_headers()
+            finished = await hog.end_of_message()
+            assert isinstance(finished.reply, m.Reject)
+            await hog.abort()
+            assert budget.used == 0
+            after = await other.send_transaction(GOOD, MESSAGE)
+            assert after.eom is not None
+            assert isinstance(after.eom.reply, m.Reject)
+            assert len(fake.requests_for(event="eom")) == 2
+            await hog.quit()
+            await other.quit()
+
+
+async def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``predicate`` (state of the bridge in this process) until it holds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110 - a plain attribute, no event to wait on
+            await asyncio.sleep(0.01)

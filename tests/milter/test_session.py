@@ -6,7 +6,7 @@ import pytest
 
 from milterbridge.milter import messages as m
 from milterbridge.milter.constants import Action, Event, Family, Protocol
-from milterbridge.milter.context import truncated_parts
+from milterbridge.milter.context import MemoryBudget, truncated_parts
 from milterbridge.milter.errors import LocalProtocolError, RemoteProtocolError
 from milterbridge.milter.negotiation import Requirements, negotiate
 from milterbridge.milter.session import NEED_DATA, MilterSession, SessionLimits, State
@@ -554,3 +554,30 @@ def test_macro_packets_fold_in_arrival_order_across_stages() -> None:
     feed(s, *OPENING, m.MailFrom(address=b"<a@b>"), by_l, header, by_n, by_l, header)
     assert s.message is not None
     assert s.message.macros[b"x"] == b"from L"
+
+
+def test_sessions_share_the_memory_budget() -> None:
+    """Header bytes are taken from the shared budget and given back when the message ends; a
+    header that does not fit marks the message, and a new message is marked while it is low."""
+    budget = MemoryBudget(1600)
+    first = MilterSession(budget=budget)
+    second = MilterSession(budget=budget)
+    for s in (first, second):
+        s.receive_data(POSTFIX_OFFER.to_frame())
+        s.next_event()
+        s.send(negotiate(POSTFIX_OFFER, Requirements()).reply())
+        feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
+    feed(first, m.Header(name=b"a", value=b"1" * 999))
+    assert budget.used == 1000
+    feed(second, m.Header(name=b"b", value=b"2" * 999))  # 600 left: does not fit
+    assert second.over_limit() == "max_buffered_bytes"
+    assert second.message is not None
+    assert second.message.headers == []
+    feed(first, m.Header(name=b"c", value=b"3" * 519))
+    assert budget.low
+    feed(second, m.Abort(), m.MailFrom(address=b"<next@b>"))
+    assert second.over_limit() == "max_buffered_bytes"  # new message while the budget is low
+    feed(first, m.EndOfMessage())
+    assert budget.used == 0
+    feed(second, m.Abort(), m.MailFrom(address=b"<again@b>"))
+    assert second.over_limit() is None
