@@ -350,6 +350,9 @@ def supervise(config: Config, path: str, workers: int) -> int:
             finally:
                 os._exit(code)
         children[pid] = index
+        if stopping:  # a SIGTERM between the fork and the line above did not reach this worker
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     def signal_workers(sig: signal.Signals) -> None:
         for pid in list(children):
@@ -420,7 +423,7 @@ def supervise(config: Config, path: str, workers: int) -> int:
                 reload()
             now = time.monotonic()
             for index, when in sorted(restarts.items()):
-                if when <= now:
+                if when <= now and not stopping:
                     del restarts[index]
                     spawn(index)  # from the last accepted config
             if not children and not restarts:

@@ -13,6 +13,7 @@ tempfails the message (design.md §3.7).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -65,20 +66,27 @@ class BodyBuffer:
             return
         try:
             if self._file is None:
-                self._file = tempfile.TemporaryFile(prefix="milterbridge-body-")  # noqa: SIM115 - owned by this object
-                self._file.write(self._memory)
+                # Unbuffered, so that a full disk shows here and not at a later flush or close.
+                self._file = tempfile.TemporaryFile(prefix="milterbridge-body-", buffering=0)  # noqa: SIM115 - owned by this object
+                self._write_all(self._memory)
                 self._free_memory()
-            self._file.write(data)
+            self._write_all(data)
         except OSError as exc:
             self.failed = f"cannot spool the message body: {exc.strerror or exc}"
             self.discard()
 
+    def _write_all(self, data: bytes | bytearray) -> None:
+        assert self._file is not None
+        view = memoryview(data)
+        while view:
+            written = self._file.write(view)
+            view = view[written or 0 :]
+
     def read(self, limit: int) -> bytes:
-        """Up to ``limit`` bytes from the start of the body."""
+        """Up to ``limit`` bytes from the start of the body; raises SpoolError when the spool fails."""
         if self._file is None:
             return bytes(self._memory[:limit])
-        self._file.flush()
-        return os.pread(self._file.fileno(), min(limit, self.size), 0)
+        return b"".join(self.chunks(limit))
 
     def chunks(self, limit: int, size: int = 3 * 16384) -> Iterator[bytes]:
         """The first ``limit`` bytes in pieces of ``size`` (a multiple of 3 keeps base64 joinable).
@@ -94,7 +102,6 @@ class BodyBuffer:
                 if self._file is None:
                     piece = bytes(self._memory[offset : offset + n])
                 else:
-                    self._file.flush()
                     piece = os.pread(self._file.fileno(), n, offset)
             except (OSError, ValueError) as exc:  # ValueError: the file was closed meanwhile
                 raise SpoolError(f"cannot read the spooled message body: {exc}") from None
@@ -111,9 +118,10 @@ class BodyBuffer:
         self._memory = bytearray()
 
     def discard(self) -> None:
-        """Free the memory and the temporary file."""
+        """Free the memory and the temporary file (never raises: it runs on every end path)."""
         self.keep = False
         self._free_memory()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        spool, self._file = self._file, None
+        if spool is not None:
+            with contextlib.suppress(OSError):
+                spool.close()

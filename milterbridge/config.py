@@ -116,7 +116,7 @@ class ServerSettings:
     max_headers: int = 10_000
     max_header_bytes: int = 16 * 1024 * 1024
     max_macros: int = 1_000
-    #: Header and in-memory body bytes all connections of a worker may hold together.
+    #: Header, recipient and in-memory body bytes all connections of a worker may hold together.
     max_buffered_bytes: int = 256 * 1024 * 1024
     #: Mode of the unix socket file.
     socket_mode: int = 0o660
@@ -727,6 +727,9 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] 
 # -- rules for a config that serves mail (design.md §3.7) ---------------------------
 
 
+_NOTIFICATIONS = frozenset({Event.ABORT, Event.CLOSE})
+
+
 def check_enforcing(config: Config) -> None:
     """Refuse a config in which no endpoint enforces, unless ``server.allow_no_endpoints`` says so.
 
@@ -737,9 +740,17 @@ def check_enforcing(config: Config) -> None:
     Raises:
         ConfigError: with the key ``server.allow_no_endpoints``.
     """
-    if config.server.allow_no_endpoints or any(ep.mode is Mode.ENFORCE for ep in config.endpoints):
+    if config.server.allow_no_endpoints or any(
+        ep.mode is Mode.ENFORCE and ep.events - _NOTIFICATIONS for ep in config.endpoints
+    ):
         return
-    what = "only observe endpoints" if config.endpoints else "no endpoints"
+    if not config.endpoints:
+        what = "no endpoints"
+    elif all(ep.mode is Mode.OBSERVE for ep in config.endpoints):
+        what = "only observe endpoints"
+    else:
+        # An enforcing endpoint subscribed only to the notifications (abort, close) decides nothing.
+        what = "no enforcing endpoint subscribed to an event other than abort and close"
     if config.source is not None and _is_empty_file(config.source):
         what += f" (the file {config.source!r} is empty)"
     raise ConfigError(

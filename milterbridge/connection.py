@@ -13,7 +13,7 @@ with the reason. A connection that does not negotiate within
 
 Admission (:meth:`ServerState.admit`, once per accepted socket): a peer outside
 ``allowed_clients`` is closed at once; over ``max_connections`` a connection is
-still served, by :class:`OverLimitHandler` (a tempfail, no webhook), up to a
+still served, by :class:`OverflowHandler` (a tempfail, no webhook), up to a
 second, small cap; only past that one is it closed.
 """
 
@@ -31,7 +31,7 @@ from inspect import isawaitable
 from typing import Protocol as TypingProtocol
 from typing import cast
 
-from milterbridge.milter.constants import Action, Event
+from milterbridge.milter.constants import Action, Event, Protocol
 from milterbridge.milter.context import MemoryBudget
 from milterbridge.milter.errors import LocalProtocolError, MilterError, NegotiationError, RemoteProtocolError
 from milterbridge.milter.messages import (
@@ -138,11 +138,11 @@ class StaticHandler:
         return None
 
 
-#: The answer to every session over ``max_connections`` (see OverLimitHandler).
-OVER_LIMIT_REPLY = ReplyCode.build(451, [b"too many connections to the filter, try again later"], b"4.3.2")
+#: The answer to every session over ``max_connections`` (see OverflowHandler).
+OVERFLOW_REPLY = ReplyCode.build(451, [b"too many connections to the filter, try again later"], b"4.3.2")
 
 
-class OverLimitHandler:
+class OverflowHandler:
     """A connection accepted over ``max_connections``: 451 4.3.2, no webhook.
 
     Hanging up instead would hand the SMTP session to Postfix's milter_default_action,
@@ -173,7 +173,7 @@ class OverLimitHandler:
     def handle(self, command: Command) -> HandlerResult:
         if not self.session.needs_reply:
             return None
-        return (OVER_LIMIT_REPLY,)
+        return (OVERFLOW_REPLY,)
 
     def connection_lost(self) -> None:
         return None
@@ -185,7 +185,7 @@ class ConnectionObserver(TypingProtocol):
     def connection_opened(self) -> None: ...
     def connection_closed(self) -> None: ...
     def connection_refused(self, reason: str) -> None: ...
-    def connection_over_limit(self) -> None: ...
+    def connection_overflow(self) -> None: ...
     def connection_timeout(self, stage: str) -> None: ...
     def progress(self) -> None: ...
     def protocol_error(self) -> None: ...
@@ -201,7 +201,7 @@ class _NoObserver:
     def connection_refused(self, reason: str) -> None:
         return None
 
-    def connection_over_limit(self) -> None:
+    def connection_overflow(self) -> None:
         return None
 
     def connection_timeout(self, stage: str) -> None:
@@ -214,10 +214,10 @@ class _NoObserver:
         return None
 
 
-#: ``ServerState.admit`` answers: serve normally, serve with OverLimitHandler, or one of the
+#: ``ServerState.admit`` answers: serve normally, serve with OverflowHandler, or one of the
 #: refusal reasons (the ``reason`` label of ``connections_refused_total``).
 SERVE = "serve"
-OVER_LIMIT = "over_limit"
+OVERFLOW = "overflow"
 NOT_ALLOWED = "not_allowed"
 MAX_CONNECTIONS = "max_connections"
 REFUSAL_REASONS = (NOT_ALLOWED, MAX_CONNECTIONS)
@@ -225,24 +225,24 @@ REFUSAL_REASONS = (NOT_ALLOWED, MAX_CONNECTIONS)
 TIMEOUT_STAGES = ("negotiate", "idle")
 
 
-def default_over_limit(max_connections: int) -> int:
-    """How many connections may be served over ``max_connections`` (with OverLimitHandler).
+def default_max_overflow(max_connections: int) -> int:
+    """How many connections may be served over ``max_connections`` (with OverflowHandler).
 
     An over-limit connection normally lives for one round trip (OPTNEG, CONNECT answered,
     Postfix hangs up); its frames are capped at 64 KiB and its life at
-    ``over_limit_lifetime``, so a tenth of the limit (at least 10) absorbs a burst without
+    ``overflow_lifetime``, so a tenth of the limit (at least 10) absorbs a burst without
     letting a flood grow memory. Past this cap connections are closed at accept.
     """
     return max(10, max_connections // 10)
 
 
-def over_limit_settings(settings: ConnectionSettings) -> ConnectionSettings:
+def overflow_settings(settings: ConnectionSettings) -> ConnectionSettings:
     """Settings of an over-limit connection: it needs no large frame (it asks for no content)."""
     limits = replace(settings.limits, max_frame_bytes=min(settings.limits.max_frame_bytes, 65535))
     return replace(settings, limits=limits)
 
 
-def over_limit_lifetime(settings: ConnectionSettings) -> float:
+def overflow_lifetime(settings: ConnectionSettings) -> float:
     """Seconds an over-limit connection may stay open, busy or not.
 
     Postfix sends CONNECT right after OPTNEG and hangs up after our tempfail, so anything
@@ -281,35 +281,35 @@ class ServerState:
         observer: ConnectionObserver | None = None,
         *,
         max_connections: int = 1000,
-        max_over_limit: int | None = None,
+        max_overflow: int | None = None,
         allowed_clients: Sequence[Network] = (),
     ) -> None:
         self.observer: ConnectionObserver = observer or _NoObserver()
         self.connections: set[MilterConnection] = set()
         self.total_connections = 0
         self.max_connections = max_connections
-        self.max_over_limit = default_over_limit(max_connections) if max_over_limit is None else max_over_limit
+        self.max_overflow = default_max_overflow(max_connections) if max_overflow is None else max_overflow
         #: inet peers must be in one of these networks; empty: every peer may connect.
         self.allowed_clients = tuple(allowed_clients)
-        #: Connections in ``connections`` served by OverLimitHandler.
-        self.over_limit = 0
+        #: Connections in ``connections`` served by OverflowHandler.
+        self.overflow = 0
         self.refused = 0
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
-        self._throttles = {kind: LogThrottle() for kind in (*REFUSAL_REASONS, OVER_LIMIT, "negotiate")}
+        self._throttles = {kind: LogThrottle() for kind in (*REFUSAL_REASONS, OVERFLOW, "negotiate")}
 
     def admit(self, host: str | None) -> str:
         """How to treat a new connection from ``host`` (None for a unix socket).
 
-        SERVE, OVER_LIMIT, or a refusal reason (NOT_ALLOWED, MAX_CONNECTIONS).
+        SERVE, OVERFLOW, or a refusal reason (NOT_ALLOWED, MAX_CONNECTIONS).
         """
         if host is not None and self.allowed_clients and not self._allowed(host):
             return NOT_ALLOWED
-        if len(self.connections) - self.over_limit < self.max_connections:
+        if len(self.connections) - self.overflow < self.max_connections:
             return SERVE
-        if self.over_limit < self.max_over_limit:
-            return OVER_LIMIT
+        if self.overflow < self.max_overflow:
+            return OVERFLOW
         return MAX_CONNECTIONS
 
     def _allowed(self, host: str) -> bool:
@@ -332,7 +332,7 @@ class ServerState:
             why = "the address is not in server.allowed_clients"
         else:
             why = (
-                f"{self.max_connections} connections (server.max_connections) and {self.over_limit} over the limit "
+                f"{self.max_connections} connections (server.max_connections) and {self.overflow} over the limit "
                 "are open; the MTA applies its milter_default_action to this session"
             )
         log.warning("refusing milter connection from %s: %s%s", peer, why, _left_out(skipped))
@@ -342,24 +342,24 @@ class ServerState:
         self.total_connections += 1
         self.idle.clear()
         self.observer.connection_opened()
-        if conn.over_limit:
-            self.over_limit += 1
-            self.observer.connection_over_limit()
-            skipped = self._throttles[OVER_LIMIT].due()
+        if conn.overflow:
+            self.overflow += 1
+            self.observer.connection_overflow()
+            skipped = self._throttles[OVERFLOW].due()
             if skipped is not None:
                 log.warning(
                     "milter connection from %s is over server.max_connections (%d): its session gets %s%s",
                     conn.peer,
                     self.max_connections,
-                    OVER_LIMIT_REPLY.text.decode(),
+                    OVERFLOW_REPLY.text.decode(),
                     _left_out(skipped),
                 )
 
     def remove(self, conn: MilterConnection) -> None:
         if conn in self.connections:
             self.observer.connection_closed()
-            if conn.over_limit:
-                self.over_limit -= 1
+            if conn.overflow:
+                self.overflow -= 1
         self.connections.discard(conn)
         if not self.connections:
             self.idle.set()
@@ -370,7 +370,8 @@ class ServerState:
         skipped = self._throttles["negotiate"].due()
         if skipped is not None:
             log.warning(
-                "closing milter connection %s: no option negotiation within %g s (server.negotiate_timeout)%s",
+                "closing milter connection %s: no option negotiation and CONNECT within %g s "
+                "(server.negotiate_timeout)%s",
                 peer,
                 timeout,
                 _left_out(skipped),
@@ -404,8 +405,8 @@ class MilterConnection(asyncio.Protocol):
         self._closed = False
         #: False until admitted at accept (a refused connection never joins the state).
         self._admitted = False
-        #: Served by OverLimitHandler (accepted over max_connections).
-        self.over_limit = False
+        #: Served by OverflowHandler (accepted over max_connections).
+        self.overflow = False
         self._last_activity = 0.0
         self._idle_handle: asyncio.TimerHandle | None = None
         self._lifetime_handle: asyncio.TimerHandle | None = None
@@ -422,17 +423,17 @@ class MilterConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         inet = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
         admission = self._state.admit(peer[0] if inet and isinstance(peer, tuple) else None)
-        if admission is not SERVE and admission is not OVER_LIMIT:
+        if admission is not SERVE and admission is not OVERFLOW:
             self._closed = True
             self._state.refuse(admission, self.peer)
             transport.abort()  # type: ignore[attr-defined]
             return
         self._admitted = True
-        if admission is OVER_LIMIT:
-            self.over_limit = True
-            self._settings = over_limit_settings(self._settings)
+        if admission is OVERFLOW:
+            self.overflow = True
+            self._settings = overflow_settings(self._settings)
             self.session = MilterSession(self._settings.limits)
-            self._factory = OverLimitHandler
+            self._factory = OverflowHandler
         if inet:
             # Our back-to-back packets must not wait for an ACK (Nagle), and
             # Postfix's must not wait for our delayed ACK (postfix-e2e.md pitfall 7).
@@ -443,8 +444,8 @@ class MilterConnection(asyncio.Protocol):
         self._last_activity = time.monotonic()
         # One timer checks both deadlines: the negotiation's first (see _check_idle).
         self._arm_idle_timer(min(self._settings.negotiate_timeout, self._settings.idle_timeout))
-        if self.over_limit:
-            self._lifetime_handle = self._loop.call_later(over_limit_lifetime(self._settings), self._close)
+        if self.overflow:
+            self._lifetime_handle = self._loop.call_later(overflow_lifetime(self._settings), self._close)
         if _TCP_QUICKACK is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # QUICKACK is set again after each of our writes. uvloop's socket stand-in builds a socket
             # object (and calls getsockname) for each setsockopt, so keep one socket object
@@ -635,12 +636,22 @@ class MilterConnection(asyncio.Protocol):
     def _arm_idle_timer(self, delay: float) -> None:
         self._idle_handle = self._loop.call_later(delay, self._check_idle)
 
+    def _awaiting_session_start(self) -> bool:
+        """No OPTNEG yet, or no CONNECT after it although one was asked for.
+
+        Postfix sends CONNECT right after OPTNEG; a peer that negotiates and then says nothing
+        is not an MTA session, and must not hold a connection slot for idle_timeout.
+        """
+        state = self.session.state
+        return state is State.INIT or (state is State.NEGOTIATED and not self.session.protocol & Protocol.NO_CONNECT)
+
     def _check_idle(self) -> None:
         if self._closed:
             return
         # Until OPTNEG no command has completed, so idle_for counts from accept.
         idle_for = time.monotonic() - self._last_activity
-        if self.session.state is State.INIT and idle_for >= self._settings.negotiate_timeout:
+        starting = self._awaiting_session_start()
+        if starting and idle_for >= self._settings.negotiate_timeout:
             self._state.negotiation_overdue(self.peer, self._settings.negotiate_timeout)
             self._close()
             return
@@ -649,4 +660,7 @@ class MilterConnection(asyncio.Protocol):
             self._state.observer.connection_timeout("idle")
             self._close()
             return
-        self._arm_idle_timer(max(self._settings.idle_timeout - idle_for, 0.01))
+        delay = self._settings.idle_timeout - idle_for
+        if starting:
+            delay = min(delay, self._settings.negotiate_timeout - idle_for)
+        self._arm_idle_timer(max(delay, 0.01))

@@ -110,6 +110,11 @@ OVER_LIMIT_REPLIES: Mapping[OnOversize, Mapping[str, Reply]] = {
 #: The answer to a message refused because all connections together hold max_buffered_bytes:
 #: a tempfail whatever on_oversize says (the message itself may be fine).
 BUSY_REPLY: Reply = ReplyCode.build(451, [f"Mail filter busy, try again later ({BUDGET_LIMIT})".encode()], b"4.3.2")
+#: A recipient over max_recipients at a RCPT the MTA waits for: RFC 5321 §4.5.3.1.10's answer,
+#: so the client sends it again later in another transaction (a 5xx would bounce it).
+TOO_MANY_RECIPIENTS: Reply = ReplyCode.build(
+    452, [b"Too many recipients for the mail filter (max_recipients)"], b"4.5.3"
+)
 #: Commands answered with on_oversize when their message (or connection) is over a limit.
 #: UNKNOWN is not: Postfix honours only 4xx there, and the message's next command is refused.
 #: A refusal at CONNECT or HELO refuses the SMTP session; at RCPT, that recipient.
@@ -244,20 +249,22 @@ class Dispatcher:
     def __call__(self, session: MilterSession) -> ConnectionHandler:
         return ConnectionHandler(self, self.snapshot, session)
 
-    def spawn(self, coro: Coroutine[Any, Any, None], endpoint: EndpointSettings) -> None:
-        """Run a notification or observe call in the background, tracked for shutdown.
+    def has_room(self, endpoint: EndpointSettings) -> bool:
+        """Whether a background call to ``endpoint`` may start now; False counts it as dropped.
 
         At most ``endpoint.max_background`` of an endpoint's calls run at once: a slow observe
-        endpoint must not grow the bridge's memory with the mail flow. Over the cap the call
-        is dropped and counted (it never holds a reply, so nothing waits for it).
+        endpoint must not grow the bridge's memory with the mail flow. A call over the cap is
+        dropped before its request is built (it never holds a reply, so nothing waits for it).
         """
+        if self._background_by_endpoint.get(endpoint.name, 0) < endpoint.max_background:
+            return True
+        self.metrics.background_dropped(endpoint.name)
+        return False
+
+    def spawn(self, coro: Coroutine[Any, Any, None], endpoint: EndpointSettings) -> None:
+        """Run a notification or observe call in the background (after ``has_room``), tracked for shutdown."""
         name = endpoint.name
-        running = self._background_by_endpoint.get(name, 0)
-        if running >= endpoint.max_background:
-            coro.close()
-            self.metrics.background_dropped(name)
-            return
-        self._background_by_endpoint[name] = running + 1
+        self._background_by_endpoint[name] = self._background_by_endpoint.get(name, 0) + 1
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(functools.partial(self._background_done, name))
@@ -381,6 +388,10 @@ class ConnectionHandler:
         """QUIT_NC: a new session on the same socket."""
         self._closed = False
         self.started = time.monotonic()
+        # Message numbers start at 1 again: what was noted of the last session's messages goes.
+        self._logged_message = None
+        self._accepted = None
+        self._ended = None
         self.builder = pl.PayloadBuilder(self.session)
         self.policy = PolicyState(
             self.snapshot.policies,
@@ -499,11 +510,11 @@ class ConnectionHandler:
         self._body_offset = 0
 
     def _drop_body(self) -> None:
-        if self.body is not None:
-            if self.body.spooled:
-                self.metrics.unspooled(self.body.size)
-            self.body.discard()
-            self.body = None
+        body, self.body = self.body, None
+        if body is not None:
+            if body.spooled:
+                self.metrics.unspooled(body.size)
+            body.discard()
 
     def _refuse_over_limit(self, kind: type[Command], limit: str) -> HandlerResult:
         """Answer a command of a message (or connection) over ``limit`` with on_oversize.
@@ -517,8 +528,10 @@ class ConnectionHandler:
             reply = OVER_LIMIT_REPLIES[self.snapshot.config.server.on_oversize][limit]
         msg = self.session.message
         if kind is RcptTo:
-            return (reply,)  # this recipient only; the message is refused at its next command
+            # This recipient only; a message over another limit is refused at its next command.
+            return (TOO_MANY_RECIPIENTS,) if limit == "max_recipients" else (reply,)
         if kind is Connect or kind is Helo:
+            self.metrics.oversize(limit)  # no message of this session will be logged
             self._log_connection_refused(EVENT_OF[kind], reply, f"over the limit {limit}")
             return (reply,)
         self.policy.reset_message()
@@ -557,15 +570,18 @@ class ConnectionHandler:
         if command.data:
             self._store_chunk(command.data)  # a body tail inside EOM (libmilter style): no body event
         if self.body is not None and self.body.failed is not None:
-            return self._bridge_fault(Event.EOM, self.body.failed)
+            return self._bridge_fault(Event.EOM, SpoolError(self.body.failed))
         targets = self.policy.targets(Event.EOM)
         observers = self.policy.observers(Event.EOM)
         if not targets and not observers:
             return self._finish(msg, {})
         request = self.builder.request(Event.EOM.value, {}, msg)
-        for ep in observers:
-            # Observe calls outlive this message's body buffer: they get the bytes now.
-            self._observe(Event.EOM, ep.name, self._with_body(ep.name, request, stream=False))
+        try:
+            for ep in observers:
+                # Observe calls outlive this message's body buffer: they get the bytes now.
+                self._observe(Event.EOM, ep.name, request, with_body=True)
+        except SpoolError as exc:
+            return self._bridge_fault(Event.EOM, exc)
         if not targets:
             return self._finish(msg, {})
         requests = [self._with_body(ep.name, request, stream=True) for ep in targets]
@@ -598,13 +614,11 @@ class ConnectionHandler:
             return self._bridge_fault(Event.EOM, exc)
         return self._finish(msg, outcomes)
 
-    def _bridge_fault(self, event: Event, fault: Exception | str) -> Sequence[Reply]:
+    def _bridge_fault(self, event: Event, fault: Exception) -> Sequence[Reply]:
         """A fault of the bridge itself (spool I/O, a bug) tempfails: never the endpoint's
         on_error, which could be continue (design.md §3.7). At RCPT it refuses that recipient."""
         if isinstance(fault, SpoolError):
             kind, why = "spool", str(fault)
-        elif isinstance(fault, str):
-            kind, why = "spool", fault
         else:
             kind, why = "internal", f"internal error: {type(fault).__name__}: {fault}"
             log.error("bug: %s at %s", why, event.value, exc_info=fault)
@@ -755,11 +769,17 @@ class ConnectionHandler:
         webhook_id = pl.new_id("evt")
         return webhook_id, pl.encode({**request, "id": webhook_id})
 
-    def _observe(self, event: Event, name: str, request: pl.JSON) -> None:
-        """Call an observe endpoint without waiting for it (its calls are not in the message's log line)."""
-        self.dispatcher.spawn(
-            self._observe_call(event, name, self._prepare(request)), self.snapshot.by_name[name].settings
-        )
+    def _observe(self, event: Event, name: str, request: pl.JSON, *, with_body: bool = False) -> None:
+        """Call an observe endpoint without waiting for it (its calls are not in the message's log line).
+
+        ``with_body``: the eom request gets the body bytes now (the call outlives the buffer).
+        """
+        settings = self.snapshot.by_name[name].settings
+        if not self.dispatcher.has_room(settings):
+            return
+        if with_body:
+            request = self._with_body(name, request, stream=False)
+        self.dispatcher.spawn(self._observe_call(event, name, self._prepare(request)), settings)
 
     async def _observe_call(self, event: Event, name: str, prepared: tuple[str, bytes]) -> None:
         try:
@@ -791,7 +811,8 @@ class ConnectionHandler:
             return
         request = self.builder.request(event.value, {}, msg)
         for ep in subscribers:
-            self.dispatcher.spawn(self._notify_call(event, ep.settings.name, self._prepare(request)), ep.settings)
+            if self.dispatcher.has_room(ep.settings):
+                self.dispatcher.spawn(self._notify_call(event, ep.settings.name, self._prepare(request)), ep.settings)
 
     async def _notify_call(self, event: Event, name: str, prepared: tuple[str, bytes]) -> None:
         try:

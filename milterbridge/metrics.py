@@ -357,7 +357,7 @@ class Metrics:
         self._tasks = Gauge(PREFIX + "asyncio_tasks", "asyncio tasks alive in this process.", registry=registry)
         self._buffered = Gauge(
             PREFIX + "buffered_bytes",
-            "Header and in-memory body bytes held by all connections (server.max_buffered_bytes bounds it).",
+            "Bytes all connections hold of server.max_buffered_bytes (headers, recipients, bodies in memory).",
             registry=registry,
         )
         # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
@@ -379,7 +379,7 @@ class Metrics:
         """A connection was closed at accept (``REFUSAL_REASONS``); it counts neither as opened nor as active."""
         self._connections_refused.get(reason).inc()
 
-    def connection_over_limit(self) -> None:
+    def connection_overflow(self) -> None:
         """An accepted connection (already counted as opened) is served over the limit with a tempfail."""
         self._connections_over_limit.inc()
 

@@ -246,7 +246,7 @@ class PayloadBuilder:
             **macro_part,
         }
         if msg.over_limits or self.session.connection.over_limits:
-            # Only with server.on_oversize = "continue": what was cut at a limit (design.md §3.7).
+            # What was cut at a limit (design.md §3.7); decision calls see it only with on_oversize = continue.
             obj["truncated"] = truncated_parts(msg, self.session.connection)
         return obj
 

@@ -8,8 +8,8 @@ one is never stolen.
 
 Admission is decided per accepted socket (``ServerState.admit``): inet peers
 outside ``allowed_clients`` are closed at once; over ``max_connections`` the
-connection is still negotiated and its session tempfailed (``OverLimitHandler``)
-up to ``max_over_limit`` more; only past that is it closed. Unix-socket peers
+connection is still negotiated and its session tempfailed (``OverflowHandler``)
+up to ``max_overflow`` more; only past that is it closed. Unix-socket peers
 are never filtered by address.
 
 Lifecycle (uvicorn's shape): construct, ``start()`` binds, ``shutdown()``
@@ -53,7 +53,7 @@ class MilterServer:
         settings: ConnectionSettings | None = None,
         *,
         max_connections: int = 1000,
-        max_over_limit: int | None = None,
+        max_overflow: int | None = None,
         allowed_clients: Sequence[Network] = (),
         socket_mode: int = 0o660,
         reuse_port: bool = False,
@@ -69,7 +69,7 @@ class MilterServer:
         #: Unix sockets bound by a parent process (workers share them); not unlinked here.
         self.prebound = dict(prebound or {})
         self.state = ServerState(
-            observer, max_connections=max_connections, max_over_limit=max_over_limit, allowed_clients=allowed_clients
+            observer, max_connections=max_connections, max_overflow=max_overflow, allowed_clients=allowed_clients
         )
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[str] = []

@@ -807,8 +807,9 @@ def serving_error(tmp_path: Path, text: str, environ: dict[str, str] | None = No
         ("", "no endpoints (the file"),
         ("[log]\nlevel = 'info'\n", "no endpoints,"),
         (ENDPOINT + "mode = 'observe'\n", "only observe endpoints"),
+        (ENDPOINT + "events = ['abort', 'close']\n", "no enforcing endpoint subscribed to an event other"),
     ],
-    ids=["empty-file", "no-endpoints", "observe-only"],
+    ids=["empty-file", "no-endpoints", "observe-only", "notifications-only"],
 )
 def test_serving_needs_an_enforcing_endpoint(tmp_path, text, what):
     """No enforcing endpoint is refused under the key server.allow_no_endpoints, saying why."""

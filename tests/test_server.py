@@ -16,10 +16,12 @@ import pytest
 from milterbridge import connection
 from milterbridge.client import Envelope, MilterClient, MilterClientError
 from milterbridge.config import ConfigError, load_config
-from milterbridge.connection import OVER_LIMIT_REPLY, ConnectionSettings, ServerState, StaticHandler
+from milterbridge.connection import OVERFLOW_REPLY, ConnectionSettings, ServerState, StaticHandler
 from milterbridge.metrics import REFUSAL_REASONS, TIMEOUT_STAGES, Metrics
 from milterbridge.milter import messages as m
-from milterbridge.milter.constants import Protocol
+from milterbridge.milter.constants import Event, Family, Protocol
+from milterbridge.milter.negotiation import Requirements
+from milterbridge.milter.session import MilterSession
 from tests.conftest import running_server
 
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\n\r\nbody\r\n"
@@ -79,7 +81,31 @@ async def test_silent_connection_closed_at_negotiation_deadline(caplog: pytest.L
         await good.quit()
     assert sample(metrics, "milterbridge_connection_timeouts_total", stage="negotiate") == 1
     assert sample(metrics, "milterbridge_connection_timeouts_total", stage="idle") == 0
-    assert any("no option negotiation within 0.3 s" in r.getMessage() for r in caplog.records)
+    assert any("no option negotiation and CONNECT within 0.3 s" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.asyncio
+async def test_negotiated_but_silent_connection_closed_at_the_deadline() -> None:
+    """A peer that negotiates (CONNECT asked for) and then sends nothing is closed at the same
+    deadline: it must not hold a connection slot for idle_timeout."""
+    metrics = Metrics()
+    settings = ConnectionSettings(negotiate_timeout=0.3)
+
+    def wants_connect(session: MilterSession) -> StaticHandler:
+        connect = frozenset({Event.CONNECT})
+        return StaticHandler(session, Requirements(events=connect, reply_events=connect))
+
+    async with (
+        running_server(wants_connect, settings=settings, observer=metrics) as server,
+        await MilterClient.open(server.bound[0]) as silent,
+    ):
+        await silent.negotiate()
+        async with asyncio.timeout(5):
+            while not sample(metrics, "milterbridge_connection_timeouts_total", stage="negotiate"):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        with pytest.raises((MilterClientError, ConnectionError)):
+            await silent.connect(b"client", Family.INET, b"192.0.2.1", 4000, ())
+    assert sample(metrics, "milterbridge_connection_timeouts_total", stage="negotiate") == 1
 
 
 def test_negotiate_timeout_and_idle_timeout_defaults() -> None:
@@ -192,7 +218,7 @@ async def test_over_max_connections_session_is_tempfailed_not_hung_up(caplog: py
         assert reply.actions == 0
         result = await extra.send_message(Envelope(), MESSAGE)
         assert result.stopped_at == "connect"
-        assert result.connect == OVER_LIMIT_REPLY
+        assert result.connect == OVERFLOW_REPLY
         assert result.connect.text == b"451 4.3.2 too many connections to the filter, try again later"
         await extra.aclose()
         # The session within the limit is untouched.
@@ -214,11 +240,11 @@ async def test_over_limit_session_that_goes_on_gets_tempfail_at_end_of_message()
         await holder.negotiate()
         extra = await MilterClient.open(server.bound[0])
         await extra.negotiate()
-        assert await extra.connect(b"client.example") == OVER_LIMIT_REPLY
+        assert await extra.connect(b"client.example") == OVERFLOW_REPLY
         for _ in range(2):  # every message of the session
             result = await extra.send_transaction(Envelope(), MESSAGE)
             assert result.mail is None  # MAIL is not asked for
-            assert result.final == OVER_LIMIT_REPLY
+            assert result.final == OVERFLOW_REPLY
         await extra.quit()
         await holder.quit()
 
@@ -227,24 +253,24 @@ async def test_over_limit_session_that_goes_on_gets_tempfail_at_end_of_message()
 async def test_over_limit_connections_have_their_own_cap() -> None:
     """Past max_connections plus the over-limit cap, connections are closed at once and counted."""
     metrics = Metrics()
-    async with running_server(StaticHandler, max_connections=1, max_over_limit=2, observer=metrics) as server:
+    async with running_server(StaticHandler, max_connections=1, max_overflow=2, observer=metrics) as server:
         holder = await MilterClient.open(server.bound[0])
         await holder.negotiate()
         waiting = [await MilterClient.open(server.bound[0]) for _ in range(2)]
         for client in waiting:
             await client.negotiate()
         assert await refused(server.bound[0])
-        assert server.state.over_limit == 2
+        assert server.state.overflow == 2
         # An over-limit session ends as Postfix ends it after the tempfail: its slot is free again.
-        assert await waiting[0].connect(b"client.example") == OVER_LIMIT_REPLY
+        assert await waiting[0].connect(b"client.example") == OVERFLOW_REPLY
         await waiting[0].aclose()
         for _ in range(100):
-            if server.state.over_limit == 1:
+            if server.state.overflow == 1:
                 break
             await asyncio.sleep(0.01)
         again = await MilterClient.open(server.bound[0])
         await again.negotiate()
-        assert await again.connect(b"client.example") == OVER_LIMIT_REPLY
+        assert await again.connect(b"client.example") == OVERFLOW_REPLY
         await again.aclose()
         await waiting[1].aclose()
         # The holder leaves: the next connection is served normally again.
@@ -262,5 +288,5 @@ def test_metric_label_values_match_the_listener() -> None:
     """The bounded label values exported by Metrics are the ones the listener uses."""
     assert set(REFUSAL_REASONS) == set(connection.REFUSAL_REASONS)
     assert set(TIMEOUT_STAGES) == set(connection.TIMEOUT_STAGES)
-    assert connection.default_over_limit(1) == 10
-    assert connection.default_over_limit(1000) == 100
+    assert connection.default_max_overflow(1) == 10
+    assert connection.default_max_overflow(1000) == 100

@@ -98,9 +98,11 @@ TRUNCATED_PART: dict[str, str] = {
 class MemoryBudget:
     """Bytes that all connections of a process may hold together (``[server] max_buffered_bytes``).
 
-    Header bytes and in-memory body bytes are taken from it while a message is received and
-    given back when it ends, so a flood spread over many connections cannot grow memory past
-    it. A header that does not fit marks its message over :data:`BUDGET_LIMIT`; a body piece
+    Headers and recipients (their bytes plus a fixed estimate of what keeping one costs) and
+    in-memory body bytes are taken from it while a message is received and given back when it
+    ends, so a flood spread over many connections cannot grow memory past it. Macros are not
+    counted (``max_macros`` and the frame size bound them per connection). A header or
+    recipient that does not fit marks its message over :data:`BUDGET_LIMIT`; a body piece
     that does not fit goes to the spool file instead of memory; a new message is marked while
     less than a sixteenth of the budget is free (``low``), so that the messages already in
     progress can finish.
@@ -166,6 +168,8 @@ class MessageContext:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     header_bytes: int = 0
     body_bytes: int = 0
+    #: Bytes this message holds of the shared :class:`MemoryBudget` (given back when it ends).
+    budget_bytes: int = 0
     store: MacroStore = field(default_factory=MacroStore, repr=False)
     #: Limits this message went over (a key of :data:`TRUNCATED_PART`) -> items not kept.
     #: Nothing is kept past the first item over a limit, so what is kept is a prefix (header

@@ -266,6 +266,12 @@ class SessionLimits:
     max_message_bytes: int = 50 * 1024 * 1024
 
 
+#: What keeping one header or recipient costs beyond its bytes, as counted against the shared
+#: budget: the tuple and bytes objects here and the JSON objects the payload builder caches
+#: for it (measured: about 250 bytes for a short header on CPython 3.11).
+ITEM_OVERHEAD_BYTES = 256
+
+
 def _over(over_limits: dict[str, int], limit: str) -> None:
     """Count one item not kept because it went over ``limit``."""
     over_limits[limit] = over_limits.get(limit, 0) + 1
@@ -306,8 +312,8 @@ class MilterSession:
         #: Commands answered by nobody: NEVER_ANSWERED plus the negotiated no-reply events.
         self._silent: frozenset[type[Command]] = NEVER_ANSWERED
         self._body_replaced = 0  # 0 none yet, 1 in a REPLBODY run, 2 run ended
-        #: Whether the last recipient was kept (False: it was over max_recipients).
-        self._rcpt_kept = True
+        #: The limit the last recipient went over (it was not kept), or None.
+        self._rcpt_dropped_by: str | None = None
         self._quiet: frozenset[type[Command]] = frozenset()
         #: Wire code -> command class, for the commands next_event takes in itself.
         self._absorb: dict[int, type[Command]] = {}
@@ -514,11 +520,24 @@ class MilterSession:
         msg = self.message
         assert msg is not None
         if len(msg.recipients) >= self.limits.max_recipients:
-            _over(msg.over_limits, "max_recipients")
-            self._rcpt_kept = False
+            self._rcpt_dropped_by = "max_recipients"
+        elif not self._take(msg, len(address) + sum(map(len, args))):
+            self._rcpt_dropped_by = BUDGET_LIMIT
+        else:
+            self._rcpt_dropped_by = None
+            msg.recipients.append((address, args))
             return
-        msg.recipients.append((address, args))
-        self._rcpt_kept = True
+        _over(msg.over_limits, self._rcpt_dropped_by)
+
+    def _take(self, msg: MessageContext, nbytes: int) -> bool:
+        """Take an item of ``nbytes`` (plus what keeping it costs) from the shared budget for ``msg``."""
+        if self.budget is None:
+            return True
+        cost = nbytes + ITEM_OVERHEAD_BYTES
+        if not self.budget.take(cost):
+            return False
+        msg.budget_bytes += cost
+        return True
 
     def _add_header(self, name: bytes, value: bytes) -> None:
         msg = self.message
@@ -536,7 +555,7 @@ class MilterSession:
         if size > self.limits.max_header_bytes:
             _over(over, "max_header_bytes")
             return
-        if self.budget is not None and not self.budget.take(nbytes):
+        if not self._take(msg, nbytes):
             _over(over, BUDGET_LIMIT)
             return
         msg.header_bytes = size
@@ -563,7 +582,7 @@ class MilterSession:
         msg = self.message
         self.message = None
         if msg is not None and self.budget is not None:
-            self.budget.give(msg.header_bytes)
+            self.budget.give(msg.budget_bytes)
         return msg
 
     # ----------------------------------------------------------------- output
@@ -598,10 +617,10 @@ class MilterSession:
         self.pending = None
         if pending_kind is RcptTo and kind in (Reject, TempFail, ReplyCode) and self.message is not None:
             # A refused recipient is not part of the message (design §3.2).
-            if self._rcpt_kept:
+            if self._rcpt_dropped_by is None:
                 self.message.recipients.pop()
             else:
-                _refused_over(self.message.over_limits, "max_recipients")
+                _refused_over(self.message.over_limits, self._rcpt_dropped_by)
         if pending_kind is EndOfMessage:
             self.completed = self._end_message()
             self.state = State.CONNECTED

@@ -116,7 +116,7 @@ async def test_a_recipient_flood_is_refused_per_recipient_when_rcpt_waits(
     result = await smtp(mta, SENDER, rcpts, make_message(subject="many"))
     codes = [r.code for r in result.transaction.rcpts]
     assert codes[:2] == [250, 250]
-    assert codes[2:] == [451, 451]
+    assert codes[2:] == [452, 452]
     assert result.transaction.end_of_data is not None
     assert result.transaction.end_of_data.code == 550
     (request,) = webhooks.requests_for(event="eom")

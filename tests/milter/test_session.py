@@ -559,7 +559,7 @@ def test_macro_packets_fold_in_arrival_order_across_stages() -> None:
 def test_sessions_share_the_memory_budget() -> None:
     """Header bytes are taken from the shared budget and given back when the message ends; a
     header that does not fit marks the message, and a new message is marked while it is low."""
-    budget = MemoryBudget(1600)
+    budget = MemoryBudget(2400)  # each header costs its bytes plus ITEM_OVERHEAD_BYTES (256)
     first = MilterSession(budget=budget)
     second = MilterSession(budget=budget)
     for s in (first, second):
@@ -568,12 +568,12 @@ def test_sessions_share_the_memory_budget() -> None:
         s.send(negotiate(POSTFIX_OFFER, Requirements()).reply())
         feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
     feed(first, m.Header(name=b"a", value=b"1" * 999))
-    assert budget.used == 1000
-    feed(second, m.Header(name=b"b", value=b"2" * 999))  # 600 left: does not fit
+    assert budget.used == 1256
+    feed(second, m.Header(name=b"b", value=b"2" * 999))  # 1144 left: does not fit
     assert second.over_limit() == "max_buffered_bytes"
     assert second.message is not None
     assert second.message.headers == []
-    feed(first, m.Header(name=b"c", value=b"3" * 519))
+    feed(first, m.Header(name=b"c", value=b"3" * 799))
     assert budget.low
     feed(second, m.Abort(), m.MailFrom(address=b"<next@b>"))
     assert second.over_limit() == "max_buffered_bytes"  # new message while the budget is low
