@@ -317,6 +317,8 @@ class ConnectionHandler:
         self._body_offset = 0
         self._message_started = 0.0
         self._message_calls: list[dict[str, Any]] = []
+        #: Recipients of this message refused at RCPT for being over max_recipients.
+        self._refused_recipients = 0
         self._logged_message: int | None = None
         self._accepted: int | None = None
         self._closed = False
@@ -360,6 +362,7 @@ class ConnectionHandler:
         elif kind is MailFrom:
             self._message_started = time.monotonic()
             self._message_calls = []
+            self._refused_recipients = 0
             self._new_body()
         elif kind is Abort:
             return None
@@ -529,7 +532,10 @@ class ConnectionHandler:
         msg = self.session.message
         if kind is RcptTo:
             # This recipient only; a message over another limit is refused at its next command.
-            return (TOO_MANY_RECIPIENTS,) if limit == "max_recipients" else (reply,)
+            if limit != "max_recipients":
+                return (reply,)
+            self._refused_recipients += 1  # said in the message's log line and counted there
+            return (TOO_MANY_RECIPIENTS,)
         if kind is Connect or kind is Helo:
             self.metrics.oversize(limit)  # no message of this session will be logged
             self._log_connection_refused(EVENT_OF[kind], reply, f"over the limit {limit}")
@@ -866,6 +872,8 @@ class ConnectionHandler:
         outcome = "aborted" if reply is None else _outcome_of(reply, quarantined)
         self.metrics.message(outcome)
         limit = over_limit(msg, self.session.connection)
+        if limit is None and self._refused_recipients:
+            limit = "max_recipients"  # refused at RCPT: the message went on without them
         if limit is not None:
             self.metrics.oversize(limit)
         fields: dict[str, Any] = {
@@ -881,8 +889,11 @@ class ConnectionHandler:
             fields["reply"] = _reply_text(reply)
         if modifications:
             fields["modifications"] = modifications
+        if self._refused_recipients:
+            fields["recipients_over_limit"] = self._refused_recipients
         log.info("message %s", outcome, extra={"fields": fields})
         self._message_calls = []
+        self._refused_recipients = 0
 
 
 __all__ = ["ConnectionHandler", "Dispatcher", "Snapshot", "WebhookPoster"]

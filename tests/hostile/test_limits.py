@@ -18,6 +18,7 @@ import pytest
 
 from milterbridge.client import Envelope
 from milterbridge.config import ServerSettings
+from milterbridge.metrics import Metrics
 from milterbridge.milter import messages as m
 from milterbridge.milter.constants import Event
 from milterbridge.policy.model import OnOversize
@@ -112,7 +113,8 @@ async def test_a_recipient_over_the_limit_is_refused_at_rcpt_when_rcpt_waits() -
         fake.set_default(FakeResponse.decision("continue"), event="rcpt")
         fake.set_default(FakeResponse.decision("accept"), event="eom")
         ep = endpoint(fake, "policy", events=frozenset({Event.RCPT, Event.EOM}))
-        async with Bridge(fake, ep, server=server_settings()) as bridge:
+        metrics = Metrics()
+        async with Bridge(fake, ep, server=server_settings(), metrics=metrics) as bridge:
             client = await bridge.client()
             envelope = replace(GOOD, recipients=tuple(b"<r%d@x>" % n for n in range(5)))
             await bridge.session(client, envelope)
@@ -128,6 +130,8 @@ async def test_a_recipient_over_the_limit_is_refused_at_rcpt_when_rcpt_waits() -
     assert [r["address"] for r in request.json["message"]["rcpt_to"]] == ["r0@x", "r1@x", "r2@x"]
     assert "truncated" not in request.json["message"]
     assert len(fake.requests_for(event="rcpt")) == 3
+    limit = {"limit": "max_recipients"}
+    assert metrics.registry.get_sample_value("milterbridge_oversize_messages_total", limit) == 1
 
 
 @pytest.mark.asyncio
