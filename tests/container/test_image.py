@@ -220,6 +220,26 @@ def test_image_config_is_non_root_with_healthcheck(image):
     assert "/livez" in " ".join(inspected["Healthcheck"]["Test"])
 
 
+def _run_options(container_name: str) -> list[str]:
+    """``podman run`` options every test container gets."""
+    # Set the limits explicitly: podman's defaults (nofile 1048576, nproc from the host) are
+    # above what runc may set where the host lacks CAP_SYS_RESOURCE, and then it fails with
+    # "error setting rlimits for ready process ... operation not permitted".
+    nofile = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 65536)
+    return [
+        "--name",
+        container_name,
+        "--ulimit",
+        f"nofile={nofile}:{nofile}",
+        "--ulimit",
+        "nproc=4096:4096",
+        # Podman schedules health checks with systemd timers; without systemd the check is run
+        # by hand, and the interval is disabled so podman does not try.
+        "--health-interval",
+        "disable",
+    ]
+
+
 @needs_opt_in
 @pytest.mark.timeout(1800)
 def test_container_serves_a_message_and_stops_cleanly(image, container_name, tmp_path):
@@ -230,23 +250,10 @@ def test_container_serves_a_message_and_stops_cleanly(image, container_name, tmp
     message = tmp_path / "message.eml"
     message.write_bytes(MESSAGE)
     milter_port, admin_port = _free_ports(2)
-    # Set the limits explicitly: podman's defaults (nofile 1048576, nproc from the host) are
-    # above what runc may set where the host lacks CAP_SYS_RESOURCE, and then it fails with
-    # "error setting rlimits for ready process ... operation not permitted".
-    nofile = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 65536)
     _podman(
         "run",
         "--detach",
-        "--name",
-        container_name,
-        "--ulimit",
-        f"nofile={nofile}:{nofile}",
-        "--ulimit",
-        "nproc=4096:4096",
-        # Podman schedules health checks with systemd timers; without systemd the check is run
-        # by hand below, and the interval is disabled so podman does not try.
-        "--health-interval",
-        "disable",
+        *_run_options(container_name),
         "--publish",
         f"127.0.0.1:{milter_port}:8890",
         "--publish",
@@ -295,17 +302,9 @@ def test_container_serves_a_message_and_stops_cleanly(image, container_name, tmp
 @pytest.mark.parametrize("command", [[], ["serve"]], ids=["default-command", "serve-without-config"])
 def test_container_without_a_config_fails_instead_of_running_the_demo(image, container_name, command):
     """No config mounted: the container exits 1 naming the file, whether or not the command gives --config."""
-    nofile = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 65536)  # see the test above
     result = _podman(
         "run",
-        "--name",
-        container_name,
-        "--ulimit",
-        f"nofile={nofile}:{nofile}",
-        "--ulimit",
-        "nproc=4096:4096",
-        "--health-interval",
-        "disable",
+        *_run_options(container_name),
         image,
         *command,
         timeout=60,
