@@ -14,21 +14,22 @@ Values orjson cannot encode natively are written as ``str(value)``; bytes are de
 with replacement characters. Field values whose key names a credential (see ``SENSITIVE_WORDS``)
 are replaced by ``"<redacted>"`` at any depth, as a last line of defence: callers are expected
 never to log secrets in the first place. For the same reason the user info and the query string
-of any URL in the message, in a string field or in an exception (``redact_urls``) are replaced
-too: both may carry credentials or tokens.
+of any URL in the message, in a string field or in an exception are replaced too: both may carry
+credentials or tokens (``redact_urls``, which lives in settings.py because config errors use it too).
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-import re
 import sys
 import traceback
 from collections.abc import Mapping
 from typing import Any, Final, TextIO
 
 import orjson
+
+from milterbridge.settings import REDACTED, redact_urls
 
 __all__ = [
     "LEVELS",
@@ -41,7 +42,7 @@ __all__ = [
     "redact_urls",
 ]
 
-#: ``log.level`` values (config.py accepts the same names) and their stdlib levels.
+#: ``log.level`` values (settings.py declares the key) and their stdlib levels.
 LEVELS: Final[Mapping[str, int]] = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -49,7 +50,6 @@ LEVELS: Final[Mapping[str, int]] = {
     "error": logging.ERROR,
     "critical": logging.CRITICAL,
 }
-REDACTED: Final = "<redacted>"
 #: A field whose lower-cased name contains one of these has its value redacted.
 SENSITIVE_WORDS: Final = ("secret", "password", "authorization", "token")
 #: Keys every line has; fields with these names get a trailing underscore.
@@ -58,31 +58,6 @@ _FIXED_KEYS: Final = frozenset({"ts", "level", "logger", "msg", "exc", "stack"})
 _OPTIONS: Final = orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z
 #: Nesting beyond this is cut when redacting (orjson itself refuses depth > 254).
 _MAX_DEPTH: Final = 32
-
-
-#: A URL in free text: scheme, optional user info, the rest of the authority and path, optional query.
-#: Quotes and angle brackets end a URL, so the text around it survives.
-_URL = re.compile(
-    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s'\"<>]*@)?"
-    r"(?P<rest>[^?#\s'\"<>]*)(?P<query>\?[^#\s'\"<>]*)?"
-)
-
-
-def _redact_url_match(match: re.Match[str]) -> str:
-    userinfo = f"{REDACTED}@" if match.group("userinfo") else ""
-    query = f"?{REDACTED}" if match.group("query") else ""
-    return f"{match.group('scheme')}{userinfo}{match.group('rest')}{query}"
-
-
-def redact_urls(text: str) -> str:
-    """``text`` with the user info and the query string of every URL in it replaced by ``<redacted>``.
-
-    ``https://user:pw@host/p?token=x`` becomes ``https://<redacted>@host/p?<redacted>``; the
-    scheme, host and path stay, so the line still says where a call went.
-    """
-    if "://" not in text:  # the common case: no URL, no regex
-        return text
-    return _URL.sub(_redact_url_match, text)
 
 
 def _is_sensitive(key: object) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -919,3 +921,52 @@ def test_url_errors_redact_user_info_and_query(tmp_path, url):
     assert "hunter2" not in str(err)
     assert "abc123" not in str(err)
     assert "<redacted>" in str(err)
+
+
+def test_unknown_key_far_from_any_lists_the_known_ones(tmp_path):
+    """A key too unlike any known one gets the section's keys listed, in their documented order."""
+    assert str(load_error(tmp_path, "[log]\nqqqq = 1\n")) == "log.qqqq: unknown key (known: level)"
+    err = load_error(tmp_path, ENDPOINT + "qqqq = 1\n")
+    known = (
+        "name, url, events, mode, on_error, timeout, include_body, max_body_bytes, macros, secret, secret_env, "
+        "secret_file, headers, tls, allow_insecure_http, max_response_bytes, retry, breaker_failure_rate, "
+        "breaker_min_calls, breaker_window, breaker_probe, breaker_reset, max_modifications, max_background, "
+        "allowed_ops"
+    )
+    assert str(err) == f"endpoints.policy.qqqq: unknown key (known: {known})"
+
+
+# -- the modules ------------------------------------------------------------------------------
+
+
+def test_config_still_exports_what_other_modules_import():
+    """The settings types and constants stay importable from milterbridge.config, as the same objects."""
+    import milterbridge.config as config
+    import milterbridge.log as log
+    import milterbridge.settings as settings
+
+    assert all(hasattr(config, name) for name in config.__all__)
+    moved = ("Config", "ServerSettings", "AdminSettings", "LogSettings", "EndpointSettings", "TlsSettings")
+    for name in (*moved, "HTTP_TOKEN", "RESERVED_HEADERS", "REDACTED"):
+        assert name in config.__all__
+        assert getattr(config, name) is getattr(settings, name)
+    assert log.redact_urls is settings.redact_urls
+    assert log.REDACTED == settings.REDACTED
+
+
+def test_settings_module_is_pure():
+    """settings.py reads no files or environment: stdlib without I/O modules, yarl, and the pure core."""
+    source = Path(__file__).parent.parent / "milterbridge" / "settings.py"
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    for name in names:
+        top = name.split(".")[0]
+        if top == "milterbridge":
+            assert name.startswith(("milterbridge.milter.", "milterbridge.policy.")), name
+        else:
+            assert top in sys.stdlib_module_names or top == "yarl", name
+            assert top not in {"os", "io", "pathlib", "asyncio", "socket", "logging", "tomllib"}, name
