@@ -20,7 +20,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import Final, Self
 
 from milterbridge.milter.address import parse_listen_address
 from milterbridge.milter.codec import FrameDecoder, response_decoder
@@ -63,6 +63,12 @@ from milterbridge.milter.messages import (
 )
 
 Macros = Iterable[tuple[bytes, bytes]]
+
+#: Bytes asked of the socket per read.
+_READ_BYTES: Final = 256 * 1024
+#: Codes of the envelope events (connect, helo, mail, rcpt, data, unknown) whose
+#: macros Postfix still sends when the milter switched the event off.
+_MACROS_OF_SKIPPED_EVENTS: Final = b"CHMRTU"
 
 
 class MilterClientError(Exception):
@@ -152,8 +158,62 @@ def split_message(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
     return headers, body
 
 
+class _ReplyReader:
+    """The milter's side of the conversation: frames read off the socket and decoded."""
+
+    def __init__(self, reader: asyncio.StreamReader, max_frame_bytes: int) -> None:
+        self._reader = reader
+        self._decoder: FrameDecoder[Reply | Modification] = response_decoder(max_frame_bytes)
+
+    async def next(self) -> Reply | Modification:
+        """The next message from the milter, reading the socket as needed."""
+        while True:
+            try:
+                msg = self._decoder.next_message()
+            except RemoteProtocolError as exc:
+                raise MilterClientError(f"bad frame from milter: {exc}") from exc
+            if msg is not None:
+                return msg
+            data = await self._reader.read(_READ_BYTES)
+            if not data:
+                raise MilterClientError("milter closed the connection")
+            try:
+                self._decoder.feed(data)
+            except RemoteProtocolError as exc:
+                raise MilterClientError(f"bad frame from milter: {exc}") from exc
+
+    async def reply(self) -> Reply:
+        """The reply to an event other than end-of-message, past any progress messages."""
+        while True:
+            msg = await self.next()
+            if isinstance(msg, Modification):
+                raise MilterClientError(f"{type(msg).__name__} outside end-of-message")
+            if isinstance(msg, Progress):
+                continue
+            return msg
+
+    async def eom_answer(self) -> EomResult:
+        """Everything up to the final reply to end-of-message."""
+        mods: list[Modification] = []
+        progress = 0
+        while True:
+            msg = await self.next()
+            if isinstance(msg, Progress):
+                progress += 1
+            elif isinstance(msg, Modification):
+                mods.append(msg)
+            else:
+                return EomResult(reply=msg, modifications=tuple(mods), progress=progress)
+
+
 class MilterClient:
-    """One milter connection, driven from the MTA side."""
+    """One milter connection, driven from the MTA side.
+
+    One method per milter command (each sends the command with its macros and
+    returns the milter's reply, or ``None`` when the milter asked for no reply
+    or switched the event off), and three whole flows built from them:
+    :meth:`open_session`, :meth:`send_transaction` and :meth:`send_message`.
+    """
 
     def __init__(
         self,
@@ -162,9 +222,8 @@ class MilterClient:
         *,
         max_frame_bytes: int = 64 * 1024 * 1024,
     ) -> None:
-        self._reader = reader
         self._writer = writer
-        self._decoder: FrameDecoder[Reply | Modification] = response_decoder(max_frame_bytes)
+        self._replies = _ReplyReader(reader, max_frame_bytes)
         self.negotiated: NegotiateReply | None = None
         self.offer: Negotiate | None = None
 
@@ -205,31 +264,6 @@ class MilterClient:
     def _send(self, *messages: Command) -> None:
         self._writer.write(b"".join(m.to_frame() for m in messages))
 
-    async def _read(self) -> Reply | Modification:
-        while True:
-            try:
-                msg = self._decoder.next_message()
-            except RemoteProtocolError as exc:
-                raise MilterClientError(f"bad frame from milter: {exc}") from exc
-            if msg is not None:
-                return msg
-            data = await self._reader.read(256 * 1024)
-            if not data:
-                raise MilterClientError("milter closed the connection")
-            try:
-                self._decoder.feed(data)
-            except RemoteProtocolError as exc:
-                raise MilterClientError(f"bad frame from milter: {exc}") from exc
-
-    async def _final_reply(self) -> Reply:
-        while True:
-            msg = await self._read()
-            if isinstance(msg, Modification):
-                raise MilterClientError(f"{type(msg).__name__} outside end-of-message")
-            if isinstance(msg, Progress):
-                continue
-            return msg
-
     async def _event(
         self, cmd: Command, skip_bit: Protocol, noreply_bit: Protocol, macros: Macros | None
     ) -> Reply | None:
@@ -238,8 +272,7 @@ class MilterClient:
         if macros is not None:
             frames.append(Macro(stage=cmd.code, macros=tuple(macros)))
         if self._flag(skip_bit):
-            # Postfix still sends the macros of a disabled envelope event.
-            if frames and cmd.code in b"CHMRTU":
+            if frames and cmd.code in _MACROS_OF_SKIPPED_EVENTS:
                 self._send(*frames)
             return None
         frames.append(cmd)
@@ -247,7 +280,7 @@ class MilterClient:
         if self._flag(noreply_bit):
             await self._writer.drain()
             return None
-        return await self._final_reply()
+        return await self._replies.reply()
 
     # --------------------------------------------------------------- events
 
@@ -257,7 +290,7 @@ class MilterClient:
         """Send OPTNEG (Postfix's default offer unless told otherwise) and read the answer."""
         self.offer = Negotiate(version=version, actions=Action(actions), protocol=Protocol(protocol))
         self._send(self.offer)
-        reply = await self._read()
+        reply = await self._replies.next()
         if not isinstance(reply, NegotiateReply):
             raise MilterClientError(f"expected an OPTNEG answer, got {type(reply).__name__}")
         if reply.version > version or reply.actions & ~self.offer.actions:
@@ -320,16 +353,7 @@ class MilterClient:
             frames.append(Macro(stage=b"E", macros=tuple(macros)))
         frames.append(EndOfMessage())
         self._send(*frames)
-        mods: list[Modification] = []
-        progress = 0
-        while True:
-            msg = await self._read()
-            if isinstance(msg, Progress):
-                progress += 1
-            elif isinstance(msg, Modification):
-                mods.append(msg)
-            else:
-                return EomResult(reply=msg, modifications=tuple(mods), progress=progress)
+        return await self._replies.eom_answer()
 
     async def unknown(self, line: bytes, macros: Macros | None = ()) -> Reply | None:
         if self.negotiated and self.negotiated.version < 3:
@@ -374,58 +398,12 @@ class MilterClient:
     async def send_transaction(self, envelope: Envelope, message: bytes) -> TransactionResult:
         """One MAIL..end-of-message transaction, then ABORT as Postfix does."""
         result = TransactionResult()
-        qid = ((b"i", envelope.queue_id),)
         try:
-            await self._transaction(envelope, message, qid, result)
+            await _transaction(self, envelope, message, result)
         finally:
             if not self._writer.is_closing():
                 await self.abort()
         return result
-
-    async def _transaction(
-        self, envelope: Envelope, message: bytes, qid: tuple[tuple[bytes, bytes], ...], result: TransactionResult
-    ) -> None:
-        result.mail = await self.mail_from(envelope.mail_from, envelope.mail_args)
-        if _stops(result.mail):
-            result.stopped_by, result.stopped_at = result.mail, "mail"
-            return
-        accepted = 0
-        for n, rcpt in enumerate(envelope.recipients):
-            args = envelope.rcpt_args[n] if n < len(envelope.rcpt_args) else ()
-            reply = await self.rcpt_to(rcpt, args, qid if n else ())
-            result.rcpt.append(reply)
-            if reply is None or isinstance(reply, Continue):
-                accepted += 1
-            elif not _is_refusal(reply):
-                result.stopped_by, result.stopped_at = reply, "rcpt"
-                return
-        if not accepted:
-            result.stopped_by, result.stopped_at = result.rcpt[-1] if result.rcpt else None, "rcpt"
-            return
-        result.data = await self.data(qid)
-        if _stops(result.data):
-            result.stopped_by, result.stopped_at = result.data, "data"
-            return
-        headers, body = split_message(message)
-        for name, value in headers:
-            reply = await self.header(name, value, qid)
-            result.headers.append(reply)
-            if isinstance(reply, Skip):
-                break
-            if _stops(reply):
-                result.stopped_by, result.stopped_at = reply, "header"
-                return
-        result.eoh = await self.end_of_headers(qid)
-        if _stops(result.eoh):
-            result.stopped_by, result.stopped_at = result.eoh, "eoh"
-            return
-        if body:
-            result.body = await self.body(body, macros=qid)
-            last = result.body[-1] if result.body else None
-            if _stops(last) and not isinstance(last, Skip):
-                result.stopped_by, result.stopped_at = last, "body"
-                return
-        result.eom = await self.end_of_message(qid)
 
     async def send_message(self, envelope: Envelope, message: bytes) -> TransactionResult:
         """A whole SMTP session's worth: CONNECT, HELO and one transaction."""
@@ -435,6 +413,56 @@ class MilterClient:
         result = await self.send_transaction(envelope, message)
         result.connect, result.helo = opening.connect, opening.helo
         return result
+
+
+async def _transaction(client: MilterClient, envelope: Envelope, message: bytes, result: TransactionResult) -> None:
+    """MAIL to end-of-message as Postfix sends it, filling ``result`` up to where the milter stops it.
+
+    A refused recipient stops the transaction only when every recipient is
+    refused; a skip at a header or a body chunk ends that part only.
+    """
+    qid = ((b"i", envelope.queue_id),)
+    result.mail = await client.mail_from(envelope.mail_from, envelope.mail_args)
+    if _stops(result.mail):
+        result.stopped_by, result.stopped_at = result.mail, "mail"
+        return
+    accepted = 0
+    for n, rcpt in enumerate(envelope.recipients):
+        args = envelope.rcpt_args[n] if n < len(envelope.rcpt_args) else ()
+        reply = await client.rcpt_to(rcpt, args, qid if n else ())
+        result.rcpt.append(reply)
+        if reply is None or isinstance(reply, Continue):
+            accepted += 1
+        elif not _is_refusal(reply):
+            result.stopped_by, result.stopped_at = reply, "rcpt"
+            return
+    if not accepted:
+        result.stopped_by, result.stopped_at = result.rcpt[-1] if result.rcpt else None, "rcpt"
+        return
+    result.data = await client.data(qid)
+    if _stops(result.data):
+        result.stopped_by, result.stopped_at = result.data, "data"
+        return
+    headers, body = split_message(message)
+    for name, value in headers:
+        reply = await client.header(name, value, qid)
+        result.headers.append(reply)
+        if isinstance(reply, Skip):
+            break
+        if _stops(reply):
+            result.stopped_by, result.stopped_at = reply, "header"
+            return
+    result.eoh = await client.end_of_headers(qid)
+    if _stops(result.eoh):
+        result.stopped_by, result.stopped_at = result.eoh, "eoh"
+        return
+    if body:
+        result.body = await client.body(body, macros=qid)
+        last = result.body[-1] if result.body else None
+        if _stops(last) and not isinstance(last, Skip):
+            result.stopped_by, result.stopped_at = last, "body"
+            return
+    result.eom = await client.end_of_message(qid)
 
 
 def _stops(reply: Reply | None) -> bool:

@@ -115,6 +115,9 @@ class ModificationPlan:
     dropped: tuple[DroppedModification, ...] = ()
 
 
+#: Headers Postfix puts above the ones milters receive and counts for INSHEADER: its own Received.
+POSTFIX_RECEIVED_OFFSET: Final = 1
+
 _LONE_LF: Final = re.compile(rb"(?<!\r)\n")
 
 
@@ -271,15 +274,15 @@ def plan_modifications(
     headers: Sequence[tuple[bytes, bytes]],
     *,
     actions: Action,
-    received_offset: int = 1,
+    received_offset: int = POSTFIX_RECEIVED_OFFSET,
 ) -> ModificationPlan:
     """Plan the end-of-message modifications.
 
     ``ops`` holds ``(endpoint name, ops)`` in config order; ``headers`` the
     ``(name, value)`` pairs as the endpoints received them; ``actions`` the
     action bits the MTA granted; ``received_offset`` the number of hidden
-    headers Postfix puts above the received ones (its own Received: 1; 0 for an
-    MTA without one).
+    headers the MTA puts above the received ones (:data:`POSTFIX_RECEIVED_OFFSET`
+    for Postfix; 0 for an MTA without a hidden header).
     """
     builder = _Builder(headers=headers, actions=actions, received_offset=received_offset)
     for endpoint, endpoint_ops in ops:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -34,15 +35,26 @@ from .model import (
     PolicyUsageError,
 )
 
-#: Merge rank of each action; 0 never wins over anything.
-SEVERITY: Final[Mapping[ActionName, int]] = {
-    ActionName.REJECT: 4,
-    ActionName.TEMPFAIL: 3,
-    ActionName.DISCARD: 2,
-    ActionName.QUARANTINE: 1,
-    ActionName.CONTINUE: 0,
-    ActionName.SKIP: 0,
-    ActionName.ACCEPT: 0,
+
+class Severity(enum.IntEnum):
+    """Merge rank of an action: the higher rank wins; ``NONE`` (0, so false) never wins over anything."""
+
+    NONE = 0  # continue, skip and accept
+    QUARANTINE = 1
+    DISCARD = 2
+    TEMPFAIL = 3
+    REJECT = 4
+
+
+#: Merge rank of each action.
+SEVERITY: Final[Mapping[ActionName, Severity]] = {
+    ActionName.REJECT: Severity.REJECT,
+    ActionName.TEMPFAIL: Severity.TEMPFAIL,
+    ActionName.DISCARD: Severity.DISCARD,
+    ActionName.QUARANTINE: Severity.QUARANTINE,
+    ActionName.CONTINUE: Severity.NONE,
+    ActionName.SKIP: Severity.NONE,
+    ActionName.ACCEPT: Severity.NONE,
 }
 
 _RECIPIENT_ACTIONS: Final = frozenset({ActionName.REJECT, ActionName.TEMPFAIL})
@@ -67,7 +79,7 @@ class Verdict:
         return self.decision.action
 
     @property
-    def severity(self) -> int:
+    def severity(self) -> Severity:
         """The action's merge rank."""
         return SEVERITY[self.decision.action]
 
@@ -82,7 +94,7 @@ def merge(verdicts: Iterable[Verdict]) -> Verdict | None:
     """The winning verdict of enforcing endpoints, or ``None`` when all are continue-like."""
     best: Verdict | None = None
     for v in verdicts:
-        if not v.endpoint.enforcing or v.severity == 0:
+        if not v.endpoint.enforcing or not v.severity:
             continue
         if best is None or _key(v) < _key(best):
             best = v

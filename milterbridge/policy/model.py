@@ -136,6 +136,11 @@ CONNECTION_EVENTS: Final = frozenset({Event.CONNECT, Event.HELO})
 # --------------------------------------------------------------------------
 # values
 
+#: SMTP reply codes a reject may carry (5yz, permanent failure; RFC 5321 §4.2.1).
+REJECT_CODES: Final = range(500, 600)
+#: SMTP reply codes a tempfail may carry (4yz, transient failure).
+TEMPFAIL_CODES: Final = range(400, 500)
+
 #: Texts for a reply given with a code and no text: Postfix's own defaults for
 #: a bare 'r' / 't' (milter-protocol.md §5.8).
 DEFAULT_REJECT_TEXT: Final = b"Command rejected"
@@ -169,7 +174,7 @@ class SmtpReply:
         enhanced = (self.enhanced or "").encode("ascii")
         lines = [line.encode() for line in self.lines]
         if not any(lines):
-            lines = [DEFAULT_REJECT_TEXT if self.code >= 500 else DEFAULT_TEMPFAIL_TEXT]
+            lines = [DEFAULT_REJECT_TEXT if self.code in REJECT_CODES else DEFAULT_TEMPFAIL_TEXT]
         elif not enhanced:
             lines = [line or b" " for line in lines]
         return ReplyCode.build(self.code, lines, enhanced)
@@ -330,9 +335,9 @@ class Decision:
         reply = self.reply
         if reply is None:
             return
-        if self.action is ActionName.REJECT and not 500 <= reply.code <= 599:
+        if self.action is ActionName.REJECT and reply.code not in REJECT_CODES:
             raise ValueError(f"reject needs a 5xx reply, got {reply.code}")
-        if self.action is ActionName.TEMPFAIL and not 400 <= reply.code <= 499:
+        if self.action is ActionName.TEMPFAIL and reply.code not in TEMPFAIL_CODES:
             raise ValueError(f"tempfail needs a 4xx reply, got {reply.code}")
         if self.action not in (ActionName.REJECT, ActionName.TEMPFAIL):
             raise ValueError(f"a reply is allowed only with reject or tempfail, not {self.action}")

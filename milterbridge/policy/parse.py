@@ -60,6 +60,8 @@ from .model import (
     CONTINUE,
     LEGAL_ACTIONS,
     NOTIFICATION_EVENTS,
+    REJECT_CODES,
+    TEMPFAIL_CODES,
     ActionName,
     AddHeaderOp,
     AddRcptOp,
@@ -224,10 +226,8 @@ def _reply(obj: object, action: ActionName, event: Event) -> SmtpReply | None:
     if action not in (ActionName.REJECT, ActionName.TEMPFAIL):
         raise DecisionError(f"reply: allowed only with reject or tempfail, not {action}")
     raw = _object(obj, "reply", _REPLY_KEYS, required=("code",))
-    if action is ActionName.REJECT:
-        code = _integer(raw["code"], "reply.code", 500, 599)
-    else:
-        code = _integer(raw["code"], "reply.code", 400, 499)
+    codes = REJECT_CODES if action is ActionName.REJECT else TEMPFAIL_CODES
+    code = _integer(raw["code"], "reply.code", codes[0], codes[-1])
     enhanced_raw = raw.get("enhanced")
     enhanced = None
     if enhanced_raw is not None:

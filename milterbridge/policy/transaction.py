@@ -50,8 +50,15 @@ from milterbridge.milter.messages import (
     Skip,
 )
 
-from .apply import AppliedModification, DroppedModification, DropReason, plan_modifications
-from .merge import SEVERITY, Verdict, failure_decision, merge, merge_rcpt, refusal_reply
+from .apply import (
+    POSTFIX_RECEIVED_OFFSET,
+    AppliedModification,
+    DroppedModification,
+    DropReason,
+    plan_modifications,
+)
+from .ledger import Ledger
+from .merge import SEVERITY, Severity, Verdict, failure_decision, merge, merge_rcpt, refusal_reply
 from .model import (
     CONNECTION_EVENTS,
     LEGAL_ACTIONS,
@@ -67,12 +74,14 @@ from .model import (
 
 _REFUSALS: Final = frozenset({ActionName.REJECT, ActionName.TEMPFAIL})
 _ENDS_MESSAGE: Final = frozenset({ActionName.REJECT, ActionName.TEMPFAIL, ActionName.DISCARD})
-#: Actions of merge rank 0 (merge.SEVERITY): they never win a merge.
-_NEVER_WINS: Final = frozenset(action for action, rank in SEVERITY.items() if rank == 0)
+#: Actions that never win a merge.
+_NEVER_WINS: Final = frozenset(action for action, rank in SEVERITY.items() if rank is Severity.NONE)
 #: The action an EventResult reports for a reply no verdict won.
 _REPLY_ACTIONS: Final[Mapping[type[Reply], ActionName]] = {Accept: ActionName.ACCEPT, Skip: ActionName.SKIP}
 #: Events whose refusal ends the message (at rcpt it refuses one recipient only).
 _MESSAGE_REFUSAL_EVENTS: Final = frozenset({Event.MAIL, Event.DATA, Event.HEADER, Event.EOH, Event.BODY, Event.EOM})
+#: Postfix ends the SMTP session after any reply with this code ("service not available").
+SESSION_ENDING_CODE: Final = 421
 
 
 @dataclass(slots=True, kw_only=True)
@@ -128,19 +137,15 @@ class EomResult:
     dropped: tuple[DroppedModification, ...]
 
 
-def _is_421(reply: Reply) -> bool:
-    # Postfix ends the SMTP session after any reply starting with 421.
-    return isinstance(reply, ReplyCode) and reply.smtp_code == 421
-
-
 class PolicyState:
     """Policy state of one milter connection.
 
     ``endpoints`` are all configured endpoints (observe ones are never asked
     for decisions and their outcomes are ignored, but they count for SKIP);
     ``actions`` the action bits the MTA granted; ``skip_negotiated`` whether
-    SMFIP_SKIP was agreed; ``received_offset`` the hidden headers Postfix
-    counts for INSHEADER (its own Received: 1).
+    SMFIP_SKIP was agreed; ``received_offset`` the hidden headers the MTA
+    counts for INSHEADER (:data:`~.apply.POSTFIX_RECEIVED_OFFSET` for Postfix).
+    What it remembers between events is kept in a :class:`~.ledger.Ledger`.
     """
 
     def __init__(
@@ -149,7 +154,7 @@ class PolicyState:
         *,
         actions: Action,
         skip_negotiated: bool,
-        received_offset: int = 1,
+        received_offset: int = POSTFIX_RECEIVED_OFFSET,
     ) -> None:
         self.endpoints: tuple[EndpointPolicy, ...] = tuple(sorted(endpoints, key=lambda e: (e.index, e.name)))
         self._by_name = {ep.name: ep for ep in self.endpoints}
@@ -161,16 +166,7 @@ class PolicyState:
         self.skip_negotiated = skip_negotiated
         self.received_offset = received_offset
         self._enforcing = tuple(ep for ep in self.endpoints if ep.enforcing)
-        # connection scope
-        self._done_connection: set[str] = set()
-        self._connection_mods: dict[str, list[AnyOp]] = {}
-        self._connection_quarantine: Verdict | None = None
-        # message scope
-        self._done_message: set[str] = set()
-        self._skipping: dict[str, set[Event]] = {}
-        self._message_mods: dict[str, list[AnyOp]] = {}
-        self._message_quarantine: Verdict | None = None
-        self._pending_discard: Verdict | None = None
+        self._ledger = Ledger()
 
     # ---------------------------------------------------------------- queries
 
@@ -183,11 +179,13 @@ class PolicyState:
         """
         if event not in LEGAL_ACTIONS and event not in NOTIFICATION_EVENTS:
             raise PolicyUsageError(f"unknown event {event!r}")
-        done = self._done_connection if event is Event.CLOSE else self._done_connection | self._done_message
+        ledger = self._ledger
+        done = ledger.connection.done if event is Event.CLOSE else ledger.connection.done | ledger.message.done
+        skipping = ledger.skipping
         return [
             ep
             for ep in self._enforcing
-            if event in ep.events and ep.name not in done and event not in self._skipping.get(ep.name, ())
+            if event in ep.events and ep.name not in done and event not in skipping.get(ep.name, ())
         ]
 
     def observers(self, event: Event) -> list[EndpointPolicy]:
@@ -197,32 +195,17 @@ class PolicyState:
     @property
     def has_pending(self) -> bool:
         """True while modifications, a quarantine or a discard wait for a later event."""
-        return bool(
-            any(self._connection_mods.values())
-            or any(self._message_mods.values())
-            or self._connection_quarantine
-            or self._message_quarantine
-            or self._pending_discard
-        )
+        return self._ledger.has_pending
 
     def pending_modifications(self) -> list[tuple[str, list[AnyOp]]]:
         """``(endpoint, ops)`` kept for end-of-message, in config order (connection scope first)."""
-        out = []
-        for ep in self.endpoints:
-            ops = [*self._connection_mods.get(ep.name, ()), *self._message_mods.get(ep.name, ())]
-            if ops:
-                out.append((ep.name, ops))
-        return out
+        return self._ledger.modifications(self.endpoints, [])
 
     # ---------------------------------------------------------------- updates
 
     def reset_message(self) -> None:
         """Forget message-scoped state (after end-of-message or abort); idempotent."""
-        self._done_message.clear()
-        self._skipping.clear()
-        self._message_mods.clear()
-        self._message_quarantine = None
-        self._pending_discard = None
+        self._ledger.reset_message()
 
     def decide(self, event: Event, outcomes: Mapping[str, Decision | Failure]) -> EventResult:
         """Merge the outcomes of ``targets(event)`` into the reply for ``event`` (not eom).
@@ -237,17 +220,18 @@ class PolicyState:
         if event in NOTIFICATION_EVENTS:
             raise PolicyUsageError(f"{event} is a notification; nothing to decide")
         verdicts, ignored, dropped = self._resolve(event, outcomes)
-        if self._pending_discard is None and all(v.decision.action in _NEVER_WINS for v in verdicts):
+        ledger = self._ledger
+        if ledger.discard is None and all(v.decision.action in _NEVER_WINS for v in verdicts):
             # The common case, merged without the merge: nobody asked for more than
             # continue, and no discard is remembered, so nothing wins and nothing is deferred.
             winner = deferred = None
         else:
-            winner, deferred = self._merge(event, verdicts)
-            self._remember_quarantines(event, verdicts)
+            winner, deferred = _merge_event(event, verdicts, ledger)
+            ledger.remember_quarantines(event, verdicts)
         ends_message = ends_session = False
         if winner is not None and winner.action in _REFUSALS:
             reply = refusal_reply(winner.decision)
-            ends_session = event in CONNECTION_EVENTS or _is_421(reply)
+            ends_session = event in CONNECTION_EVENTS or _ends_session(reply)
             ends_message = ends_session or event in _MESSAGE_REFUSAL_EVENTS
         elif winner is not None and winner.action is ActionName.DISCARD:
             reply = Discard()
@@ -256,9 +240,9 @@ class PolicyState:
             reply = Continue()
         if ends_message:
             why = DropReason.SESSION_REFUSED if ends_session else _drop_reason(winner)
-            dropped.extend(self._drop_message_mods(why, verdicts, include_connection=ends_session))
+            dropped.extend(ledger.drop_message(why, verdicts, include_connection=ends_session))
         else:
-            self._record(event, verdicts)
+            ledger.record(event, verdicts)
             if isinstance(reply, Continue):
                 reply = self._continue_reply(event)
         if winner is not None:
@@ -287,22 +271,16 @@ class PolicyState:
         them (``message.headers``). Resets the message state afterwards.
         """
         verdicts, ignored, dropped = self._resolve(Event.EOM, outcomes)
-        remembered = [self._pending_discard, self._message_quarantine, self._connection_quarantine]
-        winner = merge([*verdicts, *(v for v in remembered if v is not None)])
+        ledger = self._ledger
+        winner = merge([*verdicts, *ledger.remembered()])
         quarantine = None
         applied: tuple[AppliedModification, ...] = ()
         if winner is not None and winner.action in _ENDS_MESSAGE:
             reply: Reply = refusal_reply(winner.decision) if winner.action in _REFUSALS else Discard()
-            dropped.extend(self._drop_message_mods(_drop_reason(winner), verdicts, include_connection=False))
+            dropped.extend(ledger.drop_message(_drop_reason(winner), verdicts, include_connection=False))
             messages: tuple[Reply | Modification, ...] = (reply,)
         else:
-            eom_ops = {v.endpoint.name: v.decision.modifications for v in verdicts}
-            pending = dict(self.pending_modifications())
-            ops = []
-            for ep in self.endpoints:
-                endpoint_ops = [*pending.get(ep.name, ()), *eom_ops.get(ep.name, ())]
-                if endpoint_ops:
-                    ops.append((ep.name, endpoint_ops))
+            ops = ledger.modifications(self.endpoints, verdicts)
             plan = plan_modifications(ops, headers, actions=self.actions, received_offset=self.received_offset)
             applied = plan.applied
             mods: list[Reply | Modification] = list(plan.messages)
@@ -310,16 +288,15 @@ class PolicyState:
             if winner is not None and winner.action is ActionName.QUARANTINE:
                 quarantine = winner.decision.reason or f"quarantined by milterbridge endpoint {winner.endpoint.name}"
                 mods.append(Quarantine(reason=quarantine.encode()))
-            done = self._done_connection | self._done_message
+            done = ledger.connection.done | ledger.message.done
             done.update(v.endpoint.name for v in verdicts if v.action is ActionName.ACCEPT)
-            all_done = bool(self._enforcing) and all(ep.name in done for ep in self._enforcing)
-            reply = Accept() if all_done and not mods else Continue()
+            reply = Accept() if self._all_done(done) and not mods else Continue()
             messages = (*mods, reply)
         if winner is not None:
             action = winner.action
         else:
             action = ActionName.ACCEPT if isinstance(reply, Accept) else ActionName.CONTINUE
-        self.reset_message()
+        ledger.reset_message()
         return EomResult(
             messages=messages,
             reply=reply,
@@ -354,11 +331,11 @@ class PolicyState:
                 raise PolicyUsageError(f"endpoint {name!r} is not a target of {event}")
             if isinstance(outcome, Failure):
                 # A failure takes back what the endpoint asked for earlier.
-                dropped.extend(self._drop_endpoint_mods(name))
+                dropped.extend(self._ledger.drop_endpoint(name))
                 decision = failure_decision(ep, event, outcome)
                 verdicts.append(Verdict(endpoint=ep, decision=decision, failure=outcome.reason))
                 continue
-            self._check_decision(name, event, outcome, legal)
+            _check_decision(name, event, outcome, legal, self.actions)
             verdicts.append(Verdict(endpoint=ep, decision=outcome))
         missing = expected - {v.endpoint.name for v in verdicts}
         if missing:
@@ -367,105 +344,76 @@ class PolicyState:
             verdicts.sort(key=lambda v: (v.endpoint.index, v.endpoint.name))
         return verdicts, ignored, dropped
 
-    def _check_decision(self, name: str, event: Event, decision: Decision, legal: frozenset[ActionName]) -> None:
-        if decision.action not in legal:
-            raise PolicyUsageError(f"{name}: {decision.action} is not legal at {event}")
-        if event is Event.UNKNOWN and decision.modifications:
-            raise PolicyUsageError(f"{name}: modifications are not allowed at unknown")
-        missing = [required_action(op) for op in decision.modifications if not required_action(op) & self.actions]
-        if decision.action is ActionName.QUARANTINE and not self.actions & Action.QUARANTINE:
-            missing.append(Action.QUARANTINE)
-        if missing:
-            raise PolicyUsageError(f"{name}: needs {missing[0]!r}, not granted; parse with allowed_actions")
-
-    def _merge(self, event: Event, verdicts: list[Verdict]) -> tuple[Verdict | None, Verdict | None]:
-        """(winner, deferred message verdict) at a non-eom event."""
-        pending = self._pending_discard
-        if event is Event.RCPT:
-            recipient, message = merge_rcpt(verdicts)
-            message = merge(v for v in (message, pending) if v is not None)
-            if recipient is not None:
-                if message is not None and message.action is ActionName.DISCARD:
-                    self._pending_discard = message
-                return recipient, message
-            if message is not None and message.action is ActionName.DISCARD:
-                return message, None
-            return message, message
-        candidates = list(verdicts)
-        if pending is not None and ActionName.DISCARD in LEGAL_ACTIONS[event]:
-            candidates.append(pending)
-        winner = merge(candidates)
-        deferred = winner if winner is not None and winner.action is ActionName.QUARANTINE else None
-        return winner, deferred
-
-    def _remember_quarantines(self, event: Event, verdicts: list[Verdict]) -> None:
-        new = [v for v in verdicts if v.action is ActionName.QUARANTINE]
-        if not new:
-            return
-        if event in CONNECTION_EVENTS:
-            old = self._connection_quarantine
-            self._connection_quarantine = merge([*([old] if old else []), *new])
-        else:
-            old = self._message_quarantine
-            self._message_quarantine = merge([*([old] if old else []), *new])
-
-    def _record(self, event: Event, verdicts: list[Verdict]) -> None:
-        """Remember accepts, skips and modifications of a message that goes on."""
-        connection = event in CONNECTION_EVENTS
-        for v in verdicts:
-            name = v.endpoint.name
-            if v.action is ActionName.ACCEPT:
-                (self._done_connection if connection else self._done_message).add(name)
-            elif v.action is ActionName.SKIP:
-                self._skipping.setdefault(name, set()).add(event)
-            if v.decision.modifications:
-                store = self._connection_mods if connection else self._message_mods
-                store.setdefault(name, []).extend(v.decision.modifications)
-
     def _continue_reply(self, event: Event) -> Reply:
-        connection = event in CONNECTION_EVENTS
-        done = self._done_connection if connection else self._done_connection | self._done_message
-        all_done = bool(self._enforcing) and all(ep.name in done for ep in self._enforcing)
-        if all_done and event is not Event.UNKNOWN and not self.has_pending:
+        ledger = self._ledger
+        done = ledger.connection.done if event in CONNECTION_EVENTS else ledger.connection.done | ledger.message.done
+        if self._all_done(done) and event is not Event.UNKNOWN and not ledger.has_pending:
             return Accept()
         if event is Event.BODY and self._may_skip_body():
             return Skip()
         return Continue()
 
+    def _all_done(self, done: set[str]) -> bool:
+        """True when every enforcing endpoint (at least one) is in ``done``."""
+        return bool(self._enforcing) and all(ep.name in done for ep in self._enforcing)
+
     def _may_skip_body(self) -> bool:
         if not self.skip_negotiated or any(ep.include_body for ep in self.endpoints):
             return False
-        done = self._done_connection | self._done_message
+        ledger = self._ledger
+        done = ledger.connection.done | ledger.message.done
+        skipping = ledger.skipping
         for ep in self.endpoints:
             if Event.BODY not in ep.events:
                 continue
             if not ep.enforcing:
                 return False
-            if ep.name not in done and Event.BODY not in self._skipping.get(ep.name, ()):
+            if ep.name not in done and Event.BODY not in skipping.get(ep.name, ()):
                 return False
         return True
 
-    def _drop_endpoint_mods(self, name: str) -> list[DroppedModification]:
-        ops = [*self._connection_mods.pop(name, ()), *self._message_mods.pop(name, ())]
-        return [DroppedModification(endpoint=name, op=op, reason=DropReason.ENDPOINT_FAILED) for op in ops]
 
-    def _drop_message_mods(
-        self, reason: DropReason, verdicts: list[Verdict], *, include_connection: bool
-    ) -> list[DroppedModification]:
-        """Report and forget the ops of a message that ends without end-of-message changes."""
-        out: list[DroppedModification] = []
-        for name, ops in self._message_mods.items():
-            out.extend(DroppedModification(endpoint=name, op=op, reason=reason) for op in ops)
-        self._message_mods.clear()
-        if include_connection:
-            for name, ops in self._connection_mods.items():
-                out.extend(DroppedModification(endpoint=name, op=op, reason=reason) for op in ops)
-            self._connection_mods.clear()
-        for v in verdicts:
-            name = v.endpoint.name
-            out.extend(DroppedModification(endpoint=name, op=op, reason=reason) for op in v.decision.modifications)
-        self._pending_discard = None
-        return out
+def _check_decision(name: str, event: Event, decision: Decision, legal: frozenset[ActionName], actions: Action) -> None:
+    """Refuse a decision the parser should have refused: illegal action, ungranted action bits."""
+    if decision.action not in legal:
+        raise PolicyUsageError(f"{name}: {decision.action} is not legal at {event}")
+    if event is Event.UNKNOWN and decision.modifications:
+        raise PolicyUsageError(f"{name}: modifications are not allowed at unknown")
+    missing = [required_action(op) for op in decision.modifications if not required_action(op) & actions]
+    if decision.action is ActionName.QUARANTINE and not actions & Action.QUARANTINE:
+        missing.append(Action.QUARANTINE)
+    if missing:
+        raise PolicyUsageError(f"{name}: needs {missing[0]!r}, not granted; parse with allowed_actions")
+
+
+def _merge_event(event: Event, verdicts: list[Verdict], ledger: Ledger) -> tuple[Verdict | None, Verdict | None]:
+    """(winner, deferred message verdict) at a non-eom event, the remembered discard included.
+
+    At rcpt a discard behind a recipient refusal is remembered in ``ledger``
+    for a later event; elsewhere the remembered discard joins the merge where
+    Postfix honours a discard.
+    """
+    pending = ledger.discard
+    if event is Event.RCPT:
+        recipient, message = merge_rcpt(verdicts)
+        message = merge(v for v in (message, pending) if v is not None)
+        if recipient is not None:
+            if message is not None and message.action is ActionName.DISCARD:
+                ledger.discard = message
+            return recipient, message
+        if message is not None and message.action is ActionName.DISCARD:
+            return message, None
+        return message, message
+    candidates = list(verdicts)
+    if pending is not None and ActionName.DISCARD in LEGAL_ACTIONS[event]:
+        candidates.append(pending)
+    winner = merge(candidates)
+    deferred = winner if winner is not None and winner.action is ActionName.QUARANTINE else None
+    return winner, deferred
+
+
+def _ends_session(reply: Reply) -> bool:
+    return isinstance(reply, ReplyCode) and reply.smtp_code == SESSION_ENDING_CODE
 
 
 def _drop_reason(winner: Verdict | None) -> DropReason:

@@ -401,6 +401,33 @@ def test_connection_modifications_apply_to_every_message():
         assert eom.messages == (m.AddHeader(name=b"X-Checked", value=b" yes"), m.Continue())
 
 
+def test_connection_modifications_come_before_the_message_ones():
+    """An endpoint's ops go out in the order it asked: connect, then later events, then eom."""
+    s = state(ep("a", 0, E.CONNECT, E.MAIL, E.EOM))
+    s.decide(E.CONNECT, {"a": d(A.CONTINUE, AddHeaderOp(name="X-1", value="connect"))})
+    s.decide(E.MAIL, {"a": d(A.CONTINUE, AddHeaderOp(name="X-2", value="mail"))})
+    eom = s.finish_eom({"a": d(A.CONTINUE, AddHeaderOp(name="X-3", value="eom"))}, HEADERS)
+    assert [x.name for x in eom.messages if isinstance(x, m.AddHeader)] == [b"X-1", b"X-2", b"X-3"]
+
+
+def test_failure_drops_the_endpoints_connection_modifications_too():
+    """A failing endpoint takes back what it asked for at connect as well, for the rest of the session."""
+    s = state(ep("a", 0, E.CONNECT, E.EOM, on_error=OnError.CONTINUE), ep("b", 1, E.EOM))
+    s.decide(E.CONNECT, {"a": d(A.CONTINUE, ADD)})
+    eom = s.finish_eom({"a": Failure(reason="timeout"), "b": CONTINUE}, HEADERS)
+    assert [(x.endpoint, x.op, x.reason) for x in eom.dropped] == [("a", ADD, DropReason.ENDPOINT_FAILED)]
+    assert eom.messages == (m.Continue(),)
+    assert s.finish_eom({"a": CONTINUE, "b": CONTINUE}, HEADERS).messages == (m.Continue(),)
+
+
+def test_message_refusal_forgets_the_deferred_discard():
+    """A message refused after a deferred discard takes the discard with it."""
+    s = state(ep("a", 0, E.RCPT, E.DATA), ep("b", 1, E.RCPT))
+    s.decide(E.RCPT, {"a": d(A.REJECT), "b": d(A.DISCARD)})
+    assert s.decide(E.DATA, {"a": d(A.TEMPFAIL)}).reply == m.TempFail()
+    assert not s.has_pending
+
+
 def test_session_refusal_drops_connection_modifications():
     """A reject at helo refuses the session and drops the connection's modifications."""
     s = state(ep("a", 0, E.CONNECT, E.HELO))
@@ -474,6 +501,15 @@ def test_quarantine_default_reason_and_first_listed_reason():
     s.decide(E.RCPT, {"b": d(A.QUARANTINE, reason="from b")})
     eom = s.finish_eom({"a": d(A.QUARANTINE, reason="from a")}, HEADERS)
     assert eom.quarantine == "from a"
+
+
+def test_message_quarantine_reason_wins_a_tie_with_the_connection_one():
+    """The same endpoint quarantining at connect and in the message: the message's reason is sent."""
+    s = state(ep("a", 0, E.CONNECT, E.MAIL), ep("b", 1, E.EOM))
+    s.decide(E.CONNECT, {"a": d(A.QUARANTINE, reason="client")})
+    s.decide(E.MAIL, {"a": d(A.QUARANTINE, reason="sender")})
+    assert s.finish_eom({"b": CONTINUE}, HEADERS).quarantine == "sender"
+    assert s.finish_eom({"b": CONTINUE}, HEADERS).quarantine == "client"
 
 
 def test_later_refusal_beats_quarantine():
