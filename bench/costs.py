@@ -48,13 +48,14 @@ from bench import eventloop, procs, run
 from bench.endpoint import _CONTINUE, _EOM, HOOK_PATH
 from bench.loadgen import run_load
 from bench.profiles import PROFILES, Profile, build_envelope, build_message
+from milterbridge.admission import ServerState
 from milterbridge.app import connection_settings
 from milterbridge.client import MilterClient
 from milterbridge.config import Config, EndpointSettings, load_config
-from milterbridge.connection import MilterConnection, ServerState
+from milterbridge.connection import MilterConnection
 from milterbridge.dispatch import Dispatcher
 from milterbridge.metrics import Metrics
-from milterbridge.webhook.client import WebhookClient, WebhookResponse
+from milterbridge.webhook.client import WebhookClient, WebhookResponse, prepare_endpoint
 
 HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,9 +67,7 @@ class _InstantWebhooks:
     def __init__(self) -> None:
         self.eom_body = b""
 
-    async def post(
-        self, settings: EndpointSettings, body: Any, *, webhook_id: str, timeout: float | None = None
-    ) -> Any:
+    async def post(self, endpoint: Any, body: Any, *, webhook_id: str, timeout: float | None = None) -> Any:
         data = body if isinstance(body, bytes) else b"".join(body.chunks())
         # "event" is the first member of every request: no need to parse the rest here.
         eom = data.startswith(b'{"event":"eom"')
@@ -179,8 +178,8 @@ async def milter_side(profile: Profile, messages: int) -> tuple[float, bytes]:
             for _ in range(per_connection):
                 for chunk in transaction:
                     conn.data_received(chunk)
-                    while conn._busy is not None:  # end-of-message runs as a task
-                        await conn._busy
+                    while conn.busy is not None:  # end-of-message runs as a task
+                        await conn.busy
                 done += 1
             for chunk in closing:
                 conn.data_received(chunk)
@@ -195,13 +194,13 @@ async def milter_side(profile: Profile, messages: int) -> tuple[float, bytes]:
 
 async def webhook_calls(url: str, body: bytes, calls: int) -> float:
     """CPU µs per ``WebhookClient.post`` of ``body``."""
-    settings = EndpointSettings(name="bench", url=url, timeout=20.0)
-    async with WebhookClient([settings]) as client:
+    endpoint = prepare_endpoint(EndpointSettings(name="bench", url=url, timeout=20.0))
+    async with WebhookClient() as client:
         for n in range(min(calls, 300)):
-            await client.post(settings, body, webhook_id=f"evt_warm{n}")
+            await client.post(endpoint, body, webhook_id=f"evt_warm{n}")
         started = time.process_time()
         for n in range(calls):
-            await client.post(settings, body, webhook_id=f"evt_{n}")
+            await client.post(endpoint, body, webhook_id=f"evt_{n}")
         return (time.process_time() - started) / calls * 1e6
 
 

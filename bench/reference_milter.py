@@ -9,9 +9,9 @@ and pymilter is the cost of our protocol layer against libmilter's C.
 
     python -m bench.reference_milter --listen inet:127.0.0.1:9901 --events eom
     python -m bench.reference_milter --listen inet:127.0.0.1:9901 --events all
-    python -m bench.reference_milter --listen inet:127.0.0.1:9901 --events eom --quiet connect,helo,mail,rcpt,header
+    python -m bench.reference_milter --listen inet:127.0.0.1:9901 --events eom --no-reply connect,helo,mail,rcpt,header
 
-``--quiet`` asks for more events without answering them (negotiated no-reply), as the bridge
+``--no-reply`` asks for more events without answering them (negotiated no-reply), as the bridge
 does for the events its end-of-message payload is built from: the MTA then sends what it
 sends the bridge, and the milter only takes it in.
 """
@@ -29,6 +29,7 @@ from bench import eventloop
 from bench.profiles import ALL_EVENTS, BENCH_HEADER_NAME, BENCH_HEADER_VALUE
 from milterbridge.connection import HandlerResult
 from milterbridge.milter.constants import Event
+from milterbridge.milter.context import MessageContext
 from milterbridge.milter.messages import Accept, AddHeader, Command, Continue, EndOfMessage, Negotiate, NegotiateReply
 from milterbridge.milter.negotiation import NEGOTIABLE_EVENTS, Requirements, negotiate
 from milterbridge.milter.session import MilterSession
@@ -40,10 +41,10 @@ _CONTINUE = (Continue(),)
 _EOM = (AddHeader(name=BENCH_HEADER_NAME.encode(), value=b" " + BENCH_HEADER_VALUE.encode()), Accept())
 
 
-def requirements_for(events: Sequence[str], quiet: Sequence[str] = ()) -> Requirements:
-    """Ask for ``events`` (``eom`` always comes) and answer every one; ``quiet`` ones too, unanswered."""
+def requirements_for(events: Sequence[str], no_reply: Sequence[str] = ()) -> Requirements:
+    """Ask for ``events`` (``eom`` always comes) and answer every one; ``no_reply`` ones too, unanswered."""
     wanted = frozenset(Event(e) for e in events) & NEGOTIABLE_EVENTS
-    unanswered = frozenset(Event(e) for e in quiet) & NEGOTIABLE_EVENTS
+    unanswered = frozenset(Event(e) for e in no_reply) & NEGOTIABLE_EVENTS
     return Requirements(events=wanted | unanswered, reply_events=wanted)
 
 
@@ -64,15 +65,18 @@ class BenchHandler:
             return _EOM
         return _CONTINUE
 
+    def message_ended(self, message: MessageContext) -> None:
+        return None
+
     def connection_lost(self) -> None:
         return None
 
 
 def build_server(
-    listen: Sequence[str], events: Sequence[str], *, quiet: Sequence[str] = (), max_connections: int = 10000
+    listen: Sequence[str], events: Sequence[str], *, no_reply: Sequence[str] = (), max_connections: int = 10000
 ) -> MilterServer:
-    """A MilterServer (not started) running :class:`BenchHandler` for ``events`` (and ``quiet``)."""
-    requirements = requirements_for(events, quiet)
+    """A MilterServer (not started) running :class:`BenchHandler` for ``events`` (and ``no_reply``)."""
+    requirements = requirements_for(events, no_reply)
     return MilterServer(listen, lambda session: BenchHandler(session, requirements), max_connections=max_connections)
 
 
@@ -98,9 +102,9 @@ def parse_events(text: str) -> tuple[str, ...]:
     return events
 
 
-async def serve(listen: Sequence[str], events: Sequence[str], quiet: Sequence[str] = ()) -> None:
+async def serve(listen: Sequence[str], events: Sequence[str], no_reply: Sequence[str] = ()) -> None:
     """Run until SIGTERM or SIGINT, then drain briefly."""
-    server = build_server(listen, events, quiet=quiet)
+    server = build_server(listen, events, no_reply=no_reply)
     await server.start()
     print("ready", " ".join(server.bound), flush=True)
     stop = asyncio.Event()
@@ -120,10 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listen", action="append", required=True, help="milter address (repeatable)")
     parser.add_argument("--events", type=parse_events, default=("eom",), help="'all' or e.g. connect,helo,eom")
     parser.add_argument(
-        "--quiet", type=parse_events, default=(), help="events also asked for but not answered (no-reply)"
+        "--no-reply", type=parse_events, default=(), help="events also asked for but not answered (no-reply)"
     )
     args = parser.parse_args(argv)
-    eventloop.run(serve(args.listen, args.events, args.quiet))
+    eventloop.run(serve(args.listen, args.events, args.no_reply))
     return 0
 
 

@@ -5,6 +5,9 @@ memory up to ``body_memory_bytes``, then in an anonymous temporary file. Past
 ``max_message_bytes`` nothing more is stored and the message is flagged
 oversize; what happens then is ``server.on_oversize``.
 
+The spool files are visible in metrics: a buffer tells its :class:`SpoolObserver` what it
+writes to disk and, when it is discarded, what it gave back.
+
 A spool file that cannot be written (ENOSPC, a read-only ``/tmp``) or read back is the
 bridge's fault, never the endpoint's: ``append`` records it in :attr:`BodyBuffer.failed` and
 keeps nothing more, and ``chunks`` raises :class:`SpoolError`; either way the dispatcher
@@ -17,7 +20,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Protocol
 
 from milterbridge.milter.context import MemoryBudget
 
@@ -26,10 +29,28 @@ class SpoolError(OSError):
     """The spooled body could not be read back whole (the bridge's fault, not the endpoint's)."""
 
 
+class SpoolObserver(Protocol):
+    """Where spool use is counted (milterbridge.metrics.Metrics satisfies it)."""
+
+    def spooled(self, nbytes: int, *, new_file: bool = True) -> None:
+        """``nbytes`` were written to a spool file; ``new_file`` for the first write of a file."""
+
+    def unspooled(self, nbytes: int) -> None:
+        """A spool file holding ``nbytes`` was removed."""
+
+
 class BodyBuffer:
     """The body of one message, spooled to disk beyond a threshold."""
 
-    def __init__(self, memory_bytes: int, max_bytes: int, *, keep: bool, budget: MemoryBudget | None = None) -> None:
+    def __init__(
+        self,
+        memory_bytes: int,
+        max_bytes: int,
+        *,
+        keep: bool,
+        budget: MemoryBudget | None = None,
+        observer: SpoolObserver | None = None,
+    ) -> None:
         self.memory_bytes = memory_bytes
         #: Shared with every connection of the process: memory bytes are taken from it, and a
         #: piece that does not fit goes to the spool file instead.
@@ -41,8 +62,11 @@ class BodyBuffer:
         self.oversize = False
         #: Why the body could not be kept (a spool write failed), or None.
         self.failed: str | None = None
+        self.observer = observer
         self._memory = bytearray()
         self._file: IO[bytes] | None = None
+        #: Bytes written to the spool file (reported to the observer as given back on discard).
+        self._spooled_bytes = 0
 
     @property
     def spooled(self) -> bool:
@@ -64,8 +88,10 @@ class BodyBuffer:
         ):
             self._memory += data
             return
+        new_file = self._file is None
+        written = len(data) + (len(self._memory) if new_file else 0)  # a new file gets the memory bytes too
         try:
-            if self._file is None:
+            if new_file:
                 # Unbuffered, so that a full disk shows here and not at a later flush or close.
                 self._file = tempfile.TemporaryFile(prefix="milterbridge-body-", buffering=0)  # noqa: SIM115 - owned by this object
                 self._write_all(self._memory)
@@ -74,6 +100,10 @@ class BodyBuffer:
         except OSError as exc:
             self.failed = f"cannot spool the message body: {exc.strerror or exc}"
             self.discard()
+            return
+        self._spooled_bytes += written
+        if self.observer is not None:
+            self.observer.spooled(written, new_file=new_file)
 
     def _write_all(self, data: bytes | bytearray) -> None:
         assert self._file is not None
@@ -125,3 +155,50 @@ class BodyBuffer:
         if spool is not None:
             with contextlib.suppress(OSError):
                 spool.close()
+        if self._spooled_bytes:
+            if self.observer is not None:
+                self.observer.unspooled(self._spooled_bytes)
+            self._spooled_bytes = 0
+
+
+class MessageBody:
+    """The body of a connection's current message: a new :class:`BodyBuffer` per message,
+    freed (memory, budget and spool file) as soon as the message ends."""
+
+    __slots__ = ("budget", "buffer", "keep", "max_bytes", "memory_bytes", "observer")
+
+    def __init__(
+        self,
+        memory_bytes: int,
+        max_bytes: int,
+        *,
+        keep: bool,
+        budget: MemoryBudget | None = None,
+        observer: SpoolObserver | None = None,
+    ) -> None:
+        self.memory_bytes = memory_bytes
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.budget = budget
+        self.observer = observer
+        #: The current message's buffer; None between messages.
+        self.buffer: BodyBuffer | None = None
+
+    def start(self) -> BodyBuffer:
+        """A new message: drop what is left of the last one."""
+        self.drop()
+        self.buffer = BodyBuffer(
+            self.memory_bytes, self.max_bytes, keep=self.keep, budget=self.budget, observer=self.observer
+        )
+        return self.buffer
+
+    def append(self, data: bytes) -> None:
+        """Count (and when kept, store) a piece of the current message's body."""
+        buffer = self.buffer if self.buffer is not None else self.start()
+        buffer.append(data)
+
+    def drop(self) -> None:
+        """The message ended: free its body (never raises)."""
+        buffer, self.buffer = self.buffer, None
+        if buffer is not None:
+            buffer.discard()

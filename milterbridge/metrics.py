@@ -4,7 +4,7 @@ The connection, the server and the dispatcher call plain methods on it (``messag
 ``webhook("policy", "eom", "ok", 0.012)``); none of them touches prometheus_client. The calls sit
 on the hot path, so label children are resolved once and kept in dicts keyed by the label values:
 after the first call for a label set, a call is a dict lookup and an ``inc``. The series touched
-for every milter command or webhook call (``events_total``, ``webhook_requests_total``,
+for every webhook call (``webhook_requests_total``,
 ``webhook_request_duration_seconds``, ``decisions_total``) skip prometheus_client's objects (and
 their locks) altogether: plain dicts, exported by collectors at scrape time. The bridge calls
 them from its event loop only.
@@ -15,7 +15,9 @@ event names, actions, modes and outcomes. Addresses, queue ids and URLs never be
 
 The registry is private (never prometheus_client's global ``REGISTRY``), so several ``Metrics``
 can live in one process, as the tests do. Circuit breaker states are not pushed: a collector asks
-a callable (normally ``WebhookClient.breaker_states``) at scrape time.
+a callable (normally ``Dispatcher.breaker_states``) at scrape time, and the milter events
+received are counted by the sessions themselves and read the same way
+(``ServerState.event_counts``).
 
 Counters also expose prometheus_client's ``_created`` samples; the switch that removes them
 (``prometheus_client.disable_created_metrics``) is process-wide, so it is left to the composition root.
@@ -41,7 +43,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 import milterbridge
-from milterbridge.milter.context import TRUNCATED_PART
+from milterbridge.milter.constants import Event
+from milterbridge.milter.context import Limit
 
 __all__ = [
     "PREFIX",
@@ -52,6 +55,7 @@ __all__ = [
     "TIMEOUT_STAGES",
     "DURATION_BUCKETS",
     "BreakerSource",
+    "EventSource",
     "Metrics",
 ]
 
@@ -79,15 +83,17 @@ WEBHOOK_OUTCOMES: Final = (
 #: select ``state="open"`` without knowing which series exist.
 BREAKER_STATES: Final = ("closed", "open", "half_open")
 #: Why a connection was closed at accept (``connections_refused_total{reason}``); the same
-#: strings as ``milterbridge.connection.REFUSAL_REASONS``.
+#: strings as ``milterbridge.admission.REFUSAL_REASONS``.
 REFUSAL_REASONS: Final = ("not_allowed", "max_connections")
 #: Which timeout closed a connection (``connection_timeouts_total{stage}``).
 TIMEOUT_STAGES: Final = ("negotiate", "idle")
 #: Webhook durations: 1 ms (a local filter) to 30 s (the longest sensible endpoint timeout).
 DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-#: Returns the breaker state per endpoint name, e.g. ``WebhookClient.breaker_states``.
+#: Returns the breaker state per endpoint name, e.g. ``Dispatcher.breaker_states``.
 BreakerSource = Callable[[], Mapping[str, str]]
+#: Returns the milter commands received per event name, e.g. ``ServerState.event_counts``.
+EventSource = Callable[[], Mapping[Event, int]]
 
 _NO_REQUEST: Final = "breaker_open"
 
@@ -129,20 +135,27 @@ class _BreakerCollector:
 
 
 class _EventCollector:
-    """``events_total`` from a plain dict of counts, read at scrape time."""
+    """``events_total`` from the event source (the sessions' own counts), read at scrape time."""
 
     name: Final = PREFIX + "events"
     documentation: Final = "Milter events received, by event name."
 
     def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
+        self.source: EventSource | None = None
 
     def describe(self) -> Iterable[CounterMetricFamily]:
         return [CounterMetricFamily(self.name, self.documentation, labels=("event",))]
 
     def collect(self) -> Iterable[CounterMetricFamily]:
         family = CounterMetricFamily(self.name, self.documentation, labels=("event",))
-        for event, count in sorted(self.counts.items()):
+        if self.source is None:
+            return [family]
+        try:
+            counts = {str(event): count for event, count in self.source().items()}
+        except Exception:
+            log.exception("event count source failed")
+            return [family]
+        for event, count in sorted(counts.items()):
             family.add_metric((event,), float(count))
         return [family]
 
@@ -326,7 +339,7 @@ class Metrics:
             ("limit",),
             registry=registry,
         )
-        for limit in TRUNCATED_PART:
+        for limit in Limit:
             self._oversize.labels(limit)
         self._bridge_faults = Counter(
             PREFIX + "bridge_faults_total",
@@ -401,15 +414,6 @@ class Metrics:
         """A message ended with ``outcome`` (one of ``MESSAGE_OUTCOMES``)."""
         self._messages.get(outcome).inc()
 
-    def event(self, name: str) -> None:
-        """A milter event (``connect``, ``rcpt``, ``eom`` ...) was received."""
-        counts = self._events.counts
-        counts[name] = counts.get(name, 0) + 1
-
-    def event_counts(self) -> dict[str, int]:
-        """The live event tally behind ``event``: a caller on the hot path may add to it directly."""
-        return self._events.counts
-
     def webhook(self, endpoint: str, event: str, outcome: str, seconds: float | None) -> None:
         """A webhook call ended; ``seconds`` is its duration, retry included.
 
@@ -419,10 +423,6 @@ class Metrics:
         self._webhook_requests.inc((endpoint, event, outcome))
         if seconds is not None and outcome != _NO_REQUEST:
             self._webhook_duration.observe((endpoint, event), seconds)
-
-    def retry(self, endpoint: str) -> None:
-        """A webhook request to ``endpoint`` was retried."""
-        self._retries.get(endpoint).inc()
 
     def decision(self, endpoint: str, event: str, action: str, mode: str) -> None:
         """``endpoint`` answered ``action`` for ``event`` in ``mode`` (enforce or observe)."""
@@ -479,6 +479,10 @@ class Metrics:
     def set_task_source(self, source: Callable[[], float]) -> None:
         """Read the number of live asyncio tasks from ``source`` at each scrape."""
         self._tasks.set_function(source)
+
+    def set_event_source(self, source: EventSource | None) -> None:
+        """Where ``events_total`` reads the milter events received, at scrape time."""
+        self._events.source = source
 
     def set_breaker_source(self, source: BreakerSource | None) -> None:
         """Read breaker states from ``source`` at each scrape (None: export none)."""

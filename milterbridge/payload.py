@@ -20,6 +20,7 @@ import orjson
 from milterbridge.body import BodyBuffer
 from milterbridge.milter.constants import Family
 from milterbridge.milter.context import MessageContext, truncated_parts
+from milterbridge.milter.messages import BodyChunk, Command, Connect, Header, Helo, MailFrom, RcptTo, Unknown
 from milterbridge.milter.session import MilterSession
 
 JSON = dict[str, Any]
@@ -250,6 +251,23 @@ class PayloadBuilder:
             obj["truncated"] = truncated_parts(msg, self.session.connection)
         return obj
 
+    def event_data(self, command: Command, body_size: int = 0) -> JSON:
+        """The ``data`` member of a request: what this event adds (``body_size``: body bytes so far)."""
+        match command:
+            case Connect():
+                return self.client()
+            case Helo(hostname=hostname):
+                return text_obj("hostname", hostname)
+            case MailFrom(address=address, args=args) | RcptTo(address=address, args=args):
+                return address_obj(address, args)
+            case Header(name=name, value=value):
+                return header_obj(name, value)
+            case BodyChunk(data=data):
+                return {"offset": body_size - len(data), "base64": b64(data)}
+            case Unknown(line=line):
+                return text_obj("command", line)
+        return {}
+
     def request(self, event: str, data: JSON, msg: MessageContext | None) -> JSON:
         """The request without its ``id`` (set per endpoint call)."""
         return {
@@ -269,41 +287,82 @@ def encode(obj: JSON) -> bytes:
     return encoded
 
 
+class DecodeError(ValueError):
+    """A response body that is not JSON."""
+
+
 def decode(body: bytes) -> object:
-    """Parse a response body; empty means continue (None). Raises ValueError when it is not JSON."""
+    """Parse a response body; empty means continue (None). Raises DecodeError when it is not JSON."""
     if not body.strip():
         return None
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
+        raise DecodeError(f"not JSON: {exc}") from None
 
 
-#: Stands in for ``message.body.base64`` until the body is streamed into the request.
-BODY_PLACEHOLDER = "\x00milterbridge-body\x00"
-_PLACEHOLDER_JSON = orjson.dumps(BODY_PLACEHOLDER)
+class BodyPart:
+    """The ``message.body`` member of an eom request for an endpoint with ``include_body``.
+
+    Up to ``max_bytes`` of the body, base64-encoded; ``truncated`` when the body is longer, or
+    was not kept at all (over ``max_message_bytes``). With ``stream`` the bytes are read from
+    the buffer while the request is sent (:class:`StreamedRequest`), so a large message never
+    sits in memory as one base64 string; without it they are encoded now (a call that outlives
+    the buffer: observe endpoints).
+    """
+
+    __slots__ = ("kept", "source", "stream", "truncated")
+
+    def __init__(self, source: BodyBuffer, max_bytes: int, *, stream: bool) -> None:
+        self.source = source
+        self.kept = 0 if source.oversize else min(max_bytes, source.size)
+        self.truncated = self.kept < source.size
+        self.stream = stream and self.kept > 0
+
+    def json(self) -> JSON:
+        """The member with its base64 last (``encode_request`` cuts the request there)."""
+        encoded = "" if self.stream or not self.kept else b64(self.source.read(self.kept))
+        return {"size": self.source.size, "truncated": self.truncated, "base64": encoded}
+
+
+#: How an encoded request ends when its body is streamed: the (empty) base64 string of
+#: ``message.body``, the body object, the message object and the request itself.
+_STREAMED_END = b'"base64":""}}}'
+
+
+def encode_request(request: JSON, webhook_id: str, body: BodyPart | None = None) -> bytes | StreamedRequest:
+    """The request for one endpoint call, with its id and, for include_body at eom, the body."""
+    if body is None:
+        return encode({**request, "id": webhook_id})
+    # The message (and in it the body, and in that the base64) goes last, so that the bytes
+    # of a streamed body go just before the last four bytes of the encoded request.
+    obj = {key: value for key, value in request.items() if key != "message"}
+    obj["id"] = webhook_id
+    obj["message"] = {**request["message"], "body": body.json()}
+    encoded = encode(obj)
+    if not body.stream:
+        return encoded
+    assert encoded.endswith(_STREAMED_END)
+    split = len(encoded) - len(_STREAMED_END) + len(b'"base64":"')
+    return StreamedRequest(encoded[:split], body.source, body.kept, encoded[split:])
 
 
 class StreamedRequest:
     """A JSON request whose body bytes are base64-encoded from a BodyBuffer while it is sent.
 
-    So a large message at eom never sits in memory as one base64 string: the
-    request is the JSON before the body, the body in 48 KiB pieces, and the
-    JSON after it. ``len()`` is exact (for Content-Length and signing).
+    The request is ``head``, the first ``limit`` bytes of the body in 48 KiB pieces, and
+    ``tail``. ``len()`` is exact (for Content-Length and signing).
     """
 
     __slots__ = ("_size", "head", "limit", "source", "tail")
 
-    def __init__(self, encoded: bytes, source: BodyBuffer, limit: int) -> None:
-        head, sep, tail = encoded.partition(_PLACEHOLDER_JSON)
-        if not sep:
-            raise ValueError("request has no body placeholder")
-        self.head = head + b'"'
-        self.tail = b'"' + tail
+    def __init__(self, head: bytes, source: BodyBuffer, limit: int, tail: bytes) -> None:
+        self.head = head
+        self.tail = tail
         self.source = source
         self.limit = limit
         raw = min(limit, source.size)
-        self._size = len(self.head) + 4 * ((raw + 2) // 3) + len(self.tail)
+        self._size = len(head) + 4 * ((raw + 2) // 3) + len(tail)
 
     def __len__(self) -> int:
         return self._size

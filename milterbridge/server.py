@@ -6,11 +6,13 @@ configured mode (0660 by default) under a matching umask, so it is never
 briefly wider; a stale socket file (nothing listening) is replaced, a live
 one is never stolen.
 
-Admission is decided per accepted socket (``ServerState.admit``): inet peers
-outside ``allowed_clients`` are closed at once; over ``max_connections`` the
-connection is still negotiated and its session tempfailed (``OverflowHandler``)
-up to ``max_overflow`` more; only past that is it closed. Unix-socket peers
-are never filtered by address.
+Admission is decided per accepted socket (:mod:`milterbridge.admission`):
+inet peers outside ``allowed_clients`` are closed at once; over
+``max_connections`` the connection is still negotiated and its session
+tempfailed (``OverflowHandler``) up to ``max_overflow`` more; only past that is
+it closed. Unix-socket peers are never filtered by address. ``state``
+(:class:`~milterbridge.admission.ServerState`) holds the live connections and
+the commands their sessions read (``state.event_counts()``).
 
 Lifecycle (uvicorn's shape): construct, ``start()`` binds, ``shutdown()``
 stops accepting, lets busy connections reach a message boundary until the
@@ -27,14 +29,8 @@ import socket
 import stat
 from collections.abc import Mapping, Sequence
 
-from milterbridge.connection import (
-    ConnectionObserver,
-    ConnectionSettings,
-    HandlerFactory,
-    MilterConnection,
-    Network,
-    ServerState,
-)
+from milterbridge.admission import ConnectionObserver, Network, ServerState
+from milterbridge.connection import ConnectionSettings, HandlerFactory, MilterConnection
 from milterbridge.milter.address import parse_listen_address
 
 log = logging.getLogger("milterbridge.server")

@@ -27,8 +27,8 @@ from bench.profiles import ALL_EVENTS, BENCH_HEADER_NAME, PROFILES, build_messag
 from bench.reference_milter import running
 from bench.report import IdlePoint, Results, SinglePoint, SweepPoint, median_point, render, target_lines
 from bench.run import pymilter_available
-from milterbridge.connection import StaticHandler
 from tests.conftest import assert_no_leaked_tasks, missing_prerequisite, running_server
+from tests.fakes.handlers import StaticHandler
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = ["inet:127.0.0.1:0"]
@@ -43,8 +43,8 @@ def test_profile_message_has_the_requested_shape():
     assert len(body) == profile.body_bytes == 4096
 
 
-def test_reference_milter_takes_quiet_events_without_answering_them():
-    """--quiet events are asked for and negotiated no-reply (what the bridge does for its payload)."""
+def test_reference_milter_takes_no_reply_events_without_answering_them():
+    """--no-reply events are asked for and negotiated no-reply (what the bridge does for its payload)."""
     from bench.reference_milter import requirements_for
     from milterbridge.milter.constants import Event
 

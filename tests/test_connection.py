@@ -14,11 +14,13 @@ import tempfile
 import pytest
 
 from milterbridge.client import Envelope, MilterClient, MilterClientError
-from milterbridge.connection import ConnectionSettings, HandlerResult, StaticHandler
+from milterbridge.connection import ConnectionSettings, HandlerResult
 from milterbridge.milter import messages as m
+from milterbridge.milter.context import MessageContext
 from milterbridge.milter.negotiation import Requirements, negotiate
 from milterbridge.milter.session import MilterSession
 from tests.conftest import running_server
+from tests.fakes.handlers import StaticHandler
 
 MESSAGE = b"From: a@example.org\r\nSubject: caf\xe9 \r\n folded\r\n\r\nline one\r\n\xff\xfe 8-bit\r\n"
 
@@ -54,8 +56,34 @@ class Recorder:
         await asyncio.sleep(self.slow_eom)
         return replies
 
+    def message_ended(self, message: MessageContext) -> None:
+        return None
+
     def connection_lost(self) -> None:
         return None
+
+
+class Journal:
+    """Asks for every event and records, in order, the commands, the messages that ended and the close."""
+
+    def __init__(self, session: MilterSession) -> None:
+        self.session = session
+        self.seen: list[str] = []
+
+    def negotiate(self, offer: m.Negotiate) -> m.NegotiateReply:
+        return negotiate(offer, Requirements()).reply()
+
+    def handle(self, command: m.Command) -> HandlerResult:
+        self.seen.append(type(command).__name__)
+        if not self.session.needs_reply:
+            return None
+        return [m.Accept()] if isinstance(command, m.EndOfMessage) else [m.Continue()]
+
+    def message_ended(self, message: MessageContext) -> None:
+        self.seen.append(f"ended {message.mail_from.decode()}")
+
+    def connection_lost(self) -> None:
+        self.seen.append("lost")
 
 
 def _split_body(message: bytes) -> bytes:
@@ -168,6 +196,44 @@ async def test_garbage_closes_only_that_connection(garbage: bytes, caplog: pytes
         assert result.final == m.Accept()
         await good.quit()
     assert any("closing milter connection" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.asyncio
+async def test_messages_ended_without_end_of_message_reach_the_handler() -> None:
+    """An aborted message is reported before its ABORT, one open at EOF before connection_lost;
+    a message completed at end-of-message is not reported."""
+    journals: list[Journal] = []
+
+    def factory(session: MilterSession) -> Journal:
+        journals.append(Journal(session))
+        return journals[-1]
+
+    async with running_server(factory) as server:
+        client = await MilterClient.open(server.bound[0])
+        await client.negotiate()
+        await client.open_session(Envelope())
+        result = await client.send_transaction(Envelope(), MESSAGE)  # end-of-message, then ABORT
+        assert result.final == m.Accept()
+        await client.mail_from(b"<aborted@example.org>")
+        await client.abort()
+        await client.mail_from(b"<open@example.org>")
+        await client.rcpt_to(b"<rcpt@example.net>")  # answered: the server has read the MAIL
+        await client.aclose()
+        async with asyncio.timeout(5):
+            await server.state.idle.wait()
+    seen = journals[0].seen
+    assert seen.count("EndOfMessage") == 1
+    after_eom = seen[seen.index("EndOfMessage") + 1 :]
+    assert after_eom == [
+        "Abort",
+        "MailFrom",
+        "ended <aborted@example.org>",
+        "Abort",
+        "MailFrom",
+        "RcptTo",
+        "ended <open@example.org>",
+        "lost",
+    ]
 
 
 @pytest.mark.asyncio
@@ -298,7 +364,7 @@ async def test_closed_connections_never_close_a_reused_descriptor() -> None:
                 break
             await asyncio.sleep(0.01)
         assert kept
-        assert all(conn._closed for conn in kept)
+        assert all(conn.transport.is_closing() for conn in kept)
         pipes = [os.pipe() for _ in range(20)]
         try:
             kept.clear()

@@ -18,13 +18,11 @@ import pytest_asyncio
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
-from milterbridge.client import Envelope, MilterClient
-from milterbridge.config import Config, EndpointSettings
-from milterbridge.dispatch import Dispatcher
+from milterbridge.client import Envelope
+from milterbridge.config import Config, EndpointSettings, ServerSettings
 from milterbridge.milter import messages as m
 from milterbridge.milter.constants import Event
-from milterbridge.webhook.client import WebhookClient
-from tests.conftest import running_server
+from tests.harness import LOOPBACK, BridgeHarness
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SECRET = "whsec_" + "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seQ=="
@@ -67,15 +65,12 @@ def tagger_url() -> Iterator[str]:
 
 
 async def run(endpoints: tuple[EndpointSettings, ...], envelope: Envelope, message: bytes):
-    config = Config(endpoints=endpoints)
-    async with WebhookClient(config.endpoints) as client:
-        dispatcher = Dispatcher(config, client)
-        async with running_server(dispatcher) as server:
-            milter = await MilterClient.open(server.bound[0])
-            await milter.negotiate()
-            result = await milter.send_message(envelope, message)
-            await milter.quit()
-        await dispatcher.aclose()
+    config = Config(server=ServerSettings(listen=LOOPBACK), endpoints=endpoints)
+    async with BridgeHarness(config) as bridge:
+        milter = await bridge.client()
+        result = await milter.send_message(envelope, message)
+        await milter.quit()
+        await bridge.settle()
     return result
 
 

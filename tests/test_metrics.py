@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import milterbridge
 from milterbridge.metrics import BREAKER_STATES, DURATION_BUCKETS, MESSAGE_OUTCOMES, Metrics
+from milterbridge.milter.constants import Event
 from milterbridge.webhook.client import WebhookObserver
 from milterbridge.webhook.errors import AttemptOutcome
 
@@ -47,13 +48,28 @@ def test_message_outcomes_exist_at_zero_and_count(metrics):
     assert value(metrics, "milterbridge_messages_total", outcome="rejected") == 0
 
 
-def test_events_counted_by_name(metrics):
-    """event() counts per event name."""
-    for name in ("connect", "rcpt", "rcpt", "eom"):
-        metrics.event(name)
+def test_events_read_from_the_source_at_scrape_time(metrics):
+    """events_total exports what the event source counts, read at each scrape."""
+    counts = {Event.CONNECT: 1, Event.RCPT: 2}
+    assert value(metrics, "milterbridge_events_total", event="rcpt") is None  # no source yet
+    metrics.set_event_source(lambda: counts)
     assert value(metrics, "milterbridge_events_total", event="rcpt") == 2
     assert value(metrics, "milterbridge_events_total", event="connect") == 1
     assert value(metrics, "milterbridge_events_total", event="helo") is None
+    counts[Event.EOM] = 3
+    assert value(metrics, "milterbridge_events_total", event="eom") == 3
+
+
+def test_a_failing_event_source_does_not_break_the_scrape(metrics):
+    """A source that raises leaves events_total empty; the other series are still exported."""
+
+    def broken() -> dict[str, int]:
+        raise RuntimeError("boom")
+
+    metrics.set_event_source(broken)
+    metrics.message("accepted")
+    assert value(metrics, "milterbridge_events_total", event="rcpt") is None
+    assert value(metrics, "milterbridge_messages_total", outcome="accepted") == 1
 
 
 def test_webhook_counts_and_observes_duration(metrics):
@@ -140,16 +156,14 @@ def test_breaker_open_is_counted_but_not_timed(metrics):
     assert value(metrics, "milterbridge_webhook_request_duration_seconds_count", endpoint="policy", event="eom") is None
 
 
-def test_decisions_and_retries(metrics):
-    """decision() counts per endpoint/event/action/mode; retry() per endpoint."""
+def test_decisions(metrics):
+    """decision() counts per endpoint/event/action/mode."""
     metrics.decision("policy", "eom", "reject", "enforce")
     metrics.decision("audit", "eom", "reject", "observe")
     metrics.decision("audit", "eom", "reject", "observe")
-    metrics.retry("policy")
     labels = {"endpoint": "audit", "event": "eom", "action": "reject"}
     assert value(metrics, "milterbridge_decisions_total", mode="observe", **labels) == 2
     assert value(metrics, "milterbridge_decisions_total", mode="enforce", **labels) is None
-    assert value(metrics, "milterbridge_webhook_retries_total", endpoint="policy") == 1
 
 
 def test_on_attempt_counts_only_retries(metrics):

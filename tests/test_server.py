@@ -13,16 +13,19 @@ import tempfile
 
 import pytest
 
-from milterbridge import connection
+from milterbridge import admission
+from milterbridge.admission import OVERFLOW_REPLY, ServerState
 from milterbridge.client import Envelope, MilterClient, MilterClientError
 from milterbridge.config import ConfigError, load_config
-from milterbridge.connection import OVERFLOW_REPLY, ConnectionSettings, ServerState, StaticHandler
+from milterbridge.connection import ConnectionSettings
 from milterbridge.metrics import REFUSAL_REASONS, TIMEOUT_STAGES, Metrics
 from milterbridge.milter import messages as m
 from milterbridge.milter.constants import Event, Family, Protocol
-from milterbridge.milter.negotiation import Requirements
+from milterbridge.milter.negotiation import NEGOTIABLE_EVENTS, Requirements
 from milterbridge.milter.session import MilterSession
+from milterbridge.server import MilterServer
 from tests.conftest import running_server
+from tests.fakes.handlers import StaticHandler
 
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\n\r\nbody\r\n"
 
@@ -173,9 +176,9 @@ async def test_unix_socket_listener_is_not_filtered() -> None:
 def test_ipv4_mapped_peer_matches_ipv4_networks() -> None:
     """A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d; they match the IPv4 networks."""
     state = ServerState(allowed_clients=networks("127.0.0.0/8"))
-    assert state.admit("::ffff:127.0.0.1") == connection.SERVE
-    assert state.admit("::ffff:10.0.0.1") == connection.NOT_ALLOWED
-    assert state.admit(None) == connection.SERVE  # a unix-socket peer
+    assert state.admit("::ffff:127.0.0.1") == admission.SERVE
+    assert state.admit("::ffff:10.0.0.1") == admission.NOT_ALLOWED
+    assert state.admit(None) == admission.SERVE  # a unix-socket peer
 
 
 @pytest.mark.parametrize(
@@ -286,7 +289,76 @@ async def test_over_limit_connections_have_their_own_cap() -> None:
 
 def test_metric_label_values_match_the_listener() -> None:
     """The bounded label values exported by Metrics are the ones the listener uses."""
-    assert set(REFUSAL_REASONS) == set(connection.REFUSAL_REASONS)
-    assert set(TIMEOUT_STAGES) == set(connection.TIMEOUT_STAGES)
-    assert connection.default_max_overflow(1) == 10
-    assert connection.default_max_overflow(1000) == 100
+    assert set(REFUSAL_REASONS) == set(admission.REFUSAL_REASONS)
+    assert set(TIMEOUT_STAGES) == set(admission.TIMEOUT_STAGES)
+    assert admission.default_max_overflow(1) == 10
+    assert admission.default_max_overflow(1000) == 100
+
+
+# --------------------------------------------------------------------------
+# event counts
+
+
+async def _closed(server: MilterServer) -> None:
+    """Wait until every connection of ``server`` has ended."""
+    async with asyncio.timeout(5):
+        await server.state.idle.wait()
+
+
+@pytest.mark.asyncio
+async def test_event_counts_sum_live_and_closed_sessions() -> None:
+    """ServerState.event_counts: per event, the commands every session read (folded ones too),
+    unchanged once the connections have closed."""
+    not_answered = frozenset({Event.HEADER, Event.EOH})
+
+    def folds_headers(session: MilterSession) -> StaticHandler:
+        session.set_unsubscribed({m.Header, m.EndOfHeaders})  # folded in by the session, never handed over
+        return StaticHandler(session, Requirements(reply_events=NEGOTIABLE_EVENTS - not_answered))
+
+    messages = 3
+    async with running_server(folds_headers) as server:
+        first = await MilterClient.open(server.bound[0])
+        await first.negotiate()
+        await first.open_session(Envelope())
+        for _ in range(messages):  # two headers and one body chunk each, then ABORT
+            assert (await first.send_transaction(Envelope(), MESSAGE)).final == m.Accept()
+        second = await MilterClient.open(server.bound[0])
+        await second.negotiate()
+        await second.open_session(Envelope())
+        assert await first.helo(b"again.example.org") == m.Continue()  # answered: the last ABORT was read
+        expected = {
+            Event.CONNECT: 2,
+            Event.HELO: 3,
+            Event.MAIL: messages,
+            Event.RCPT: messages,
+            Event.DATA: messages,
+            Event.HEADER: 2 * messages,
+            Event.EOH: messages,
+            Event.BODY: messages,
+            Event.EOM: messages,
+            Event.ABORT: messages,
+        }
+        assert server.state.event_counts() == expected
+        await first.quit()
+        await second.quit()
+        await _closed(server)
+        expected[Event.CLOSE] = 2
+        assert server.state.event_counts() == expected
+    assert server.state.event_counts() == expected
+
+
+@pytest.mark.asyncio
+async def test_event_counts_include_over_limit_sessions() -> None:
+    """A session served over max_connections counts what it read like any other."""
+    async with running_server(StaticHandler, max_connections=1) as server:
+        holder = await MilterClient.open(server.bound[0])
+        await holder.negotiate()  # asks for end-of-message only: its CONNECT is never sent
+        await holder.open_session(Envelope())
+        extra = await MilterClient.open(server.bound[0])
+        await extra.negotiate()
+        assert await extra.connect(b"client.example") == OVERFLOW_REPLY
+        assert server.state.event_counts() == {Event.CONNECT: 1}
+        await extra.aclose()
+        await holder.aclose()
+        await _closed(server)
+        assert server.state.event_counts() == {Event.CONNECT: 1}

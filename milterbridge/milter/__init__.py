@@ -1,3 +1,4 @@
-"""The sans-IO milter core: codec, messages, negotiation and session (stdlib only)."""
+"""The sans-IO milter core (stdlib only): wire constants and messages, the frame codec,
+negotiation, the protocol rules, the session state machine, its contexts and their limits."""
 
 from __future__ import annotations

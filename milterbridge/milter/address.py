@@ -31,6 +31,8 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?")
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL;
 # a longer path fails only at bind() time with a less helpful message.
 MAX_UNIX_PATH_BYTES = 107
+#: TCP ports are 16-bit.
+MAX_PORT = 65535
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,8 +133,8 @@ def _check_port(text: str, port_text: str) -> int:
     if not port_text.isascii() or not port_text.isdigit():
         raise ValueError(f"{text!r}: the port {port_text!r} is not a number")
     port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"{text!r}: the port {port} is above 65535")
+    if port > MAX_PORT:
+        raise ValueError(f"{text!r}: the port {port} is above {MAX_PORT}")
     return port
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from .constants import DEFAULT_MAX_FRAME_BYTES, LEN_BYTES
 from .errors import FrameTooLargeError, RemoteProtocolError
@@ -22,6 +22,8 @@ _HEADER_BYTES = LEN_BYTES + 1
 _unpack_u32 = _U32.unpack_from
 #: Compact the buffer once this many consumed bytes sit in front of it.
 _COMPACT_AFTER = 64 * 1024
+#: The code :meth:`FrameDecoder.next_raw` returns while no whole frame is buffered (codes are bytes).
+NO_FRAME: Final = -1
 
 M = TypeVar("M", bound=Message)
 
@@ -41,7 +43,8 @@ class FrameDecoder(Generic[M]):
     """Turns a byte stream into typed messages of one direction.
 
     ``feed`` bytes in, then call ``next_message`` until it returns ``None``
-    (more data needed). Malformed input raises :class:`RemoteProtocolError`
+    (more data needed); or ``next_raw`` and, for the frames wanted as messages,
+    ``decode``. Malformed input raises :class:`RemoteProtocolError`
     (or its subclass :class:`FrameTooLargeError`); after that the stream is
     unusable and the connection should be closed.
     """
@@ -101,10 +104,10 @@ class FrameDecoder(Generic[M]):
 
     def next_message(self) -> M | None:
         """The next complete message, or ``None`` if more bytes are needed."""
-        frame = self.next_frame()
-        if frame is None:
+        code, payload = self.next_raw()
+        if code == NO_FRAME:
             return None
-        return self.decode(*frame)
+        return self.decode(code, payload)
 
     def decode(self, code: int, payload: bytes) -> M:
         """The typed message of one frame; raises RemoteProtocolError."""
@@ -113,26 +116,44 @@ class FrameDecoder(Generic[M]):
             raise RemoteProtocolError(f"unknown message code {bytes([code])!r}")
         return cls.decode_payload(payload)
 
-    def next_frame(self) -> tuple[int, bytes] | None:
-        """The next complete frame as (code, payload), or ``None`` if more bytes are needed."""
+    def next_raw(self) -> tuple[int, bytes]:
+        """The next complete frame as (code byte, payload); ``(NO_FRAME, b"")`` until one is buffered.
+
+        The frame is taken off the buffer but not decoded (see :meth:`decode`): the
+        session reads macro packets and the commands it folds in from the payload itself.
+        Raises RemoteProtocolError (or FrameTooLargeError) for a bad length. A pair rather
+        than ``None`` for "no frame": compiled, it is returned by value, so reading a frame
+        allocates nothing but its payload.
+        """
         buf = self._buf
         pos = self._pos
-        if len(buf) - pos < LEN_BYTES:
-            self._compact()
-            return None
+        size = len(buf)
+        if size - pos < LEN_BYTES:
+            if pos == size:  # _compact's common case: every read so far was whole frames
+                if pos:
+                    self._buf = b""
+                    self._pos = 0
+            else:
+                self._compact()
+            return NO_FRAME, b""
         (length,) = _unpack_u32(buf, pos)  # inlined _check_header: this runs per frame
         if length < 1 or length - 1 > self.max_frame_bytes:
             self._check_header()  # raises with the precise reason
         end = pos + LEN_BYTES + length
-        if end > len(buf):
+        if end > size:
             self._compact()
-            return None
+            return NO_FRAME, b""
         code = buf[pos + LEN_BYTES]
         payload = buf[pos + _HEADER_BYTES : end]
         if type(payload) is not bytes:
             payload = bytes(payload)
         self._pos = end
         return code, payload
+
+    def clear(self) -> None:
+        """Drop everything buffered (the stream ended; nothing left in it will be read)."""
+        self._buf = b""
+        self._pos = 0
 
     def _compact(self) -> None:
         """Drop consumed bytes once enough of them sit in front of the buffer."""

@@ -132,7 +132,7 @@ class Event(enum.StrEnum):
     __hash__ = str.__hash__
 
 
-#: Events a milter can switch off (skip flag) or leave unanswered (no-reply flag),
+#: Events a milter can switch off (skip flag) or negotiate as no-reply (no-reply flag),
 #: with the oldest protocol version that sends them. ``eom`` has neither flag.
 EVENT_FLAGS: Final[dict[Event, tuple[Protocol, Protocol, int]]] = {
     Event.CONNECT: (Protocol.NO_CONNECT, Protocol.NR_CONNECT, 2),

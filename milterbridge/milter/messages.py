@@ -181,7 +181,7 @@ class Negotiate(Command, code=b"O"):  # SMFIC_OPTNEG
 
 @dataclass(**_FROZEN)
 class Macro(Command, code=b"D"):  # SMFIC_MACRO
-    """Macro values for the command that follows; never answered.
+    """Macro values for the command that follows; always no-reply.
 
     ``stage`` is the code of the command these macros belong to (Postfix also
     uses ``L`` and ``B``). An odd string count leaves the last name without a
@@ -352,17 +352,17 @@ class EndOfMessage(Command, code=b"E"):  # SMFIC_BODYEOB
 
 @dataclass(**_FROZEN)
 class Abort(Command, code=b"A"):  # SMFIC_ABORT
-    """The transaction ended without (another) end-of-message; never answered."""
+    """The transaction ended without (another) end-of-message; always no-reply."""
 
 
 @dataclass(**_FROZEN)
 class Quit(Command, code=b"Q"):  # SMFIC_QUIT
-    """The session ends and the MTA closes the socket; never answered."""
+    """The session ends and the MTA closes the socket; always no-reply."""
 
 
 @dataclass(**_FROZEN)
 class QuitNewConnection(Command, code=b"K"):  # SMFIC_QUIT_NC
-    """The session ends but the socket stays open for a new CONNECT (v6)."""
+    """The session ends but the socket stays open for a new CONNECT (v6); always no-reply."""
 
 
 @dataclass(**_FROZEN)

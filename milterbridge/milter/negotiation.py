@@ -2,15 +2,19 @@
 
 The rule (milter-protocol.md §4.4): answer version ``min(6, offered)``, ask
 for actions that are a subset of the offer, switch off events nobody needs
-(``SMFIP_NO*``) and leave unanswered the events we never decide on
+(``SMFIP_NO*``) and negotiate as no-reply the events we never decide on
 (``SMFIP_NR_*``), each bit ANDed with the offer. Fewer round trips is the main
 performance lever, so the caller states exactly which events it needs.
+
+:func:`requirements` derives what we need from the endpoints' subscriptions
+(design.md §3.6); :func:`negotiate` meets it with the MTA's offer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from .constants import (
     ALL_ACTIONS,
@@ -31,6 +35,31 @@ from .messages import Negotiate, NegotiateReply
 #: Events that can appear in a requirement's ``events`` (``eom`` is always sent).
 NEGOTIABLE_EVENTS = frozenset(EVENT_FLAGS)
 
+#: Events always requested from the MTA: they build the payload context.
+CONTEXT_EVENTS: Final = frozenset({Event.CONNECT, Event.HELO, Event.MAIL, Event.RCPT, Event.HEADER})
+#: Events requested only when an endpoint subscribes.
+OPTIONAL_EVENTS: Final = frozenset({Event.DATA, Event.EOH, Event.UNKNOWN, Event.BODY})
+
+#: Postfix's default macro lists per stage (milter-protocol.md §8.1), always
+#: requested so that the payload carries them whatever main.cf says.
+DEFAULT_MACROS: Final[Mapping[MacroStage, tuple[bytes, ...]]] = {
+    MacroStage.CONNECT: (b"j", b"{daemon_name}", b"{daemon_addr}", b"v", b"_", b"{client_addr}", b"{client_name}"),
+    MacroStage.HELO: (b"{tls_version}", b"{cipher}", b"{cipher_bits}", b"{cert_subject}", b"{cert_issuer}"),
+    MacroStage.ENVFROM: (
+        b"i",
+        b"{auth_type}",
+        b"{auth_authen}",
+        b"{auth_author}",
+        b"{mail_addr}",
+        b"{mail_host}",
+        b"{mail_mailer}",
+    ),
+    MacroStage.ENVRCPT: (b"i", b"{rcpt_addr}", b"{rcpt_host}", b"{rcpt_mailer}"),
+    MacroStage.DATA: (b"i",),
+    MacroStage.EOH: (b"i",),
+    MacroStage.EOM: (b"i",),
+}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Requirements:
@@ -38,7 +67,8 @@ class Requirements:
 
     ``events`` are delivered; of those, only ``reply_events`` are answered,
     the rest are negotiated as no-reply where the MTA allows it. ``eom`` is
-    always delivered and answered (no flag exists for it).
+    always delivered and answered (no flag exists for it). :func:`requirements`
+    builds the bridge's from its endpoints.
     """
 
     events: frozenset[Event] = NEGOTIABLE_EVENTS
@@ -73,7 +103,7 @@ class Negotiated:
     macros: tuple[tuple[MacroStage, bytes], ...]
     #: Wanted actions the MTA did not offer (log them; we carry on without).
     missing_actions: Action
-    #: Wanted no-reply events the MTA cannot leave unanswered: reply "continue".
+    #: Events wanted no-reply that the MTA offers no ``SMFIP_NR_*`` bit for: reply "continue".
     forced_replies: frozenset[Event]
     #: Wanted events the MTA will not send at this version or offer.
     unavailable_events: frozenset[Event]
@@ -86,6 +116,34 @@ class Negotiated:
     def reply(self) -> NegotiateReply:
         """The OPTNEG answer to send."""
         return NegotiateReply(version=self.version, actions=self.actions, protocol=self.protocol, macros=self.macros)
+
+
+def requirements(
+    subscribed: Iterable[Event],
+    enforced: Iterable[Event],
+    *,
+    macros: Iterable[bytes] = (),
+    body: bool = False,
+) -> Requirements:
+    """What the bridge needs from the MTA, from what its endpoints ask for (design.md §3.6).
+
+    ``subscribed``: the events some endpoint subscribes to; ``enforced``: those some
+    enforce-mode endpoint subscribes to (only these are answered, the rest are no-reply);
+    ``macros``: extra macro names endpoints ask for, requested at every stage after
+    :data:`DEFAULT_MACROS`; ``body``: some endpoint wants the message body, so body chunks
+    are delivered even when nobody subscribes to ``body``. :data:`CONTEXT_EVENTS` are
+    always delivered, :data:`OPTIONAL_EVENTS` when subscribed.
+    """
+    events = set(CONTEXT_EVENTS) | (set(subscribed) & OPTIONAL_EVENTS)
+    if body:
+        events.add(Event.BODY)  # no-reply unless an enforcing endpoint subscribes
+    extra = tuple(dict.fromkeys(macros))
+    return Requirements(
+        events=frozenset(events),
+        reply_events=frozenset(enforced) & events,
+        actions=ALL_ACTIONS & ~Action.SETSYMLIST,
+        macros={stage: tuple(dict.fromkeys(names + extra)) for stage, names in DEFAULT_MACROS.items()},
+    )
 
 
 def negotiate(offer: Negotiate, requirements: Requirements) -> Negotiated:

@@ -1,8 +1,9 @@
-"""The HTTP side of milterbridge: signed webhook calls with a budget, a retry and a breaker.
+"""The HTTP side of milterbridge: signed webhook requests with a budget and a retry.
 
-``WebhookClient`` owns the process's one connection pool (``http``); ``signing`` makes the
-Standard Webhooks headers; ``errors`` holds the ``WebhookError`` tree; ``breaker`` the
-per-endpoint circuit breaker.
+``WebhookClient`` owns the process's one connection pool (``http``) and posts to endpoints
+``prepare_endpoint`` made ready; ``signing`` makes the Standard Webhooks headers; ``errors``
+holds the ``WebhookError`` tree; ``breaker`` the circuit breaker that ``milterbridge.endpoint``
+keeps per endpoint.
 """
 
 from __future__ import annotations
@@ -11,18 +12,18 @@ from milterbridge.webhook.breaker import BreakerState, CircuitBreaker
 from milterbridge.webhook.client import (
     RETRY_STATUSES,
     USER_AGENT,
+    BodySource,
+    PreparedEndpoint,
     WebhookClient,
     WebhookObserver,
     WebhookResponse,
     build_ssl_context,
-    decode_json,
+    prepare_endpoint,
 )
 from milterbridge.webhook.errors import (
     AttemptOutcome,
-    WebhookBreakerOpenError,
     WebhookConnectionError,
     WebhookError,
-    WebhookInvalidBodyError,
     WebhookRedirectError,
     WebhookResponseTooLargeError,
     WebhookStatusError,
@@ -36,8 +37,10 @@ __all__ = [
     "WebhookClient",
     "WebhookResponse",
     "WebhookObserver",
+    "BodySource",
+    "PreparedEndpoint",
+    "prepare_endpoint",
     "AttemptOutcome",
-    "decode_json",
     "build_ssl_context",
     "USER_AGENT",
     "RETRY_STATUSES",
@@ -53,7 +56,5 @@ __all__ = [
     "WebhookStatusError",
     "WebhookRedirectError",
     "WebhookResponseTooLargeError",
-    "WebhookInvalidBodyError",
-    "WebhookBreakerOpenError",
     "redact_url",
 ]

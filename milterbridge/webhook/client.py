@@ -15,15 +15,15 @@ enforces come from design.md §3.2 and §3.5:
   ``WebhookRedirectError`` and is never followed (the request carries secrets and tokens).
 - The response body is read in chunks up to ``max_response_bytes``; one byte more and the
   connection is closed and ``WebhookResponseTooLargeError`` raised.
-- A circuit breaker per endpoint (``webhook.breaker``) is asked before the call and told the
-  result after. It judges the endpoint, not the mail: a response over ``max_response_bytes``
-  and a spooled body the bridge cannot read count neither way, and an answer the dispatcher
-  finds invalid is a success here (the endpoint answered in time).
+- A spooled body that cannot be read fails the call with ``SpoolError``: the bridge's fault,
+  so it is no ``WebhookError``.
 
 Per-endpoint work (the request head up to the per-call headers, signer, TLS context, redacted
-URL) is done once and cached by endpoint name; a reload that hands in changed settings
-rebuilds the entry. The HTTP/1.1 exchange itself is ``webhook.http`` (why not aiohttp's
-client: see there).
+URL) is done once, by ``prepare_endpoint``, when a config snapshot is built
+(``milterbridge.endpoint.build_endpoints``). The client keeps no endpoints and no circuit
+breaker: the caller holds both, and only it knows whether an answer was a valid decision
+(``WebhookError.endpoint_failure`` tells it which failures are the endpoint's). The HTTP/1.1
+exchange itself is ``webhook.http`` (why not aiohttp's client: see there).
 """
 
 from __future__ import annotations
@@ -33,24 +33,20 @@ import base64
 import functools
 import ssl
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Protocol, Self
 
-import orjson
 from yarl import URL
 
 import milterbridge
 from milterbridge.body import SpoolError
 from milterbridge.config import HTTP_TOKEN, RESERVED_HEADERS, EndpointSettings, TlsSettings
-from milterbridge.webhook.breaker import CircuitBreaker
 from milterbridge.webhook.errors import (
     AttemptOutcome,
-    WebhookBreakerOpenError,
     WebhookConnectionError,
     WebhookError,
-    WebhookInvalidBodyError,
     WebhookRedirectError,
     WebhookResponseTooLargeError,
     WebhookStatusError,
@@ -73,11 +69,13 @@ from milterbridge.webhook.signing import Signer
 __all__ = [
     "USER_AGENT",
     "RETRY_STATUSES",
+    "BodySource",
+    "PreparedEndpoint",
     "WebhookResponse",
     "WebhookObserver",
     "WebhookClient",
     "build_ssl_context",
-    "decode_json",
+    "prepare_endpoint",
 ]
 
 USER_AGENT: Final = f"milterbridge/{milterbridge.__version__}"
@@ -101,10 +99,6 @@ class BodySource(Protocol):
     def chunks(self) -> Iterator[bytes]: ...
 
 
-#: Endpoint settings of old snapshots kept prepared at once (sessions opened before reloads).
-_MAX_STALE_ENDPOINTS: Final = 64
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WebhookResponse:
     """A successful answer: status 200 or 204, the raw body, and how it went."""
@@ -121,26 +115,8 @@ class WebhookObserver(Protocol):
     """Hook for metrics: told about every attempt, so webhook/ needs no metrics import."""
 
     def on_attempt(self, endpoint: str, attempt: int, outcome: AttemptOutcome, elapsed: float) -> None:
-        """One attempt ended. ``attempt`` is 1, or 2 for the retry, or 0 when the breaker
-        refused the call (``outcome`` breaker_open, nothing sent); ``elapsed`` is the seconds
-        this attempt took. Must not raise or block."""
-
-
-def decode_json(body: bytes) -> object:
-    """Parse a response body with orjson; an empty (or blank) body is ``None``.
-
-    Anything orjson refuses (invalid JSON, invalid UTF-8, nesting deeper than its limit of
-    1024) raises ``WebhookInvalidBodyError``, without the body in the message.
-    """
-    if not body or body.isspace():
-        return None
-    try:
-        return orjson.loads(body)
-    except (orjson.JSONDecodeError, RecursionError) as exc:
-        # JSONDecodeError's text quotes the offending document; keep only the position.
-        position = getattr(exc, "pos", None)
-        where = f" at byte {position}" if position is not None else ""
-        raise WebhookInvalidBodyError(f"response body is not valid JSON{where}") from None
+        """One attempt ended. ``attempt`` is 1, or 2 for the retry; ``elapsed`` is the
+        seconds this attempt took. Must not raise or block."""
 
 
 @functools.cache
@@ -176,12 +152,15 @@ def _header_line(name: str, value: str) -> bytes:
     return line.encode("latin-1")
 
 
-class _Endpoint:
-    """What is precomputed for one endpoint (see the module docstring)."""
+class PreparedEndpoint:
+    """What is precomputed for one endpoint: the request head, origin, signer and redacted URL.
 
-    __slots__ = ("breaker", "head", "name", "origin", "safe_url", "settings", "signer")
+    Build it with ``prepare_endpoint``; it does not change afterwards.
+    """
 
-    def __init__(self, settings: EndpointSettings, tls: ssl.SSLContext | None, breaker: CircuitBreaker) -> None:
+    __slots__ = ("head", "name", "origin", "safe_url", "settings", "signer")
+
+    def __init__(self, settings: EndpointSettings, tls: ssl.SSLContext | None) -> None:
         self.settings = settings
         self.name = settings.name
         url = URL(settings.url)
@@ -189,7 +168,6 @@ class _Endpoint:
             raise ValueError(f"endpoint {self.name!r}: the url must be http:// or https:// with a host")
         self.safe_url = redact_url(settings.url)
         self.origin = Origin(url.raw_host, url.port, tls if url.scheme == "https" else None)
-        self.breaker = breaker
         self.signer = Signer(settings.secrets) if settings.secrets else None
         host = f"[{url.raw_host}]" if ":" in url.raw_host else url.raw_host
         if url.explicit_port is not None and url.explicit_port != _DEFAULT_PORTS[url.scheme]:
@@ -225,43 +203,47 @@ class _Endpoint:
         )
 
 
+def prepare_endpoint(
+    settings: EndpointSettings, ssl_contexts: dict[TlsSettings, ssl.SSLContext] | None = None
+) -> PreparedEndpoint:
+    """The request state of one endpoint, for ``WebhookClient.post``.
+
+    TLS files are read and secrets decoded here: a bad URL, secret, header or TLS file
+    raises ``ValueError`` or ``OSError``. ``ssl_contexts`` is a cache shared while one
+    snapshot's endpoints are prepared, so endpoints with equal TLS settings share a context.
+    """
+    context = None
+    tls = settings.tls
+    # TLS files are loaded (and so checked) even for an http:// URL, where they go unused.
+    if settings.url[:6].lower() == "https:" or tls.ca_file is not None or tls.cert_file is not None:
+        if ssl_contexts is None:
+            context = build_ssl_context(tls)
+        else:
+            context = ssl_contexts.get(tls)
+            if context is None:
+                context = ssl_contexts[tls] = build_ssl_context(tls)
+    return PreparedEndpoint(settings, context)
+
+
 class WebhookClient:
     """Posts webhooks over one long-lived pool of kept-alive connections (``webhook.http``).
 
-    Construct, then ``await start()`` (or ``async with``); ``aclose()`` closes the pool.
-    ``endpoints`` given here are prepared at ``start()`` (TLS files load and secrets decode
-    then, so bad ones fail start-up with ``ValueError``/``OSError``); others are prepared on
-    first use, where the same problems become a ``WebhookError`` of that call. The pool has
-    no size limit (a pool wait would eat the endpoint's budget; the milter connections bound
-    the calls in flight). ``keepalive_timeout`` stays under the 5 s idle timeout common in
-    web servers so an idle connection is dropped by us before the server closes it under a
-    new request.
+    Construct, then ``await start()`` (or ``async with``); ``aclose()`` closes the pool. The
+    pool has no size limit (a pool wait would eat the endpoint's budget; the milter
+    connections bound the calls in flight). ``keepalive_timeout`` stays under the 5 s idle
+    timeout common in web servers so an idle connection is dropped by us before the server
+    closes it under a new request.
     """
 
-    def __init__(
-        self,
-        endpoints: Iterable[EndpointSettings] = (),
-        *,
-        keepalive_timeout: float = 4.0,
-        observer: WebhookObserver | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._initial = tuple(endpoints)
+    def __init__(self, *, keepalive_timeout: float = 4.0, observer: WebhookObserver | None = None) -> None:
         self._keepalive_timeout = keepalive_timeout
         self._observer = observer
-        self._clock = clock
         self._pool: HttpPool | None = None
-        self._endpoints: dict[str, _Endpoint] = {}
-        self._stale: dict[EndpointSettings, _Endpoint] = {}
-        self._ssl_cache: dict[TlsSettings, ssl.SSLContext] = {}
 
     async def start(self) -> None:
-        """Open the pool and prepare the endpoints given to the constructor."""
-        if self._pool is not None:
-            return
-        for settings in self._initial:
-            self._prepare(settings)
-        self._pool = HttpPool(keepalive_timeout=self._keepalive_timeout)
+        """Open the pool."""
+        if self._pool is None:
+            self._pool = HttpPool(keepalive_timeout=self._keepalive_timeout)
 
     async def aclose(self) -> None:
         """Close the pool and its idle connections."""
@@ -278,87 +260,13 @@ class WebhookClient:
     ) -> None:
         await self.aclose()
 
-    def update_endpoints(self, endpoints: Iterable[EndpointSettings]) -> None:
-        """Replace the prepared endpoints (SIGHUP reload).
-
-        TLS files are read again (certificates get rotated under the same path); an endpoint
-        whose URL and breaker settings are unchanged keeps its breaker state. Raises like
-        ``start()``; on error the previous endpoints stay in place.
-        """
-        old, old_cache = self._endpoints, self._ssl_cache
-        self._endpoints, self._ssl_cache = {}, {}
-        try:
-            for settings in endpoints:
-                previous = old.get(settings.name)
-                if previous is not None:
-                    self._endpoints[settings.name] = previous
-                self._prepare(settings, rebuild=True)
-        except BaseException:
-            self._endpoints, self._ssl_cache = old, old_cache
-            raise
-
-    def breaker_states(self) -> dict[str, str]:
-        """Breaker state per endpoint name: ``closed``, ``open`` or ``half_open``."""
-        return {name: str(ep.breaker.state) for name, ep in self._endpoints.items()}
-
-    def _endpoint(self, settings: EndpointSettings) -> _Endpoint:
-        ep = self._endpoints.get(settings.name)
-        if ep is not None and ep.settings is settings:
-            return ep
-        if ep is None or ep.settings == settings:
-            return self._prepare(settings)
-        # Settings from before a reload (a session still on the old snapshot): serve them
-        # from a side table, so the current endpoint (and its breaker) is not replaced
-        # back and forth between old and new sessions.
-        stale = self._stale.get(settings)
-        if stale is None:
-            if len(self._stale) >= _MAX_STALE_ENDPOINTS:
-                self._stale.clear()
-            stale = self._stale[settings] = self._build(settings, self._new_breaker(settings))
-        return stale
-
-    def _new_breaker(self, settings: EndpointSettings) -> CircuitBreaker:
-        return CircuitBreaker(
-            failure_rate=settings.breaker_failure_rate,
-            min_calls=settings.breaker_min_calls,
-            window=settings.breaker_window,
-            probe_delay=settings.breaker_probe,
-            max_delay=settings.breaker_reset,
-            clock=self._clock,
-        )
-
-    def _build(self, settings: EndpointSettings, breaker: CircuitBreaker) -> _Endpoint:
-        """An endpoint with its (cached) TLS context and the given breaker."""
-        context = None
-        tls = settings.tls
-        # TLS files are loaded (and so checked) even for an http:// URL, where they go unused.
-        if settings.url[:6].lower() == "https:" or tls.ca_file is not None or tls.cert_file is not None:
-            context = self._ssl_cache.get(settings.tls)
-            if context is None:
-                context = self._ssl_cache[settings.tls] = build_ssl_context(settings.tls)
-        return _Endpoint(settings, context, breaker)
-
-    def _prepare(self, settings: EndpointSettings, *, rebuild: bool = False) -> _Endpoint:
-        previous = self._endpoints.get(settings.name)
-        if previous is not None and not rebuild and previous.settings == settings:
-            previous.settings = settings  # identical content: next lookup takes the fast path
-            return previous
-        keep_breaker = (
-            previous is not None
-            and previous.settings.url == settings.url
-            and _breaker_settings(previous.settings) == _breaker_settings(settings)
-        )
-        breaker = previous.breaker if keep_breaker and previous is not None else self._new_breaker(settings)
-        ep = self._endpoints[settings.name] = self._build(settings, breaker)
-        return ep
-
-    def _observe(self, ep: _Endpoint, attempt: int, outcome: AttemptOutcome, elapsed: float) -> None:
+    def _observe(self, ep: PreparedEndpoint, attempt: int, outcome: AttemptOutcome, elapsed: float) -> None:
         if self._observer is not None:
             self._observer.on_attempt(ep.name, attempt, outcome, elapsed)
 
     async def post(
         self,
-        endpoint: EndpointSettings,
+        endpoint: PreparedEndpoint,
         body: bytes | BodySource,
         *,
         webhook_id: str,
@@ -367,42 +275,23 @@ class WebhookClient:
     ) -> WebhookResponse:
         """POST ``body`` (encoded JSON) to ``endpoint``; see the module docstring for the rules.
 
-        ``timeout`` overrides ``endpoint.timeout`` as the whole budget in seconds (e.g. what
-        is left of a phase). Raises a ``WebhookError``; cancellation propagates unchanged.
+        ``timeout`` overrides the endpoint's ``timeout`` as the whole budget in seconds (e.g.
+        what is left of a phase). Raises a ``WebhookError``, or ``SpoolError`` when a streamed
+        body cannot be read; cancellation propagates unchanged.
         """
         if self._pool is None:
             raise RuntimeError("WebhookClient.start() has not been called")
-        try:
-            ep = self._endpoint(endpoint)
-        except (ValueError, OSError) as exc:
-            # Settings the config check should have refused (bad secret, unreadable TLS file):
-            # fail this call through on_error instead of breaking the caller.
-            raise WebhookError(f"cannot prepare the endpoint: {exc}", endpoint=endpoint.name) from None
-        budget = endpoint.timeout if timeout is None else timeout
+        budget = endpoint.settings.timeout if timeout is None else timeout
         if budget <= 0:
-            # Nothing left of the caller's phase: not the endpoint's fault, so no breaker count.
-            raise WebhookTimeoutError("no time left for the call", timeout=budget, endpoint=ep.name, url=ep.safe_url)
-        breaker = ep.breaker
-        ticket = breaker.allow()
-        if not ticket:
-            self._observe(ep, 0, AttemptOutcome.BREAKER_OPEN, 0.0)
-            raise WebhookBreakerOpenError("circuit breaker is open; not called", endpoint=ep.name, url=ep.safe_url)
-        try:
-            response = await self._call(self._pool, ep, body, webhook_id, budget)
-        except WebhookError as exc:
-            if exc.endpoint_failure:
-                breaker.record_failure(ticket)
-            else:
-                breaker.release(ticket)
-            raise
-        except BaseException:
-            breaker.release(ticket)  # cancelled: says nothing about the endpoint
-            raise
-        breaker.record_success(ticket)
-        return response
+            error = WebhookTimeoutError(
+                "no time left for the call", timeout=budget, endpoint=endpoint.name, url=endpoint.safe_url
+            )
+            error.endpoint_failure = False  # the caller's phase ran out, not the endpoint
+            raise error
+        return await self._call(self._pool, endpoint, body, webhook_id, budget)
 
     async def _call(
-        self, pool: HttpPool, ep: _Endpoint, body: bytes | BodySource, webhook_id: str, budget: float
+        self, pool: HttpPool, ep: PreparedEndpoint, body: bytes | BodySource, webhook_id: str, budget: float
     ) -> WebhookResponse:
         loop = asyncio.get_running_loop()
         started = attempt_started = loop.time()
@@ -442,7 +331,7 @@ class WebhookClient:
             raise
 
     async def _attempt(
-        self, pool: HttpPool, ep: _Endpoint, body: bytes | BodySource, webhook_id: str
+        self, pool: HttpPool, ep: PreparedEndpoint, body: bytes | BodySource, webhook_id: str
     ) -> tuple[int, bytes]:
         """One HTTP request: (status, body) for 200/204; otherwise a ``WebhookError``."""
         try:
@@ -496,17 +385,7 @@ class WebhookClient:
         )
 
 
-def _breaker_settings(settings: EndpointSettings) -> tuple[float, int, float, float, float]:
-    return (
-        settings.breaker_failure_rate,
-        settings.breaker_min_calls,
-        settings.breaker_window,
-        settings.breaker_probe,
-        settings.breaker_reset,
-    )
-
-
-def _too_large(ep: _Endpoint, max_bytes: int) -> WebhookResponseTooLargeError:
+def _too_large(ep: PreparedEndpoint, max_bytes: int) -> WebhookResponseTooLargeError:
     return WebhookResponseTooLargeError(
         f"response body larger than {max_bytes} bytes", max_bytes=max_bytes, endpoint=ep.name, url=ep.safe_url
     )

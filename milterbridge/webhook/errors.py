@@ -1,8 +1,9 @@
 """Errors of the webhook client, and the outcome names used for metrics.
 
-Every failure of a webhook call is a ``WebhookError``; the dispatcher turns any of them into
-the endpoint's ``on_error`` action (design.md §3.5). Leaves also inherit a builtin where
-generic handlers benefit, as aiohttp's client exceptions do::
+Every failure of a webhook request is a ``WebhookError``; the endpoint call step
+(``milterbridge.endpoint``) turns any of them into the endpoint's ``on_error`` action
+(design.md §3.5). Leaves also inherit a builtin where generic handlers benefit, as aiohttp's
+client exceptions do::
 
     WebhookError
     ├── WebhookTimeoutError            (also TimeoutError)  budget spent, retry included
@@ -10,14 +11,13 @@ generic handlers benefit, as aiohttp's client exceptions do::
     │   └── WebhookTlsError            certificate or handshake failure; never retried
     ├── WebhookStatusError             a status other than 200 / 204 (and not 3xx)
     ├── WebhookRedirectError           a 3xx answer; redirects are never followed
-    ├── WebhookResponseTooLargeError   body over the endpoint's max_response_bytes
-    ├── WebhookInvalidBodyError        not JSON, or not a valid decision
-    └── WebhookBreakerOpenError        the circuit breaker refused the call
+    └── WebhookResponseTooLargeError   body over the endpoint's max_response_bytes
 
-The circuit breaker counts every one as a failure of the endpoint except
-``WebhookResponseTooLargeError`` (the endpoint answered; the answer concerns one message) and
-errors the client marks as the bridge's own fault (a spooled body it could not read): those
-set ``endpoint_failure`` to False and count neither way.
+The endpoint's circuit breaker counts every one as a failure of the endpoint unless its
+``endpoint_failure`` is False: ``WebhookResponseTooLargeError`` (the endpoint answered; the
+answer concerns one message) and the timeout of a call that had no time left before it
+started (the caller's phase ran out). Those count neither way. A spooled body the bridge
+cannot read is no ``WebhookError`` at all (``milterbridge.body.SpoolError``).
 
 Messages are safe to log: URLs go through ``redact_url`` (no userinfo, query or fragment),
 and no secret, header value or response body ever appears in them.
@@ -38,14 +38,17 @@ __all__ = [
     "WebhookStatusError",
     "WebhookRedirectError",
     "WebhookResponseTooLargeError",
-    "WebhookInvalidBodyError",
-    "WebhookBreakerOpenError",
     "redact_url",
 ]
 
 
 class AttemptOutcome(enum.StrEnum):
-    """How one HTTP attempt (or a refused call) ended; a bounded metrics label."""
+    """How one HTTP attempt or call ended; a bounded metrics label.
+
+    The client reports attempts with the transport and HTTP outcomes; ``invalid_body`` and
+    ``breaker_open`` are set by the endpoint call step, which decodes answers and keeps the
+    breaker.
+    """
 
     OK = "ok"
     TIMEOUT = "timeout"
@@ -92,7 +95,8 @@ class WebhookError(Exception):
     """
 
     outcome: ClassVar[AttemptOutcome] = AttemptOutcome.CONNECTION_ERROR
-    #: Whether the circuit breaker counts this as the endpoint's failure (see the module docstring).
+    #: Whether the circuit breaker counts this as the endpoint's failure (see the module docstring);
+    #: the client sets it False on the instance for a call that had no time left.
     endpoint_failure: bool = True
     #: Whether the client may retry after this error (design.md §3.5); set by the client.
     retryable: bool
@@ -178,15 +182,3 @@ class WebhookResponseTooLargeError(WebhookError):
     def __init__(self, message: str, *, max_bytes: int, **kwargs: Unpack[_ErrorContext]) -> None:
         super().__init__(message, **kwargs)
         self.max_bytes = max_bytes
-
-
-class WebhookInvalidBodyError(WebhookError):
-    """The response body is not JSON, or not a decision the contract allows."""
-
-    outcome = AttemptOutcome.INVALID_BODY
-
-
-class WebhookBreakerOpenError(WebhookError):
-    """The endpoint's circuit breaker is open: no request was sent."""
-
-    outcome = AttemptOutcome.BREAKER_OPEN

@@ -1,4 +1,4 @@
-"""The engine fixture: fake endpoints, webhook client, dispatcher and milter listener in one.
+"""The engine fixture: fake endpoints and one bridge (``tests.harness.BridgeHarness``) in one.
 
 ``engine`` yields an :class:`Engine` whose fake endpoint server is already running; a test
 builds its endpoints from it and starts the bridge::
@@ -11,50 +11,38 @@ builds its endpoints from it and starts the bridge::
         assert engine.events("policy") == ["rcpt"]
 
 Each endpoint named ``name`` listens on the path ``/name`` of the one fake server. At teardown
-every client is closed, the listener drained, background calls awaited, the HTTP pool and the
-fake server closed, every recorded request checked against the OpenAPI request schema (when
-``tests/contract.py`` is present) and the loop checked for leaked tasks.
+every client is closed, the bridge drained and stopped (background calls awaited, the HTTP pool
+closed), the fake server closed, every recorded request checked against the OpenAPI request
+schema (``tests/contract.py``) and the loop checked for leaked tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib
 import socket
 from collections.abc import AsyncIterator
-from types import ModuleType
 from typing import Any
 
 import pytest_asyncio
 
-from milterbridge.app import connection_settings
 from milterbridge.client import Envelope, MilterClient, TransactionResult
 from milterbridge.config import Config, EndpointSettings, ServerSettings
-from milterbridge.dispatch import Dispatcher
 from milterbridge.metrics import Metrics
 from milterbridge.milter.constants import ALL_ACTIONS, ALL_PROTOCOL
 from milterbridge.server import MilterServer
-from milterbridge.webhook.client import WebhookClient
+from tests import contract
 from tests.conftest import assert_no_leaked_tasks
 from tests.fakes.webhooks import FakeWebhooks, RecordedRequest
+from tests.harness import LOOPBACK, BridgeHarness
 
 #: The usual test message: three headers and a one-line body.
 MESSAGE = b"From: Alice <alice@example.org>\r\nTo: bob@example.net\r\nSubject: hello\r\n\r\nHello Bob.\r\n"
 ENVELOPE = Envelope()
 
 
-def _load_contract() -> ModuleType | None:
-    """tests/contract.py when it exists (it is written alongside these tests)."""
-    try:
-        return importlib.import_module("tests.contract")
-    except ModuleNotFoundError as exc:
-        if exc.name != "tests.contract":
-            raise  # the module is there but broken: say so rather than skip validation
-        return None
-
-
-CONTRACT = _load_contract()
+#: ``tests.contract``: every request is checked against the OpenAPI schema (``validate_requests``).
+CONTRACT = contract
 
 
 def closed_port() -> int:
@@ -71,11 +59,7 @@ class Engine:
     def __init__(self, fake: FakeWebhooks) -> None:
         self.fake = fake
         self.metrics = Metrics()
-        self.config: Config | None = None
-        self.webhooks: WebhookClient | None = None
-        self.dispatcher: Dispatcher | None = None
-        self.server: MilterServer | None = None
-        self._clients: list[MilterClient] = []
+        self.harness: BridgeHarness | None = None
 
     def endpoint(self, name: str = "policy", **overrides: Any) -> EndpointSettings:
         """Settings of an endpoint served by the fake at ``/<name>``."""
@@ -87,31 +71,37 @@ class Engine:
         server: ServerSettings | None = None,
         progress_interval: float | None = None,
     ) -> Engine:
-        """Start the webhook client, the dispatcher and a listener on 127.0.0.1:0."""
-        server_settings = server or ServerSettings(listen=("inet:127.0.0.1:0",))
-        self.config = Config(server=server_settings, endpoints=tuple(endpoints))
-        self.webhooks = WebhookClient(endpoints, observer=self.metrics)
-        await self.webhooks.start()
-        self.dispatcher = Dispatcher(self.config, self.webhooks, metrics=self.metrics)
-        settings = connection_settings(self.config)
+        """Start the bridge for ``endpoints``, its milter listener on 127.0.0.1:0 (whatever ``server.listen`` says)."""
+        assert self.harness is None, "the engine starts one bridge"
+        settings = dataclasses.replace(server or ServerSettings(), listen=LOOPBACK)
         if progress_interval is not None:
             settings = dataclasses.replace(settings, progress_interval=progress_interval)
-        self.server = MilterServer(["inet:127.0.0.1:0"], self.dispatcher, settings)
-        await self.server.start()
+        self.harness = BridgeHarness(Config(server=settings, endpoints=tuple(endpoints)), metrics=self.metrics)
+        await self.harness.start()
         return self
+
+    @property
+    def bridge(self) -> BridgeHarness:
+        """The started bridge."""
+        assert self.harness is not None, "call engine.start() first"
+        return self.harness
+
+    @property
+    def config(self) -> Config:
+        return self.bridge.config
+
+    @property
+    def server(self) -> MilterServer:
+        return self.bridge.server
 
     @property
     def address(self) -> str:
         """The listener's milter address."""
-        assert self.server is not None, "call engine.start() first"
-        return self.server.bound[0]
+        return self.bridge.address
 
     async def client(self, *, actions: int = ALL_ACTIONS, protocol: int = ALL_PROTOCOL) -> MilterClient:
         """A connected client that negotiated with Postfix's default offer (or the one given)."""
-        client = await MilterClient.open(self.address)
-        self._clients.append(client)
-        await client.negotiate(actions=actions, protocol=protocol)
-        return client
+        return await self.bridge.client(actions=actions, protocol=protocol)
 
     async def send(
         self, message: bytes = MESSAGE, envelope: Envelope = ENVELOPE, client: MilterClient | None = None
@@ -132,30 +122,29 @@ class Engine:
         """Event names the endpoint ``name`` received, in arrival order."""
         return self.fake.events(path=f"/{name}")
 
+    def breaker_states(self) -> dict[str, str]:
+        """The circuit breaker state per endpoint, as ``/metrics`` exports it."""
+        return self.bridge.breaker_states()
+
     async def settle(self) -> None:
         """Wait for background calls (observe endpoints, notifications) to end."""
-        assert self.dispatcher is not None
-        await self.dispatcher.aclose(timeout=5.0)
+        await self.bridge.settle()
 
     async def aclose(self) -> None:
         """Close clients, drain the listener, finish background calls, close the HTTP pool."""
-        for client in self._clients:
-            await client.aclose()
-        if self.server is not None:
-            await self.server.shutdown(timeout=2.0)
-            for _ in range(3):
-                await asyncio.sleep(0)
-            assert not self.server.state.connections
-        if self.dispatcher is not None:
-            await self.dispatcher.aclose(timeout=5.0)
-        if self.webhooks is not None:
-            await self.webhooks.aclose()
+        if self.harness is not None:
+            await self.harness.stop()
+
+    def assert_clean(self) -> None:
+        """No milter connection open, no milterbridge task running."""
+        if self.harness is not None:
+            self.harness.assert_clean()
+        else:
+            assert_no_leaked_tasks()
 
 
 def validate_requests(fake: FakeWebhooks) -> None:
     """Every request the bridge sent validates against the OpenAPI request schema."""
-    if CONTRACT is None:
-        return
     for request in fake.requests:
         assert request.event is not None, f"request without an event: {request.body[:200]!r}"
         CONTRACT.validate_request(request.event, request.json)
@@ -173,4 +162,4 @@ async def engine() -> AsyncIterator[Engine]:
     # Sleep a tick so that aiohttp's closed transports finish before the leak check.
     await asyncio.sleep(0)
     validate_requests(fake)
-    assert_no_leaked_tasks()
+    eng.assert_clean()

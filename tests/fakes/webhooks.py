@@ -8,6 +8,7 @@ Start and stop::
     async with FakeWebhooks() as fake:           # or: fake = await FakeWebhooks.start()
         url = fake.url("/hook")                 # "http://127.0.0.1:PORT/hook"
         endpoint = fake.endpoint("policy", path="/hook", events=frozenset({Event.RCPT}))
+        prepared = fake.prepared("policy")      # an endpoint ready for WebhookClient.post
         ...                                     # (await fake.aclose() when started by hand)
 
     # pytest fixtures (enable with ``pytest_plugins = ("tests.fakes.webhooks",)`` in conftest):
@@ -62,6 +63,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from milterbridge.config import EndpointSettings
+from milterbridge.webhook.client import PreparedEndpoint, prepare_endpoint
 
 __all__ = [
     "Behaviour",
@@ -278,6 +280,10 @@ class FakeWebhooks:
     def endpoint(self, name: str = "fake", *, path: str = "/hook", **overrides: Any) -> EndpointSettings:
         """``EndpointSettings`` pointing at ``path`` here; other fields from ``overrides``."""
         return EndpointSettings(name=name, url=self.url(path), **overrides)
+
+    def prepared(self, name: str = "fake", *, path: str = "/hook", **overrides: Any) -> PreparedEndpoint:
+        """``endpoint(...)`` made ready for ``WebhookClient.post``."""
+        return prepare_endpoint(self.endpoint(name, path=path, **overrides))
 
     # -- script ------------------------------------------------------------------------------
 

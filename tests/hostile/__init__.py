@@ -5,8 +5,8 @@ Shared pieces live here so the test modules stay about their cases:
 * :data:`BUDGET` — example counts for the hypothesis tests. The default is short
   enough for CI; ``HYPOTHESIS_PROFILE=long`` multiplies it for a longer local run
   (see docs/reliability.md).
-* :class:`Bridge` — a small in-process bridge: fake endpoints, webhook client,
-  dispatcher and milter listener on 127.0.0.1.
+* :class:`Bridge` — the bridge under test (``tests.harness.BridgeHarness``, so
+  ``app.Bridge``) for a fake endpoint server, its milter listener on 127.0.0.1.
 * :func:`well_behaved` — one complete, ordinary message, used as the "someone else
   still gets served" check next to every hostile case.
 * :func:`rss_kib` — this process's resident memory from ``/proc/self/status``.
@@ -14,26 +14,18 @@ Shared pieces live here so the test modules stay about their cases:
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import pytest
 
-from milterbridge.app import connection_settings
 from milterbridge.client import Envelope, MilterClient, TransactionResult
 from milterbridge.config import Config, EndpointSettings, ServerSettings
-from milterbridge.connection import ConnectionSettings
-from milterbridge.dispatch import Dispatcher
 from milterbridge.metrics import Metrics
-from milterbridge.milter.constants import ALL_ACTIONS, ALL_PROTOCOL
-from milterbridge.server import MilterServer
-from milterbridge.webhook.client import WebhookClient
-from tests.conftest import assert_no_leaked_tasks
 from tests.fakes.webhooks import FakeWebhooks
+from tests.harness import LOOPBACK, BridgeHarness
 
 #: True for ``HYPOTHESIS_PROFILE=long``: every example budget below grows.
 LONG_RUN = os.environ.get("HYPOTHESIS_PROFILE", "").lower() == "long"
@@ -92,12 +84,14 @@ async def well_behaved(address: str, message: bytes = MESSAGE) -> TransactionRes
     return result
 
 
-class Bridge:
-    """Fake endpoints, webhook client, dispatcher and milter listener, all on loopback.
+class Bridge(BridgeHarness):
+    """The bridge under test for the endpoints of ``fake``, its milter listener on 127.0.0.1.
 
-    ``async with Bridge(fake, endpoint, ...) as bridge`` starts them; leaving closes
-    clients, drains the listener, awaits background calls, closes the HTTP pool and
-    checks that no milterbridge task is left.
+    ``async with Bridge(fake, endpoint, ...) as bridge`` starts it; leaving closes the
+    clients, drains the listener, awaits background calls, closes the HTTP pool and, unless
+    the block raised, checks that no connection and no milterbridge task is left.
+    ``server`` gives the other settings (its ``listen`` is replaced); ``metrics`` is where the
+    bridge counts.
     """
 
     def __init__(
@@ -105,51 +99,11 @@ class Bridge:
         fake: FakeWebhooks,
         *endpoints: EndpointSettings,
         server: ServerSettings | None = None,
-        settings: ConnectionSettings | None = None,
         metrics: Metrics | None = None,
-        **server_kwargs: Any,
     ) -> None:
+        settings = replace(server or ServerSettings(), listen=LOOPBACK)
+        super().__init__(Config(server=settings, endpoints=endpoints), metrics=metrics)
         self.fake = fake
-        self.config = Config(server=server or ServerSettings(listen=("inet:127.0.0.1:0",)), endpoints=endpoints)
-        self.settings = settings or connection_settings(self.config)
-        self.server_kwargs = server_kwargs
-        self.metrics = metrics
-        self.webhooks = WebhookClient(endpoints, observer=metrics)
-        self.dispatcher = Dispatcher(self.config, self.webhooks, metrics=metrics)
-        self.server = MilterServer(["inet:127.0.0.1:0"], self.dispatcher, self.settings, **server_kwargs)
-        self._clients: list[MilterClient] = []
-
-    async def __aenter__(self) -> Self:
-        await self.webhooks.start()
-        await self.server.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        for client in self._clients:
-            await client.aclose()
-        await self.server.shutdown(timeout=2.0)
-        for _ in range(3):
-            await asyncio.sleep(0)
-        await self.dispatcher.aclose(timeout=5.0)
-        await self.webhooks.aclose()
-        await asyncio.sleep(0)
-        if exc is None:
-            assert not self.server.state.connections
-            assert_no_leaked_tasks()
-
-    @property
-    def address(self) -> str:
-        """The listener's milter address."""
-        return self.server.bound[0]
-
-    async def client(self, *, actions: int = ALL_ACTIONS, protocol: int = ALL_PROTOCOL) -> MilterClient:
-        """A connected client that negotiated (Postfix's offer unless told otherwise)."""
-        client = await MilterClient.open(self.address)
-        self._clients.append(client)
-        await client.negotiate(actions=actions, protocol=protocol)
-        return client
 
     async def session(self, client: MilterClient, envelope: Envelope | None = None) -> TransactionResult:
         """CONNECT and HELO on ``client``."""
@@ -162,11 +116,6 @@ def endpoint(fake: FakeWebhooks, name: str = "policy", **overrides: Any) -> Endp
     return fake.endpoint(name, path=f"/{name}", **overrides)
 
 
-def limited(settings: ConnectionSettings, **limits: int) -> ConnectionSettings:
-    """``settings`` with some SessionLimits fields replaced."""
-    return replace(settings, limits=replace(settings.limits, **limits))
-
-
 __all__: Sequence[str] = (
     "BUDGET",
     "LONG_RUN",
@@ -176,7 +125,6 @@ __all__: Sequence[str] = (
     "budget_timeout",
     "endpoint",
     "host_port",
-    "limited",
     "rss_kib",
     "well_behaved",
 )

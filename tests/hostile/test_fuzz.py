@@ -1,8 +1,9 @@
 """Fuzzing the sans-IO core: random mixes of valid frames and garbage through a negotiated session.
 
 The contract under test: whatever bytes an MTA sends, ``MilterSession`` either yields
-commands or raises ``RemoteProtocolError``; nothing else escapes, the decoder buffer
-stays within one frame plus one read, and a reply is asked for exactly when one is due.
+commands (and ``MessageEnded``) or raises ``RemoteProtocolError``; nothing else escapes,
+the decoder buffer stays within one frame plus one read, and a reply is asked for exactly
+when one is due.
 The coverage-guided twin of this test is ``fuzz/fuzz_decoder.py`` (atheris); its seed
 conversations are replayed here so the target cannot rot.
 """
@@ -23,7 +24,8 @@ from milterbridge.milter.codec import response_decoder
 from milterbridge.milter.constants import ALL_ACTIONS, ALL_PROTOCOL, Family, Protocol
 from milterbridge.milter.context import MessageContext
 from milterbridge.milter.errors import RemoteProtocolError
-from milterbridge.milter.session import ABSORBABLE, NEED_DATA, MilterSession, SessionLimits, State
+from milterbridge.milter.rules import FOLDABLE
+from milterbridge.milter.session import NEED_DATA, MessageEnded, MilterSession, SessionLimits, State
 from tests.hostile import BUDGET, budget_timeout
 
 LIMITS = SessionLimits(max_frame_bytes=2048, max_recipients=8, max_headers=8, max_header_bytes=1024, max_macros=8)
@@ -94,14 +96,14 @@ legal_everywhere = st.sampled_from(
 )
 
 
-def negotiated(protocol: Protocol, quiet_counts: dict[str, int] | None = None) -> MilterSession:
+def negotiated(protocol: Protocol, *, fold: bool = False) -> MilterSession:
     """A session past OPTNEG, answering with ``protocol`` (a subset of Postfix's offer).
 
-    With ``quiet_counts`` it takes in every command it can by itself, counting them there.
+    With ``fold`` nobody subscribes to the foldable commands: it folds in every one it can.
     """
     session = MilterSession(LIMITS)
-    if quiet_counts is not None:
-        session.set_quiet(ABSORBABLE, quiet_counts)
+    if fold:
+        session.set_unsubscribed(FOLDABLE)
     session.receive_data(OFFER.to_frame())
     assert session.next_event() == OFFER
     session.send(m.NegotiateReply(version=6, actions=ALL_ACTIONS, protocol=protocol))
@@ -134,18 +136,22 @@ def test_session_survives_frames_and_garbage(
     try:
         for start in range(0, len(stream), cut):
             session.receive_data(stream[start : start + cut])
-            assert session._decoder.buffered <= LIMITS.max_frame_bytes + 5 + cut
+            assert session.buffered <= LIMITS.max_frame_bytes + 5 + cut
             while session.next_event() is not NEED_DATA:
                 if session.needs_reply:
                     session.send(replies[answered % len(replies)])
                     answered += 1
                 assert not session.needs_reply
+        open_message = session.message
         session.receive_eof()
     except RemoteProtocolError:
         pass
     else:
         assert session.state is State.CLOSED
         assert session.message is None
+        if open_message is not None:
+            assert session.next_event() == MessageEnded(open_message)
+        assert session.next_event() is NEED_DATA
     event("commands answered: " + ("none" if not answered else "1-4" if answered < 5 else "5 or more"))
 
 
@@ -167,48 +173,62 @@ _IN_A_MESSAGE = [
 _NO_REPLY_BITS = [Protocol.NR_RCPT, Protocol.NR_DATA, Protocol.NR_HEADER, Protocol.NR_EOH]
 
 
-def _snapshot(session: MilterSession) -> object:
-    """Everything the session knows, as plain values (macros parsed)."""
+def _message(msg: MessageContext | None) -> object:
+    """A message context as plain values (macros parsed)."""
+    if msg is None:
+        return None
+    return (
+        msg.number,
+        msg.mail_from,
+        msg.mail_args,
+        list(msg.recipients),
+        list(msg.headers),
+        msg.header_bytes,
+        msg.body_bytes,
+        dict(msg.macros),
+        dict(msg.over_limits),
+    )
 
-    def message(msg: MessageContext | None) -> object:
-        if msg is None:
-            return None
-        return (
-            msg.number,
-            msg.mail_from,
-            msg.mail_args,
-            list(msg.recipients),
-            list(msg.headers),
-            msg.header_bytes,
-            msg.body_bytes,
-            dict(msg.macros),
-        )
+
+def _snapshot(session: MilterSession) -> object:
+    """Everything the session knows, as plain values: state, connection, message and counts."""
 
     conn = session.connection
     return (
         session.state,
         (conn.hostname, conn.family, conn.port, conn.address, conn.helo, conn.message_count, dict(conn.macros)),
-        message(session.message),
-        message(session.aborted),
-        message(session.completed),
+        _message(session.message),
+        session.event_counts,
+        session.commands_read,
     )
 
 
-def _run(session: MilterSession, stream: bytes, cut: int, replies: list[m.Reply]) -> tuple[list[str], str | None]:
-    """Feed ``stream`` in ``cut``-byte pieces: (returned commands, "?" when a reply was due; error)."""
+def _run(
+    session: MilterSession, stream: bytes, cut: int, replies: list[m.Reply]
+) -> tuple[list[str], list[object], str | None]:
+    """Feed ``stream`` in ``cut``-byte pieces.
+
+    Returns what next_event returned (names, "?" when a reply was due), the messages that
+    ended (MessageEnded) or reached end-of-message (as plain values), and the error.
+    """
     returned: list[str] = []
+    ended: list[object] = []
     answered = 0
     try:
         for start in range(0, len(stream), cut):
             session.receive_data(stream[start : start + cut])
-            while (command := session.next_event()) is not NEED_DATA:
-                returned.append(type(command).__name__ + ("?" if session.needs_reply else ""))
+            while (event := session.next_event()) is not NEED_DATA:
+                returned.append(type(event).__name__ + ("?" if session.needs_reply else ""))
+                if isinstance(event, MessageEnded):
+                    ended.append(_message(event.message))
+                elif isinstance(event, m.EndOfMessage):
+                    ended.append(_message(session.message))
                 if session.needs_reply:
                     session.send(replies[answered % len(replies)])
                     answered += 1
     except RemoteProtocolError as exc:
-        return returned, str(exc)
-    return returned, None
+        return returned, ended, str(exc)
+    return returned, ended, None
 
 
 @budget_timeout
@@ -225,7 +245,7 @@ def _run(session: MilterSession, stream: bytes, cut: int, replies: list[m.Reply]
     cut=st.integers(1, 512),
     replies=st.lists(legal_everywhere, min_size=1, max_size=8),
 )
-def test_quiet_session_ends_where_a_plain_one_does(
+def test_folding_session_ends_where_a_plain_one_does(
     bits: list[Protocol],
     no_reply: set[Protocol],
     prefix: bytes,
@@ -233,25 +253,28 @@ def test_quiet_session_ends_where_a_plain_one_does(
     cut: int,
     replies: list[m.Reply],
 ) -> None:
-    """Commands taken in by the session itself (set_quiet) leave the same context, errors and replies."""
+    """Commands folded in by the session itself (set_unsubscribed) leave the same context, ended
+    messages, counts, errors and replies."""
     protocol = Protocol.NONE
     for bit in [*bits, *no_reply]:
         protocol |= bit
     stream = prefix + b"".join(c.to_frame() for c in commands)
     plain = negotiated(protocol)
-    counts: dict[str, int] = {}
-    quiet = negotiated(protocol, counts)
+    folding = negotiated(protocol, fold=True)
 
-    plain_returned, plain_error = _run(plain, stream, cut, replies)
-    quiet_returned, quiet_error = _run(quiet, stream, cut, replies)
+    plain_returned, plain_ended, plain_error = _run(plain, stream, cut, replies)
+    folding_returned, folding_ended, folding_error = _run(folding, stream, cut, replies)
 
-    absorbable = {kind.__name__ for kind in ABSORBABLE}
-    taken_in = [name for name in plain_returned if name in absorbable]  # no "?": no reply was due
-    assert quiet_returned == [name for name in plain_returned if name not in absorbable]
-    assert quiet_error == plain_error
-    assert _snapshot(quiet) == _snapshot(plain)
-    assert quiet.absorbed == len(taken_in) == sum(counts.values())
-    event("commands taken in: " + ("none" if not taken_in else "1-4" if len(taken_in) < 5 else "5 or more"))
+    foldable = {kind.__name__ for kind in FOLDABLE}
+    folded = [name for name in plain_returned if name in foldable]  # no "?": no reply was due
+    assert folding_returned == [name for name in plain_returned if name not in foldable]
+    assert folding_ended == plain_ended
+    assert folding_error == plain_error
+    assert _snapshot(folding) == _snapshot(plain)
+    returned_commands = [name for name in folding_returned if name != "MessageEnded"]
+    assert folding.commands_read == 1 + len(returned_commands) + len(folded)  # 1: OPTNEG
+    assert sum(folding.event_counts.values()) <= folding.commands_read
+    event("commands folded: " + ("none" if not folded else "1-4" if len(folded) < 5 else "5 or more"))
 
 
 @budget_timeout
@@ -302,6 +325,14 @@ def test_fuzz_seed_is_a_clean_conversation(name: str) -> None:
         pytest.param(b"\x00\x00\x00\x00\x00" + struct.pack(">I", 0xFFFFFFFF) + b"B", id="huge-length"),
         pytest.param(b"\x03\xff\xff\xff\xff" + b"\x00\x00\x00\x01", id="truncated-header"),
         pytest.param(b"\x00\x00\x00\x00\x00" + m.Header(name=b"a", value=b"b").to_frame(), id="header-before-mail"),
+        pytest.param(
+            b"\x07\x00\x00\x00\x00"
+            + m.Connect(hostname=b"client", family=Family.INET, port=25, address=b"192.0.2.1").to_frame()
+            + m.Helo(hostname=b"client").to_frame()
+            + m.MailFrom(address=b"<a@example.org>", args=()).to_frame()
+            + m.Abort().to_frame(),
+            id="message-ended-by-abort",
+        ),
     ],
 )
 def test_fuzz_target_handles_edge_inputs(data: bytes) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from milterbridge.client import Envelope, MilterClient
-from milterbridge.connection import ConnectionSettings, StaticHandler
+from milterbridge.connection import ConnectionSettings
 from milterbridge.milter import messages as m
 from milterbridge.milter.constants import ALL_ACTIONS, ALL_PROTOCOL, Family
 from milterbridge.milter.negotiation import Requirements
@@ -30,6 +30,7 @@ from milterbridge.milter.session import MilterSession, SessionLimits
 from milterbridge.policy.model import OnError
 from milterbridge.server import MilterServer
 from tests.conftest import running_server
+from tests.fakes.handlers import StaticHandler
 from tests.fakes.webhooks import FakeResponse, FakeWebhooks
 from tests.hostile import MESSAGE, Bridge, endpoint, host_port, rss_kib, well_behaved
 
@@ -239,18 +240,18 @@ async def test_slowloris_never_completing_a_frame_is_closed() -> None:
         assert closed, "still open after 2.5 s of trickling, idle_timeout 0.3 s"
 
 
-def quiet_headers(session: MilterSession) -> StaticHandler:
-    """Every event delivered without a reply, the context-only ones taken in by the session."""
-    session.set_quiet({m.RcptTo, m.Data, m.Header, m.EndOfHeaders})
+def folds_no_reply_commands(session: MilterSession) -> StaticHandler:
+    """Every event delivered without a reply, the ones the session can fold in left to it."""
+    session.set_unsubscribed({m.RcptTo, m.Data, m.Header, m.EndOfHeaders})
     return StaticHandler(session, Requirements(reply_events=frozenset()))
 
 
 @pytest.mark.asyncio
-async def test_quiet_commands_count_as_activity() -> None:
-    """Headers the session takes in by itself keep the connection alive like any other command."""
+async def test_folded_commands_count_as_activity() -> None:
+    """Headers the session folds in by itself keep the connection alive like any other command."""
     settings = ConnectionSettings(idle_timeout=0.3)
     async with (
-        running_server(quiet_headers, settings=settings) as server,
+        running_server(folds_no_reply_commands, settings=settings) as server,
         await MilterClient.open(server.bound[0]) as client,
     ):
         await client.negotiate()

@@ -37,7 +37,6 @@ from milterbridge.config import (
     TlsSettings,
     load_config,
 )
-from milterbridge.connection import StaticHandler
 from milterbridge.log import JsonFormatter
 from milterbridge.metrics import Metrics
 from milterbridge.milter import messages as m
@@ -46,6 +45,7 @@ from milterbridge.milter.constants import Event
 from milterbridge.policy.model import OnError
 from milterbridge.server import MilterServer
 from milterbridge.webhook.client import build_ssl_context
+from tests.fakes.handlers import StaticHandler
 from tests.fakes.webhooks import FakeResponse, FakeWebhooks
 from tests.hostile import MESSAGE, Bridge, endpoint
 

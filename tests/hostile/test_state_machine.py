@@ -7,8 +7,10 @@ Two hypothesis state machines:
   tables), answers with random legal replies, and now and then sends a command that no
   MTA may send there. Invariants after every step: the decoder buffer is bounded, a
   legal sequence never raises, an illegal command raises ``RemoteProtocolError``, the
-  message context matches the model and resets on ABORT and end-of-message, and
-  ``needs_reply`` is true exactly when a reply is due.
+  message context matches the model and resets on ABORT and end-of-message, a message
+  that ends without its end-of-message reply is reported once (``MessageEnded``, just
+  before the command that ended it), and ``needs_reply`` is true exactly when a reply is
+  due.
 * :class:`BridgeMachine` drives the real listener (Dispatcher + MilterServer +
   FakeWebhooks + MilterClient) with the endpoint answering each event with a random
   valid or broken answer. Invariant: every command that waits for a reply gets a
@@ -42,8 +44,9 @@ from hypothesis.stateful import (
 from milterbridge.client import MilterClient
 from milterbridge.milter import messages as m
 from milterbridge.milter.constants import ALL_ACTIONS, ALL_PROTOCOL, Event, Family, Protocol
+from milterbridge.milter.context import MessageContext
 from milterbridge.milter.errors import RemoteProtocolError
-from milterbridge.milter.session import NEED_DATA, MilterSession, SessionLimits, State
+from milterbridge.milter.session import NEED_DATA, MessageEnded, MilterSession, SessionLimits, State
 from milterbridge.policy.model import OnError
 from tests.fakes.webhooks import FakeResponse, FakeWebhooks
 from tests.hostile import BUDGET, Bridge, budget_timeout, endpoint
@@ -127,20 +130,34 @@ class SessionMachine(RuleBasedStateMachine):
         self.phase, self.closed, self.must_abort = NEG, False, False
         self.recipients, self.headers, self.skipped_body = [], [], False
 
-    def _feed(self, commands: list[m.Command], cut: int) -> list[m.Command]:
+    def _feed(self, commands: list[m.Command], cut: int) -> list[m.Command | MessageEnded]:
         stream = b"".join(c.to_frame() for c in commands)
-        got: list[m.Command] = []
+        got: list[m.Command | MessageEnded] = []
         for start in range(0, len(stream), cut):
             self.session.receive_data(stream[start : start + cut])
             # Reading on while a reply is due is our error (LocalProtocolError), not the MTA's.
-            while not self.session.needs_reply and (cmd := self.session.next_event()) is not NEED_DATA:
-                got.append(cmd)  # type: ignore[arg-type]
+            while not self.session.needs_reply and (event := self.session.next_event()) is not NEED_DATA:
+                got.append(event)  # type: ignore[arg-type]
         return got
 
-    def _send(self, cmd: m.Command, cut: int, macros: tuple[tuple[bytes, bytes], ...] = ()) -> bool:
-        """Send ``cmd`` (with its macro packet first, as Postfix does); True if a reply is due."""
+    def _send(
+        self,
+        cmd: m.Command,
+        cut: int,
+        macros: tuple[tuple[bytes, bytes], ...] = (),
+        ends: MessageContext | None = None,
+    ) -> bool:
+        """Send ``cmd`` (with its macro packet first, as Postfix does); True if a reply is due.
+
+        ``ends``: the message ``cmd`` ends, which must be reported just before it.
+        """
         packet = [m.Macro(stage=cmd.code, macros=macros), cmd] if macros or cmd.code in b"CHMR" else [cmd]
-        assert self._feed(packet, cut) == [cmd]
+        got = self._feed(packet, cut)
+        if ends is None:
+            assert got == [cmd]
+        else:
+            assert got == [MessageEnded(ends), cmd]
+            assert got[0].message is ends  # type: ignore[union-attr]
         flag = {
             m.Connect: Protocol.NR_CONNECT,
             m.Helo: Protocol.NR_HELO,
@@ -182,9 +199,8 @@ class SessionMachine(RuleBasedStateMachine):
         if roll and self.phase != CONN:
             return
         before = self.session.message
-        if self._send(m.Helo(hostname=host), cut):
+        if self._send(m.Helo(hostname=host), cut, ends=before):
             self.session.send(m.Continue())
-        assert self.session.aborted is before
         assert self.session.connection.helo == host
         self.phase = CONN
         self._end_message()
@@ -277,7 +293,8 @@ class SessionMachine(RuleBasedStateMachine):
         self.session.send_all([*mods, final])
         assert not self.session.needs_reply
         assert self.session.message is None
-        assert self.session.completed is message
+        assert message is not None
+        assert self.session.state is State.CONNECTED
         self.phase = CONN
         self._end_message()
 
@@ -287,13 +304,10 @@ class SessionMachine(RuleBasedStateMachine):
         """ABORT, once or twice (Postfix sends it after every message, sometimes twice)."""
         if roll and not self.must_abort:
             return
-        before = self.session.message
-        self._send(m.Abort(), cut)
+        self._send(m.Abort(), cut, ends=self.session.message)
         assert self.session.message is None
-        assert self.session.aborted is before
         if twice:
             self._send(m.Abort(), cut)
-            assert self.session.aborted is None
         self.phase = CONN
         self._end_message()
 
@@ -314,11 +328,14 @@ class SessionMachine(RuleBasedStateMachine):
             return
         before = self.session.message
         if quit:
-            self._send(m.Quit(), cut)
+            self._send(m.Quit(), cut, ends=before)
             self.session.receive_eof()
+            assert self.session.next_event() is NEED_DATA
         else:
             self.session.receive_eof()
-            assert self.session.aborted is before
+            if before is not None:
+                assert self.session.next_event() == MessageEnded(before)
+            assert self.session.next_event() is NEED_DATA
         assert self.session.state is State.CLOSED
         assert self.session.message is None
         self.closed = True
@@ -352,11 +369,15 @@ class SessionMachine(RuleBasedStateMachine):
         if roll or self.must_abort:
             return
         cmd = data.draw(st.sampled_from(ILLEGAL[self.phase]))
+        before = self.session.message
         with pytest.raises(RemoteProtocolError):
             self._feed([cmd], cut)
         # The shell closes the connection, and connection_lost ends the session this way.
         self.session.receive_eof()
         assert self.session.message is None
+        if before is not None:
+            assert self.session.next_event() == MessageEnded(before)
+        assert self.session.next_event() is NEED_DATA
         self.closed = True
 
     @precondition(lambda self: self.closed)
@@ -370,9 +391,9 @@ class SessionMachine(RuleBasedStateMachine):
     @invariant()
     def buffer_is_bounded(self) -> None:
         """Whole frames were fed, so nothing stays buffered, and never more than one frame."""
-        assert self.session._decoder.buffered <= LIMITS.max_frame_bytes + 5
+        assert self.session.buffered <= LIMITS.max_frame_bytes + 5
         if not self.closed:
-            assert self.session._decoder.buffered == 0
+            assert self.session.buffered == 0
 
     @invariant()
     def no_reply_left_pending(self) -> None:

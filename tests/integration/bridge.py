@@ -1,8 +1,8 @@
 """Run milterbridge and fake webhook endpoints next to the real Postfix, for end-to-end tests.
 
-The bridge runs inside the test's own event loop, composed the way ``app.Bridge`` composes it
-(``WebhookClient`` -> ``Dispatcher`` -> ``MilterServer``) minus the admin listener, so a test
-can stop it halfway through and see what Postfix does with a milter that is gone.
+The bridge is ``app.Bridge`` (through ``tests.harness.BridgeHarness``, without the admin
+listener) inside the test's own event loop, so a test can stop it halfway through and see
+what Postfix does with a milter that is gone.
 
 smtplib and the Postfix commands block, so the SMTP side runs in a worker thread
 (``await smtp(...)``, ``await blocking(...)``) while the bridge and the fake endpoints keep
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import email
 import email.message
 import email.policy
@@ -44,12 +43,11 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from milterbridge.app import connection_settings
 from milterbridge.config import Config, EndpointSettings, ServerSettings
-from milterbridge.dispatch import Dispatcher
+from milterbridge.metrics import Metrics
 from milterbridge.server import MilterServer
-from milterbridge.webhook.client import WebhookClient
 from tests.fakes.webhooks import FakeWebhooks
+from tests.harness import BridgeHarness
 
 from .postfix import (
     DEFAULT_HELO,
@@ -167,29 +165,37 @@ def configure_milter(
     return True
 
 
-@dataclasses.dataclass(slots=True, kw_only=True)
 class RunningBridge:
-    """One started bridge: its config and the three parts it is made of."""
+    """One started bridge: its config, listener and metrics; ``stop`` takes the milter down."""
 
-    config: Config
-    client: WebhookClient
-    dispatcher: Dispatcher
-    server: MilterServer
-    stopped: bool = False
+    def __init__(self, harness: BridgeHarness) -> None:
+        self.harness = harness
+
+    @property
+    def config(self) -> Config:
+        return self.harness.config
+
+    @property
+    def server(self) -> MilterServer:
+        """The milter listener (its ``state`` holds the open connections)."""
+        return self.harness.server
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.harness.metrics
 
     @property
     def address(self) -> str:
         """The first bound address in Postfix's syntax (``inet:127.0.0.1:PORT`` or ``unix:/path``)."""
-        return self.server.bound[0]
+        return self.harness.address
+
+    def breaker_states(self) -> dict[str, str]:
+        """The circuit breaker state per endpoint, as ``/metrics`` exports it."""
+        return self.harness.breaker_states()
 
     async def stop(self, drain_timeout: float = 2.0) -> None:
-        """Stop listening, drain, close the webhook pool (idempotent)."""
-        if self.stopped:
-            return
-        self.stopped = True
-        await self.server.shutdown(drain_timeout)
-        await self.dispatcher.aclose(timeout=2.0)
-        await self.client.aclose()
+        """Stop listening, drain for up to ``drain_timeout`` seconds, close the webhook pool (idempotent)."""
+        await self.harness.stop(drain_timeout)
 
 
 class BridgeRunner:
@@ -216,23 +222,9 @@ class BridgeRunner:
         ``default_action`` and ``milter`` go to ``PostfixInstance.set_milter``.
         """
         settings = ServerSettings(**{**(server or {}), "listen": tuple(listen or (self.listen,))})
-        config = Config(server=settings, endpoints=tuple(endpoints))
-        client = WebhookClient(config.endpoints)
-        await client.start()
-        dispatcher = Dispatcher(config, client)
-        milter_server = MilterServer(
-            settings.listen,
-            dispatcher,
-            connection_settings(config),
-            max_connections=settings.max_connections,
-            socket_mode=settings.socket_mode,
-        )
-        try:
-            await milter_server.start()
-        except BaseException:
-            await client.aclose()
-            raise
-        bridge = RunningBridge(config=config, client=client, dispatcher=dispatcher, server=milter_server)
+        harness = BridgeHarness(Config(server=settings, endpoints=tuple(endpoints)))
+        await harness.start()
+        bridge = RunningBridge(harness)
         self.started.append(bridge)
         if point_postfix:
             await blocking(configure_milter, self.postfix, bridge.address, default_action, **milter)

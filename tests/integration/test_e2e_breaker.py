@@ -73,6 +73,6 @@ async def test_garbage_answers_do_not_open_the_breaker(
             assert (end.code, end.text) == (451, "4.7.1 Service unavailable - try again later"), subject
     # Every message reached the endpoint: the breaker never refused a call.
     assert sorted(_subject(r) for r in webhooks.requests_for(event="eom")) == sorted(subjects)
-    assert bridge.client.breaker_states() == {"policy": "closed"}
+    assert bridge.breaker_states() == {"policy": "closed"}
     assert await blocking(mta.wait_for_queue_idle) == []
     assert mta.maildir_messages() == []

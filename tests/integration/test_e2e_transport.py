@@ -30,7 +30,7 @@ import pytest
 from bench import procs
 from bench import run as bench_run
 from bench.profiles import BENCH_HEADER_NAME, BENCH_HEADER_VALUE, PROFILES
-from milterbridge.dispatch import CONTEXT_EVENTS
+from milterbridge.milter.negotiation import CONTEXT_EVENTS
 from tests.fakes.webhooks import FakeResponse, FakeWebhooks, RecordedRequest
 
 from .bridge import BridgeRunner, blocking, body_of, parse, smtp
@@ -231,8 +231,8 @@ BARE_CLIENT = "127.0.0.2"
 #: Clients from this address get the minimal milter instead of the bridge.
 MINIMAL_CLIENT = "127.0.0.3"
 #: What the bridge asks Postfix for in profile (a) besides end-of-message, all without reply
-#: (dispatch.CONTEXT_EVENTS): the minimal milter asks for the same, so Postfix sends both the same.
-MINIMAL_ARGS = ("--events", "eom", "--quiet", ",".join(sorted(event.value for event in CONTEXT_EVENTS)))
+#: (milter.negotiation.CONTEXT_EVENTS): the minimal milter asks for the same, so Postfix sends both the same.
+MINIMAL_ARGS = ("--events", "eom", "--no-reply", ",".join(sorted(event.value for event in CONTEXT_EVENTS)))
 
 
 @pytest.mark.asyncio

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from milterbridge.milter import messages as m
-from milterbridge.milter.codec import FrameDecoder, command_decoder, encode, response_decoder
+from milterbridge.milter.codec import NO_FRAME, FrameDecoder, command_decoder, encode, response_decoder
 from milterbridge.milter.constants import Action, Family, MacroStage, Protocol
 from milterbridge.milter.errors import FrameTooLargeError, LocalProtocolError, RemoteProtocolError
 
@@ -170,6 +170,51 @@ def test_partial_frame_waits_and_many_frames_come_out() -> None:
         got += decoder.messages()
         assert [type(x) for x in got] == [m.Macro, m.MailFrom, m.RcptTo, m.Data]
         assert decoder.at_boundary
+
+
+def test_next_raw_takes_frames_off_undecoded() -> None:
+    """next_raw gives (code byte, payload) per whole frame, NO_FRAME while a frame is partial,
+    and decode turns a raw frame into the message next_message would have returned."""
+    commands = [m.Macro(stage=b"M", macros=((b"i", b"Q1"),)), m.MailFrom(address=b"<a@b>"), m.Data()]
+    stream = encode(commands)
+    for cut in range(len(stream) + 1):
+        decoder = command_decoder()
+        raw: list[tuple[int, bytes]] = []
+        for piece in (stream[:cut], stream[cut:]):
+            decoder.feed(piece)
+            while (frame := decoder.next_raw())[0] != NO_FRAME:
+                raw.append(frame)
+        assert [code for code, _ in raw] == [c.code[0] for c in commands]
+        assert [payload for _, payload in raw] == [c.encode_payload() for c in commands]
+        assert all(type(payload) is bytes for _, payload in raw)
+        assert [decoder.decode(*frame) for frame in raw] == commands
+        assert decoder.at_boundary
+
+
+@pytest.mark.parametrize(
+    ("wire", "error"),
+    [
+        pytest.param(b"\0\0\0\0", RemoteProtocolError, id="zero-length"),
+        pytest.param(struct.pack(">I", 102) + b"B", FrameTooLargeError, id="too-large"),
+    ],
+)
+def test_next_raw_refuses_a_bad_length_after_a_good_frame(wire: bytes, error: type[Exception]) -> None:
+    """A bad length behind a whole frame (so feed did not check it) is refused when read."""
+    decoder = command_decoder(max_frame_bytes=100)
+    decoder.feed(m.Data().to_frame() + wire)
+    assert decoder.next_raw() == (m.Data.code[0], b"")
+    with pytest.raises(error):
+        decoder.next_raw()
+
+
+def test_clear_drops_what_is_buffered() -> None:
+    """After clear nothing is left to read, a partial frame included."""
+    decoder = command_decoder()
+    decoder.feed(m.Data().to_frame() + m.Helo(hostname=b"h").to_frame()[:6])
+    decoder.clear()
+    assert decoder.buffered == 0
+    assert decoder.at_boundary
+    assert decoder.next_raw() == (NO_FRAME, b"")
 
 
 def test_oversized_frame_refused_before_payload() -> None:

@@ -1,13 +1,22 @@
-"""Negotiation tests: our OPTNEG answer from requirements and the MTA's offer."""
+"""Negotiation tests: requirements from the endpoints, our OPTNEG answer from them and the MTA's offer."""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from milterbridge.milter import messages as m
-from milterbridge.milter.constants import Action, Event, MacroStage, Protocol
+from milterbridge.milter.constants import ALL_ACTIONS, Action, Event, MacroStage, Protocol
 from milterbridge.milter.errors import NegotiationError
-from milterbridge.milter.negotiation import Requirements, negotiate
+from milterbridge.milter.negotiation import (
+    CONTEXT_EVENTS,
+    DEFAULT_MACROS,
+    OPTIONAL_EVENTS,
+    Requirements,
+    negotiate,
+    requirements,
+)
 
 # What Postfix offers for each milter_protocol setting (milter-protocol.md §4.5).
 POSTFIX_OFFERS = {
@@ -101,3 +110,88 @@ def test_requirements_validated() -> None:
     """reply_events outside events is a programming error caught early."""
     with pytest.raises(ValueError):
         Requirements(events=frozenset(), reply_events=frozenset({Event.RCPT}))
+
+
+# ------------------------------------------------------------------ requirements()
+
+CONTEXT = {Event.CONNECT, Event.HELO, Event.MAIL, Event.RCPT, Event.HEADER}
+
+
+@pytest.mark.parametrize(
+    ("subscribed", "enforced", "body", "events", "reply_events"),
+    [
+        pytest.param(set(), set(), False, CONTEXT, set(), id="nobody"),
+        pytest.param({Event.EOM}, {Event.EOM}, False, CONTEXT, set(), id="eom-only"),
+        pytest.param(
+            {Event.RCPT, Event.EOM}, {Event.RCPT, Event.EOM}, False, CONTEXT, {Event.RCPT}, id="enforced-rcpt"
+        ),
+        pytest.param({Event.RCPT, Event.EOM}, set(), False, CONTEXT, set(), id="observed-rcpt-is-no-reply"),
+        pytest.param(
+            {Event.DATA, Event.EOH, Event.UNKNOWN, Event.ABORT, Event.CLOSE},
+            {Event.EOH},
+            False,
+            CONTEXT | {Event.DATA, Event.EOH, Event.UNKNOWN},
+            {Event.EOH},
+            id="optional-events-when-subscribed",
+        ),
+        pytest.param(set(), set(), True, CONTEXT | {Event.BODY}, set(), id="include-body-without-subscriber"),
+        pytest.param({Event.BODY}, {Event.BODY}, False, CONTEXT | {Event.BODY}, {Event.BODY}, id="enforced-body"),
+        pytest.param({Event.BODY}, {Event.BODY}, True, CONTEXT | {Event.BODY}, {Event.BODY}, id="body-both-ways"),
+    ],
+)
+def test_requirements_events(
+    subscribed: set[Event], enforced: set[Event], body: bool, events: set[Event], reply_events: set[Event]
+) -> None:
+    """Context events always, optional ones when subscribed (body also for include_body); enforced ones answered."""
+    got = requirements(subscribed, enforced, body=body)
+    assert got.events == events
+    assert got.reply_events == reply_events
+    assert got.actions == ALL_ACTIONS & ~Action.SETSYMLIST
+    assert got.required_actions == Action.NONE
+
+
+def test_requirements_macros_add_to_every_stage_once() -> None:
+    """Extra macro names follow each stage's defaults, deduplicated, in the order first asked for."""
+    got = requirements(set(), set(), macros=[b"{x}", b"i", b"{y}", b"{x}"])
+    assert set(got.macros) == set(DEFAULT_MACROS)
+    assert got.macros[MacroStage.DATA] == (b"i", b"{x}", b"{y}")
+    assert got.macros[MacroStage.CONNECT] == (*DEFAULT_MACROS[MacroStage.CONNECT], b"{x}", b"i", b"{y}")
+    assert requirements(set(), set()).macros == DEFAULT_MACROS
+
+
+def test_requirements_take_iterators() -> None:
+    """Each argument is read once, so generators work."""
+    got = requirements(iter([Event.DATA]), iter([Event.DATA, Event.RCPT]), macros=(n for n in [b"{z}"]))
+    assert Event.DATA in got.events
+    assert got.reply_events == {Event.DATA, Event.RCPT}
+    assert got.macros[MacroStage.EOM] == (b"i", b"{z}")
+
+
+@given(
+    subscribed=st.sets(st.sampled_from(list(Event))),
+    enforced=st.sets(st.sampled_from(list(Event))),
+    body=st.booleans(),
+)
+def test_requirements_properties(subscribed: set[Event], enforced: set[Event], body: bool) -> None:
+    """Whatever the endpoints ask, the result is a valid Requirements that Postfix's offer can meet."""
+    enforced &= subscribed
+    got = requirements(subscribed, enforced, body=body)
+    assert CONTEXT_EVENTS <= got.events <= CONTEXT_EVENTS | OPTIONAL_EVENTS
+    assert got.events - CONTEXT_EVENTS == (subscribed & OPTIONAL_EVENTS) | ({Event.BODY} if body else set())
+    assert got.reply_events == enforced & got.events
+    negotiated = negotiate(POSTFIX_OFFERS[6], got)
+    for event in got.events - got.reply_events:
+        assert negotiated.protocol & EVENT_NR_BIT[event]
+
+
+EVENT_NR_BIT = {
+    Event.CONNECT: Protocol.NR_CONNECT,
+    Event.HELO: Protocol.NR_HELO,
+    Event.MAIL: Protocol.NR_MAIL,
+    Event.RCPT: Protocol.NR_RCPT,
+    Event.DATA: Protocol.NR_DATA,
+    Event.HEADER: Protocol.NR_HEADER,
+    Event.EOH: Protocol.NR_EOH,
+    Event.BODY: Protocol.NR_BODY,
+    Event.UNKNOWN: Protocol.NR_UNKNOWN,
+}

@@ -1,4 +1,4 @@
-"""Session tests: command order, legal replies, no-reply flags, message scope."""
+"""Session tests: command order, legal replies, no-reply flags, message scope, ended messages, counts."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import pytest
 
 from milterbridge.milter import messages as m
 from milterbridge.milter.constants import Action, Event, Family, Protocol
-from milterbridge.milter.context import MemoryBudget, truncated_parts
+from milterbridge.milter.context import Limit, MemoryBudget, truncated_parts
 from milterbridge.milter.errors import LocalProtocolError, RemoteProtocolError
 from milterbridge.milter.negotiation import Requirements, negotiate
-from milterbridge.milter.session import NEED_DATA, MilterSession, SessionLimits, State
+from milterbridge.milter.rules import FOLDABLE
+from milterbridge.milter.session import NEED_DATA, MessageEnded, MilterSession, SessionLimits, State
 
 POSTFIX_OFFER = m.Negotiate(version=6, actions=Action(0x1FF), protocol=Protocol(0x1FFFFF))
 
@@ -19,12 +20,11 @@ def negotiated(
     offer: m.Negotiate = POSTFIX_OFFER,
     *,
     limits: SessionLimits | None = None,
-    quiet: frozenset[type[m.Command]] = frozenset(),
-    counts: dict[str, int] | None = None,
+    unsubscribed: frozenset[type[m.Command]] = frozenset(),
 ) -> MilterSession:
-    """A session that has answered the offer (told beforehand which commands are ``quiet``)."""
+    """A session that has answered the offer (told beforehand which commands are ``unsubscribed``)."""
     session = MilterSession(limits)
-    session.set_quiet(quiet, counts)
+    session.set_unsubscribed(unsubscribed)
     session.receive_data(offer.to_frame())
     got = session.next_event()
     assert got == offer
@@ -32,13 +32,13 @@ def negotiated(
     return session
 
 
-def feed(session: MilterSession, *commands: m.Command) -> list[m.Command]:
+def feed(session: MilterSession, *commands: m.Command) -> list[m.Command | MessageEnded]:
     """Feed commands one at a time, answering each one that needs a reply with continue."""
-    seen = []
+    seen: list[m.Command | MessageEnded] = []
     for cmd in commands:
         session.receive_data(cmd.to_frame())
         while (ev := session.next_event()) is not NEED_DATA:
-            seen.append(ev)
+            seen.append(ev)  # type: ignore[arg-type]  # not NEED_DATA
             if session.needs_reply:
                 session.send(m.Continue())
     return seen
@@ -74,25 +74,25 @@ def test_full_postfix_conversation() -> None:
     assert s.message.body_bytes == 6
     s.receive_data(m.EndOfMessage().to_frame())
     assert s.next_event() == m.EndOfMessage()
-    msg = s.message
     wire = s.send_all([m.AddHeader(name=b"X", value=b" 1"), m.Accept()])
     assert wire == m.AddHeader(name=b"X", value=b" 1").to_frame() + m.Accept().to_frame()
-    assert s.completed is msg
     assert s.message is None
     assert s.state is State.CONNECTED
+    assert feed(s, m.Abort()) == [m.Abort()]  # a completed message is not reported as ended
 
 
 def test_abort_and_double_abort() -> None:
-    """ABORT ends the open message once; a second ABORT is a harmless no-op."""
+    """ABORT ends the open message once, reported before the ABORT; a second ABORT is a harmless no-op."""
     s = negotiated()
     feed(s, *OPENING, *TRANSACTION[:4])
     msg = s.message
-    feed(s, m.Abort())
-    assert s.aborted is msg
+    assert msg is not None
+    got = feed(s, m.Abort())
+    assert got == [MessageEnded(msg), m.Abort()]
+    assert got[0].message is msg  # type: ignore[union-attr]
     assert s.message is None
     assert s.connection.helo == b"client"
-    feed(s, m.Abort())
-    assert s.aborted is None
+    assert feed(s, m.Abort()) == [m.Abort()]
     assert s.state is State.CONNECTED
 
 
@@ -101,8 +101,7 @@ def test_abort_after_eom_is_noop() -> None:
     s = negotiated()
     feed(s, *OPENING, *TRANSACTION, m.EndOfMessage())
     assert s.message is None
-    feed(s, m.Abort())
-    assert s.aborted is None
+    assert feed(s, m.Abort()) == [m.Abort()]
 
 
 def test_several_messages_reset_message_scope_only() -> None:
@@ -119,16 +118,60 @@ def test_several_messages_reset_message_scope_only() -> None:
 
 
 def test_new_mail_or_helo_ends_open_message() -> None:
-    """A new MAIL (or HELO) while a transaction is open ends it as aborted."""
+    """A new MAIL (or HELO) while a transaction is open ends it: MessageEnded comes first."""
     s = negotiated()
     feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
     first = s.message
-    feed(s, m.MailFrom(address=b"<c@d>"))
-    assert s.aborted is first
-    feed(s, m.Helo(hostname=b"again"))
-    assert s.aborted is not None
-    assert s.aborted.mail_from == b"<c@d>"
+    assert first is not None
+    assert feed(s, m.MailFrom(address=b"<c@d>")) == [MessageEnded(first), m.MailFrom(address=b"<c@d>")]
+    second = s.message
+    assert second is not None
+    assert second.mail_from == b"<c@d>"
+    assert feed(s, m.Helo(hostname=b"again")) == [MessageEnded(second), m.Helo(hostname=b"again")]
     assert s.message is None
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(m.MailFrom(address=b"<x@y>"), id="mail"),
+        pytest.param(m.Helo(hostname=b"again"), id="helo"),
+        pytest.param(m.Abort(), id="abort"),
+        pytest.param(m.Quit(), id="quit"),
+        pytest.param(m.QuitNewConnection(), id="quit-nc"),
+    ],
+)
+def test_message_ended_comes_before_the_command_that_ended_it(command: m.Command) -> None:
+    """While MessageEnded is out no reply is due; the command comes next, then awaits its reply."""
+    s = negotiated()
+    feed(s, *OPENING, *TRANSACTION[:4])
+    msg = s.message
+    assert msg is not None
+    s.receive_data(command.to_frame())
+    ended = s.next_event()
+    assert ended == MessageEnded(msg)
+    assert not s.needs_reply
+    with pytest.raises(LocalProtocolError, match="no command is waiting"):
+        s.send(m.Continue())
+    assert s.next_event() == command
+    assert s.needs_reply is (type(command) in (m.MailFrom, m.Helo))
+    if s.needs_reply:
+        s.send(m.Continue())
+    assert s.next_event() is NEED_DATA
+
+
+def test_each_ended_message_is_reported_once() -> None:
+    """Reading on after MessageEnded and its command reports nothing again, not even at EOF."""
+    s = negotiated()
+    feed(s, *OPENING, *TRANSACTION[:4])
+    assert [type(e) for e in feed(s, m.Abort(), m.Abort(), m.Helo(hostname=b"h"))] == [
+        MessageEnded,
+        m.Abort,
+        m.Abort,
+        m.Helo,
+    ]
+    s.receive_eof()
+    assert s.next_event() is NEED_DATA
 
 
 def test_quit_nc_allows_new_connect() -> None:
@@ -300,24 +343,72 @@ def test_skipped_states_with_no_flags() -> None:
     assert s.message is not None
     assert s.message.queue_id == b"Q9"
     s.send(m.Accept())
-    assert s.completed is not None
+    assert s.message is None
+    assert s.state is State.CONNECTED
 
 
-def test_eof_mid_message_aborts_it() -> None:
-    """EOF with an open message reports it as aborted."""
+def test_eof_mid_message_ends_it() -> None:
+    """EOF with an open message: next_event reports it once, then needs data."""
     s = negotiated()
     feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
+    msg = s.message
+    assert msg is not None
     s.receive_eof()
-    assert s.aborted is not None
     assert s.state is State.CLOSED
+    assert s.message is None
+    assert s.next_event() == MessageEnded(msg)
+    assert s.next_event() is NEED_DATA
+    assert s.next_event() is NEED_DATA
+
+
+def test_eof_without_a_message_reports_nothing() -> None:
+    """EOF between messages ends none."""
+    s = negotiated()
+    feed(s, *OPENING)
+    s.receive_eof()
+    assert s.next_event() is NEED_DATA
 
 
 def test_eof_mid_frame_is_remote_error() -> None:
-    """EOF inside a frame is reported as a truncated frame."""
+    """EOF inside a frame is reported as a truncated frame; the message it ended is still reported."""
     s = negotiated()
-    s.receive_data(CONNECT.to_frame()[:7])
+    feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
+    msg = s.message
+    assert msg is not None
+    s.receive_data(m.RcptTo(address=b"<c@d>").to_frame()[:7])
     with pytest.raises(RemoteProtocolError, match="middle of a frame"):
         s.receive_eof()
+    assert s.next_event() == MessageEnded(msg)
+    assert s.next_event() is NEED_DATA
+
+
+def test_eof_drops_what_was_not_read() -> None:
+    """Whole frames still buffered at EOF are not read: the open message ends, nothing follows."""
+    s = negotiated()
+    feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
+    msg = s.message
+    assert msg is not None
+    s.receive_data(m.RcptTo(address=b"<c@d>").to_frame() + m.Quit().to_frame())
+    with pytest.raises(RemoteProtocolError):  # bytes were left unread
+        s.receive_eof()
+    assert s.buffered == 0
+    assert s.next_event() == MessageEnded(msg)
+    assert s.next_event() is NEED_DATA
+
+
+def test_eof_before_the_held_command_ends_its_message_too() -> None:
+    """A MAIL that ended a message opened another: EOF before the MAIL was read reports that one."""
+    s = negotiated()
+    feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
+    first = s.message
+    assert first is not None
+    s.receive_data(m.MailFrom(address=b"<c@d>").to_frame())
+    assert s.next_event() == MessageEnded(first)
+    second = s.message
+    assert second is not None
+    s.receive_eof()
+    assert s.next_event() == MessageEnded(second)
+    assert s.next_event() is NEED_DATA
 
 
 LIMIT_CASES = [
@@ -369,7 +460,7 @@ def test_limits_mark_the_message_and_keep_the_connection(
     feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
     feed(s, *commands)
     assert s.message is not None
-    assert s.over_limit() == limit
+    assert s.over_limit() is Limit(limit)
     assert truncated_parts(s.message, s.connection) == parts
     assert len(s.message.recipients) <= limits.max_recipients
     assert len(s.message.headers) <= limits.max_headers
@@ -418,19 +509,18 @@ def test_connection_macros_over_the_limit_mark_every_message() -> None:
         s.next_event()
 
 
-# ------------------------------------------------------------------ quiet commands
+# ------------------------------------------------------------------ folded commands
 
-QUIET = frozenset({m.MailFrom, m.RcptTo, m.Data, m.Header, m.EndOfHeaders})
+UNSUBSCRIBED = frozenset({m.MailFrom, m.RcptTo, m.Data, m.Header, m.EndOfHeaders})
 
 
-def quiet_session(reply_events: frozenset[Event] = frozenset()) -> tuple[MilterSession, dict[str, int]]:
-    """A session told that MAIL, RCPT, DATA, headers and EOH are not needed, every event no-reply."""
-    counts: dict[str, int] = {}
-    return negotiated(Requirements(reply_events=reply_events), quiet=QUIET, counts=counts), counts
+def folding_session(reply_events: frozenset[Event] = frozenset()) -> MilterSession:
+    """A session told that nobody subscribes to MAIL, RCPT, DATA, headers and EOH, every event no-reply."""
+    return negotiated(Requirements(reply_events=reply_events), unsubscribed=UNSUBSCRIBED)
 
 
 def drain(session: MilterSession) -> list[str]:
-    """Names of the commands next_event returns, answering those that need it with continue."""
+    """Names of what next_event returns, answering the commands that need it with continue."""
     seen = []
     while (ev := session.next_event()) is not NEED_DATA:
         seen.append(type(ev).__name__)
@@ -439,44 +529,77 @@ def drain(session: MilterSession) -> list[str]:
     return seen
 
 
-def test_quiet_no_reply_commands_are_taken_in_without_being_returned() -> None:
-    """Recipients, DATA, headers and EOH land in the context and the tally, not in next_event."""
-    s, counts = quiet_session()
+def test_unsubscribed_no_reply_commands_are_folded_without_being_returned() -> None:
+    """Recipients, DATA, headers and EOH land in the context and the counts, not in next_event."""
+    s = folding_session()
     eoh_macros = m.Macro(stage=b"L", macros=((b"i", b"QID1"),))
     header = m.Header(name=b"Subject", value=b" hi")
     s.receive_data(
         b"".join(c.to_frame() for c in (*OPENING, *TRANSACTION[:6], eoh_macros, header, eoh_macros, header))
         + m.EndOfHeaders().to_frame()
-        + m.EndOfMessage().to_frame()
     )
-    # MAIL is quiet too, but only the commands in ABSORBABLE are taken in.
-    assert drain(s) == ["Connect", "Helo", "MailFrom", "EndOfMessage"]
-    assert s.completed is not None
-    msg = s.completed
+    # MAIL is unsubscribed too, but only the commands in FOLDABLE are folded.
+    assert drain(s) == ["Connect", "Helo", "MailFrom"]
+    msg = s.message
+    assert msg is not None
     assert msg.recipients == [(b"<c@d>", ()), (b"<e@f>", ())]
     assert msg.headers == [(b"Subject", b" hi"), (b"Subject", b" hi")]
     assert msg.queue_id == b"QID1"
-    assert counts == {Event.RCPT: 2, Event.DATA: 1, Event.HEADER: 2, Event.EOH: 1}
-    assert s.absorbed == 6
+    s.receive_data(m.EndOfMessage().to_frame())
+    assert drain(s) == ["EndOfMessage"]
+    assert s.event_counts == {
+        Event.CONNECT: 1,
+        Event.HELO: 1,
+        Event.MAIL: 1,
+        Event.RCPT: 2,
+        Event.DATA: 1,
+        Event.HEADER: 2,
+        Event.EOH: 1,
+        Event.EOM: 1,
+    }
+    assert s.commands_read == 11  # OPTNEG and the ten above; macro packets are not counted
 
 
-def test_quiet_commands_that_need_a_reply_are_returned() -> None:
-    """A quiet command the MTA waits for is returned as usual; the no-reply ones are still taken in."""
-    s, counts = quiet_session(reply_events=frozenset({Event.RCPT}))
+def test_unsubscribed_commands_that_need_a_reply_are_returned() -> None:
+    """An unsubscribed command the MTA waits for is returned as usual; the no-reply ones are still folded."""
+    s = folding_session(reply_events=frozenset({Event.RCPT}))
     s.receive_data(b"".join(c.to_frame() for c in (*OPENING, *TRANSACTION[:7])))
     assert drain(s) == ["Connect", "Helo", "MailFrom", "RcptTo", "RcptTo"]
-    assert counts == {Event.DATA: 1, Event.HEADER: 1}
+    assert s.event_counts == {
+        Event.CONNECT: 1,
+        Event.HELO: 1,
+        Event.MAIL: 1,
+        Event.RCPT: 2,
+        Event.DATA: 1,
+        Event.HEADER: 1,
+    }
     assert s.message is not None
     assert s.message.headers == [(b"Subject", b" hi")]
 
 
-def test_quiet_commands_before_negotiation_are_not_taken_in() -> None:
-    """Whether a command needs a reply is known only after negotiation: until then nothing is absorbed."""
+def test_nothing_is_folded_before_negotiation() -> None:
+    """Whether a command is no-reply is known only after negotiation: until then nothing is folded."""
     s = MilterSession()
-    s.set_quiet(QUIET)
+    s.set_unsubscribed(FOLDABLE)
     s.receive_data(m.Header(name=b"a", value=b"b").to_frame())
     with pytest.raises(RemoteProtocolError, match="not allowed in state init"):
         s.next_event()
+
+
+def test_event_counts_cover_every_command_with_an_event() -> None:
+    """Returned commands are counted under their event (close for QUIT), OPTNEG and QUIT_NC only in commands_read."""
+    s = negotiated()
+    feed(s, *OPENING, *TRANSACTION[:4], m.Unknown(line=b"XYZZY"), m.Abort(), m.QuitNewConnection(), CONNECT, m.Quit())
+    assert s.event_counts == {
+        Event.CONNECT: 2,
+        Event.HELO: 1,
+        Event.MAIL: 1,
+        Event.RCPT: 1,
+        Event.UNKNOWN: 1,
+        Event.ABORT: 1,
+        Event.CLOSE: 1,
+    }
+    assert s.commands_read == 10  # OPTNEG and the nine commands; macro packets are not counted
 
 
 @pytest.mark.parametrize(
@@ -486,17 +609,18 @@ def test_quiet_commands_before_negotiation_are_not_taken_in() -> None:
         pytest.param((m.MailFrom(address=b"<a@b>"),), m.Header(name=b"a", value=b"b"), None, id="ok-control"),
     ],
 )
-def test_quiet_commands_are_checked_like_returned_ones(
+def test_folded_commands_are_checked_like_returned_ones(
     prefix: tuple[m.Command, ...], bad: m.Command, match: str | None
 ) -> None:
-    """Order rules hold for commands taken in; a legal one passes (the control case)."""
-    s, _ = quiet_session()
+    """Order rules hold for folded commands; a legal one passes (the control case)."""
+    s = folding_session()
     s.receive_data(b"".join(c.to_frame() for c in (*OPENING, *prefix)))
     drain(s)
+    read = s.commands_read
     s.receive_data(bad.to_frame())
     if match is None:
         assert drain(s) == []
-        assert s.absorbed == 1
+        assert s.commands_read == read + 1
     else:
         with pytest.raises(RemoteProtocolError, match=match):
             drain(s)
@@ -512,18 +636,20 @@ def test_quiet_commands_are_checked_like_returned_ones(
         pytest.param(b"T", b"x", "empty payload", id="data-with-payload"),
     ],
 )
-def test_malformed_quiet_commands_are_remote_errors(code: bytes, payload: bytes, match: str) -> None:
+def test_malformed_folded_commands_are_remote_errors(code: bytes, payload: bytes, match: str) -> None:
     """A bad payload is refused exactly as when the command is decoded into a message."""
-    s, _ = quiet_session()
+    s = folding_session()
     feed(s, *OPENING, m.MailFrom(address=b"<a@b>"))
     s.receive_data(len(payload + code).to_bytes(4, "big") + code + payload)
     with pytest.raises(RemoteProtocolError, match=match):
         s.next_event()
 
 
-def test_quiet_commands_respect_the_limits() -> None:
-    """Header and recipient limits hold for commands taken in."""
-    s = negotiated(Requirements(reply_events=frozenset()), limits=SessionLimits(max_headers=1), quiet=QUIET)
+def test_folded_commands_respect_the_limits() -> None:
+    """Header and recipient limits hold for folded commands."""
+    s = negotiated(
+        Requirements(reply_events=frozenset()), limits=SessionLimits(max_headers=1), unsubscribed=UNSUBSCRIBED
+    )
     feed(s, *OPENING, m.MailFrom(address=b"<a@b>"), m.Header(name=b"a", value=b"b"))
     s.receive_data(m.Header(name=b"c", value=b"d").to_frame())
     assert s.next_event() is NEED_DATA
@@ -534,7 +660,7 @@ def test_quiet_commands_respect_the_limits() -> None:
 
 def test_repeated_macro_packets_fold_in_order() -> None:
     """Skipping a packet equal to the previous one keeps "later packets win" exact."""
-    s, _ = quiet_session()
+    s = folding_session()
     first = m.Macro(stage=b"L", macros=((b"i", b"ONE"),))
     second = m.Macro(stage=b"L", macros=((b"i", b"TWO"),))
     header = m.Header(name=b"a", value=b"b")
@@ -547,7 +673,7 @@ def test_repeated_macro_packets_fold_in_order() -> None:
 
 def test_macro_packets_fold_in_arrival_order_across_stages() -> None:
     """A packet repeated after another stage's packet still wins over it."""
-    s, _ = quiet_session()
+    s = folding_session()
     header = m.Header(name=b"a", value=b"b")
     by_l = m.Macro(stage=b"L", macros=((b"x", b"from L"),))
     by_n = m.Macro(stage=b"N", macros=((b"x", b"from N"),))

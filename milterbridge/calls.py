@@ -1,0 +1,132 @@
+"""The endpoint calls of one connection: those a reply waits for, and those in the background.
+
+A request built for an event is encoded once per endpoint (its own webhook id, and for an
+endpoint with ``include_body`` at eom the message body) and handed to
+``endpoint.call_endpoint``, which posts it and turns the answer into an outcome. Calls a
+reply waits for (enforcing endpoints) run at once and their outcomes come back by endpoint
+name; observe calls and the abort/close notifications run in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+from milterbridge import payload as pl
+from milterbridge.background import BackgroundCalls
+from milterbridge.body import BodyBuffer
+from milterbridge.endpoint import CallObserver, Endpoint, call_endpoint
+from milterbridge.message_log import MessageLog, log_call_failure
+from milterbridge.milter.constants import ALL_ACTIONS, Event
+from milterbridge.policy.model import Failure, Outcome
+from milterbridge.webhook.client import WebhookClient
+
+log = logging.getLogger("milterbridge.dispatch")
+
+#: A request encoded for one call: its webhook id and body.
+Prepared = tuple[str, bytes | pl.StreamedRequest]
+
+
+class CallMetrics(CallObserver, Protocol):
+    def bridge_fault(self, kind: str) -> None: ...
+
+
+def _encoded(request: pl.JSON, body: pl.BodyPart | None = None) -> Prepared:
+    """Encode a request now (the context it was built from keeps changing after this event)."""
+    webhook_id = pl.new_id("evt")
+    return webhook_id, pl.encode_request(request, webhook_id, body)
+
+
+def _body_part(endpoint: Endpoint, body: BodyBuffer | None, *, stream: bool) -> pl.BodyPart | None:
+    if body is None or not endpoint.settings.include_body:
+        return None
+    return pl.BodyPart(body, endpoint.settings.max_body_bytes, stream=stream)
+
+
+class ConnectionCalls:
+    """Makes one connection's endpoint calls; failures are logged with its session id."""
+
+    def __init__(
+        self,
+        client: WebhookClient,
+        background: BackgroundCalls,
+        metrics: CallMetrics,
+        session_id: str,
+        message_log: MessageLog,
+    ) -> None:
+        self.client = client
+        self.background = background
+        self.metrics = metrics
+        self.session_id = session_id
+        self.message_log = message_log
+        #: What the MTA lets us do, once negotiated (decisions needing more are invalid).
+        self.actions = ALL_ACTIONS
+
+    async def decide(
+        self, event: Event, endpoints: Sequence[Endpoint], request: pl.JSON, body: BodyBuffer | None = None
+    ) -> dict[str, Outcome]:
+        """Call ``endpoints`` at once; their outcomes by name, for the message's log line too.
+
+        Raises only for a fault of the bridge (see ``endpoint.call_endpoint``); then no call is
+        left running.
+        """
+        calls = [(ep, _encoded(request, _body_part(ep, body, stream=True))) for ep in endpoints]
+        if len(calls) == 1:
+            endpoint, prepared = calls[0]
+            return {endpoint.name: await self._call(event, endpoint, prepared)}
+        # return_exceptions: a bridge fault in one call must not leave the others running on.
+        results = await asyncio.gather(
+            *(self._call(event, ep, prepared) for ep, prepared in calls), return_exceptions=True
+        )
+        outcomes: dict[str, Outcome] = {}
+        for (endpoint, _), result in zip(calls, results, strict=True):
+            if isinstance(result, BaseException):
+                raise result
+            outcomes[endpoint.name] = result
+        return outcomes
+
+    def observe(self, event: Event, endpoint: Endpoint, request: pl.JSON, body: BodyBuffer | None = None) -> None:
+        """Call ``endpoint`` in the background (its call is not in the message's log line).
+
+        ``body``: the eom request gets the body bytes now (the call outlives the buffer); raises
+        SpoolError when they cannot be read.
+        """
+        if self.background.has_room(endpoint.settings):
+            self._spawn(event, endpoint, _encoded(request, _body_part(endpoint, body, stream=False)))
+
+    def notify(self, event: Event, endpoints: Sequence[Endpoint], request: pl.JSON) -> None:
+        """Tell ``endpoints`` about an ``abort`` or ``close``, in the background."""
+        for endpoint in endpoints:
+            if self.background.has_room(endpoint.settings):
+                self._spawn(event, endpoint, _encoded(request))
+
+    async def _call(self, event: Event, endpoint: Endpoint, prepared: Prepared, *, record: bool = True) -> Outcome:
+        webhook_id, body = prepared
+        result = await call_endpoint(
+            self.client, endpoint, webhook_id, body, event=event, allowed_actions=self.actions, observer=self.metrics
+        )
+        outcome = result.outcome
+        if record:
+            self.message_log.call(endpoint.name, event.value, outcome, result.elapsed)
+        if isinstance(outcome, Failure):
+            log_call_failure(self.session_id, endpoint.name, event.value, outcome, endpoint.settings.on_error.value)
+        return outcome
+
+    def _spawn(self, event: Event, endpoint: Endpoint, prepared: Prepared) -> None:
+        self.background.spawn(self._background_call(event, endpoint, prepared), endpoint.settings)
+
+    async def _background_call(self, event: Event, endpoint: Endpoint, prepared: Prepared) -> None:
+        try:
+            outcome = await self._call(event, endpoint, prepared, record=False)
+        except Exception:
+            self.metrics.bridge_fault("internal")
+            log.exception("bug: %s call to %s failed", event.value, endpoint.name)
+            return
+        if event is Event.ABORT or event is Event.CLOSE or not log.isEnabledFor(logging.INFO):
+            return
+        action = "failure" if isinstance(outcome, Failure) else outcome.action.value
+        fields = {"session": self.session_id, "endpoint": endpoint.name, "event": event.value}
+        fields |= {"action": action, "mode": "observe"}
+        log.info("observe endpoint %s at %s: %s", endpoint.name, event.value, action, extra={"fields": fields})

@@ -1,0 +1,202 @@
+"""An endpoint of one config snapshot, and the one step that calls it.
+
+``build_endpoints`` is the one place endpoints are made (start-up, reload, preflight): each
+``Endpoint`` holds its settings, the policy's view of them, its prepared HTTP state and its
+circuit breaker, and a reload builds a whole new tuple that replaces the old one. Sessions that
+started before keep the tuple they were given.
+
+``call_endpoint`` is the step from an encoded request to an outcome: ask the breaker, post,
+decode, validate, count, and tell the breaker once, after the answer was validated
+(docs/reliability.md §9)::
+
+    result of the call                                  outcome            breaker
+    breaker open (nothing sent)                         Failure            -
+    WebhookError whose endpoint_failure is True         Failure            failure
+    WebhookError whose endpoint_failure is False        Failure            neither
+    answer that is not JSON, or not a valid decision    Failure            success
+    valid decision                                      Decision           success
+    cancelled, SpoolError, any other exception          (propagates)       neither
+
+Only the webhook client's errors and an invalid answer are the endpoint's doing. Anything else
+(a body the bridge cannot read, a bug) propagates to the caller, uncounted: it is answered
+there, never with the endpoint's ``on_error``.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from milterbridge.config import EndpointSettings, TlsSettings
+from milterbridge.milter.constants import Action, Event
+from milterbridge.payload import DecodeError, decode
+from milterbridge.policy.model import Decision, DecisionError, EndpointPolicy, Failure, Outcome
+from milterbridge.policy.parse import parse_decision
+from milterbridge.webhook.breaker import CircuitBreaker
+from milterbridge.webhook.client import BodySource, PreparedEndpoint, WebhookClient, prepare_endpoint
+from milterbridge.webhook.errors import WebhookError
+
+__all__ = [
+    "CallObserver",
+    "CallResult",
+    "Endpoint",
+    "build_endpoints",
+    "call_endpoint",
+]
+
+#: ``webhook_requests_total`` outcomes this step adds to the client's ``AttemptOutcome`` values.
+_OK: Final = "ok"
+_BREAKER_OPEN: Final = "breaker_open"
+_INVALID_BODY: Final = "invalid_body"
+_INVALID_DECISION: Final = "invalid_decision"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One configured endpoint as a snapshot holds it; built by ``build_endpoints``."""
+
+    settings: EndpointSettings
+    #: What the policy needs to know of it (mode, on_error, its index for ties).
+    policy: EndpointPolicy
+    #: The request head, signer and TLS context for ``WebhookClient.post``.
+    http: PreparedEndpoint
+    #: Shared with the next snapshot's endpoint of the same name while URL and breaker keys stay.
+    breaker: CircuitBreaker
+
+    @property
+    def name(self) -> str:
+        """The configured name (metrics label, log field)."""
+        return self.settings.name
+
+
+def build_endpoints(
+    settings: Sequence[EndpointSettings],
+    previous: Sequence[Endpoint] = (),
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[Endpoint, ...]:
+    """The endpoints of one config snapshot, in config order.
+
+    An endpoint whose name, URL and breaker settings are unchanged from ``previous`` keeps its
+    breaker (and so its state); everything else is new. TLS files are read again (certificates
+    are rotated under the same path); endpoints with equal TLS settings share one context.
+    ``clock`` drives the new breakers. Raises ``ValueError``/``OSError`` like
+    ``prepare_endpoint``, before anything is shared with ``previous``.
+    """
+    kept = {ep.name: ep for ep in previous}
+    contexts: dict[TlsSettings, ssl.SSLContext] = {}
+    endpoints = []
+    for index, ep in enumerate(settings):
+        http = prepare_endpoint(ep, contexts)
+        old = kept.get(ep.name)
+        if old is not None and old.settings.url == ep.url and _breaker_settings(old.settings) == _breaker_settings(ep):
+            breaker = old.breaker
+        else:
+            breaker = CircuitBreaker(
+                failure_rate=ep.breaker_failure_rate,
+                min_calls=ep.breaker_min_calls,
+                window=ep.breaker_window,
+                probe_delay=ep.breaker_probe,
+                max_delay=ep.breaker_reset,
+                clock=clock,
+            )
+        policy = EndpointPolicy(
+            name=ep.name,
+            index=index,
+            events=ep.events,
+            mode=ep.mode,
+            on_error=ep.on_error,
+            include_body=ep.include_body,
+        )
+        endpoints.append(Endpoint(ep, policy, http, breaker))
+    return tuple(endpoints)
+
+
+def _breaker_settings(settings: EndpointSettings) -> tuple[float, int, float, float, float]:
+    return (
+        settings.breaker_failure_rate,
+        settings.breaker_min_calls,
+        settings.breaker_window,
+        settings.breaker_probe,
+        settings.breaker_reset,
+    )
+
+
+class CallObserver(Protocol):
+    """Metric hooks of one call (``milterbridge.metrics.Metrics`` satisfies it)."""
+
+    def webhook(self, endpoint: str, event: str, outcome: str, seconds: float | None) -> None: ...
+    def decision(self, endpoint: str, event: str, action: str, mode: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """What one call produced: the outcome for the policy, and how long it took."""
+
+    outcome: Outcome
+    #: Seconds from the breaker's ticket to the validated answer (the message's log line).
+    elapsed: float
+
+
+async def call_endpoint(
+    client: WebhookClient,
+    endpoint: Endpoint,
+    webhook_id: str,
+    body: bytes | BodySource,
+    *,
+    event: Event,
+    allowed_actions: Action,
+    observer: CallObserver,
+) -> CallResult:
+    """Post ``body`` (the encoded request) to ``endpoint`` and turn the answer into an outcome.
+
+    ``allowed_actions`` is what the MTA granted at negotiation. Counts the call with
+    ``observer.webhook`` and a decision with ``observer.decision``; see the module docstring
+    for what the breaker is told. Raises only what is not the endpoint's doing (cancellation,
+    ``SpoolError``, a bug), after giving the breaker ticket back uncounted.
+    """
+    settings = endpoint.settings
+    breaker = endpoint.breaker
+    started = time.monotonic()
+    outcome: Outcome
+    ticket = breaker.allow()
+    if not ticket:
+        label, outcome = _BREAKER_OPEN, Failure(reason=_BREAKER_OPEN)
+    else:
+        try:
+            response = await client.post(endpoint.http, body, webhook_id=webhook_id)
+            try:
+                decoded = decode(response.body)
+                outcome = parse_decision(
+                    decoded,
+                    event,
+                    max_modifications=settings.max_modifications,
+                    allowed_actions=allowed_actions,
+                    allowed_ops=settings.allowed_ops,
+                )
+                label = _OK
+            except DecodeError as exc:
+                label, outcome = _INVALID_BODY, Failure(reason=f"invalid response body: {exc}")
+            except DecisionError as exc:
+                label, outcome = _INVALID_DECISION, Failure(reason=f"invalid decision: {exc}")
+        except WebhookError as exc:
+            if exc.endpoint_failure:
+                breaker.record_failure(ticket)
+            else:
+                breaker.release(ticket)
+            label, outcome = str(exc.outcome), Failure(reason=str(exc))
+        except BaseException:
+            breaker.release(ticket)  # cancelled, or the bridge's own fault: not the endpoint's
+            raise
+        else:
+            breaker.record_success(ticket)  # it answered, valid or not
+    elapsed = time.monotonic() - started
+    name = settings.name
+    event_name = event.value
+    observer.webhook(name, event_name, label, elapsed)
+    if isinstance(outcome, Decision):
+        observer.decision(name, event_name, outcome.action.value, settings.mode.value)
+    return CallResult(outcome, elapsed)

@@ -1,0 +1,185 @@
+"""What the bridge notes about each message, and the log lines of the message path.
+
+Every message ends in exactly one ``message <outcome>`` line (and one count in
+``milterbridge_messages_total``): the endpoints called for it with their answers and times,
+the reply, the reason, the modifications applied, recipients refused over ``max_recipients``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from milterbridge.milter.context import ConnectionContext, Limit, MessageContext, over_limit
+from milterbridge.milter.messages import Reply
+from milterbridge.milter.negotiation import Negotiated
+from milterbridge.payload import client_address
+from milterbridge.policy.apply import DroppedModification
+from milterbridge.policy.model import Failure, Outcome
+from milterbridge.replies import outcome_of, reply_text
+
+log = logging.getLogger("milterbridge.dispatch")
+
+
+class MessageMetrics(Protocol):
+    """The counters a message's end feeds (milterbridge.metrics.Metrics satisfies it)."""
+
+    def message(self, outcome: str) -> None: ...
+    def oversize(self, limit: str) -> None: ...
+
+
+class MessageLog:
+    """The bookkeeping of one connection's messages, one at a time.
+
+    ``start`` at MAIL; ``call`` for each enforcing endpoint call; ``refused_recipient`` for
+    a recipient refused over ``max_recipients``; ``end`` writes the log line once per message
+    (a later ``end`` for the same message, e.g. its abort after a refusal, writes nothing).
+    """
+
+    __slots__ = ("_accepted", "_calls", "_logged", "_metrics", "_refused_recipients", "_started", "session_id")
+
+    def __init__(self, session_id: str, metrics: MessageMetrics) -> None:
+        self.session_id = session_id
+        self._metrics = metrics
+        self._started = 0.0
+        self._calls: list[dict[str, Any]] = []
+        self._refused_recipients = 0
+        #: Number of the last message logged, and of the last one accepted before end-of-message.
+        self._logged: int | None = None
+        self._accepted: int | None = None
+
+    def start(self) -> None:
+        """A new message (MAIL)."""
+        self._started = time.monotonic()
+        self._calls = []
+        self._refused_recipients = 0
+
+    def call(self, endpoint: str, event: str, outcome: Outcome, elapsed: float) -> None:
+        """An enforcing endpoint answered (or failed) for this message."""
+        entry: dict[str, Any] = {
+            "endpoint": endpoint,
+            "event": event,
+            "action": "failure" if isinstance(outcome, Failure) else outcome.action.value,
+            "ms": round(elapsed * 1000, 1),
+        }
+        if isinstance(outcome, Failure):
+            entry["error"] = outcome.reason
+        self._calls.append(entry)
+
+    def refused_recipient(self) -> None:
+        """A recipient was refused at RCPT for being over max_recipients; the message goes on."""
+        self._refused_recipients += 1
+
+    def accepted(self, msg: MessageContext) -> None:
+        """An accept before end-of-message: the MTA delivers without asking again (no abort follows)."""
+        self._accepted = msg.number
+
+    def was_accepted(self, msg: MessageContext) -> bool:
+        return self._accepted == msg.number
+
+    def new_session(self) -> None:
+        """QUIT_NC: message numbers start at 1 again."""
+        self._logged = None
+        self._accepted = None
+
+    def end(
+        self,
+        msg: MessageContext,
+        connection: ConnectionContext,
+        reply: Reply | None,
+        *,
+        reason: str | None,
+        quarantined: bool = False,
+        modifications: int = 0,
+        message_id: str | None = None,
+    ) -> None:
+        """Log and count how ``msg`` ended; ``reply`` None means the client ended it (aborted)."""
+        if self._logged == msg.number:
+            return
+        self._logged = msg.number
+        outcome = outcome_of(reply, quarantined=quarantined)
+        self._metrics.message(outcome)
+        limit = over_limit(msg, connection)
+        if limit is None and self._refused_recipients:
+            limit = Limit.MAX_RECIPIENTS  # refused at RCPT: the message went on without them
+        if limit is not None:
+            self._metrics.oversize(limit)
+        fields: dict[str, Any] = {
+            "session": self.session_id,
+            "message": message_id,
+            "queue_id": msg.queue_id.decode("ascii", "replace") if msg.queue_id else None,
+            "outcome": outcome,
+            "reason": reason,
+            "endpoints": self._calls,
+            "ms": round((time.monotonic() - self._started) * 1000, 1) if self._started else None,
+        }
+        text = reply_text(reply) if reply is not None else None
+        if text:
+            fields["reply"] = text
+        if modifications:
+            fields["modifications"] = modifications
+        if self._refused_recipients:
+            fields["recipients_over_limit"] = self._refused_recipients
+        log.info("message %s", outcome, extra={"fields": fields})
+        self._calls = []
+        self._refused_recipients = 0
+
+
+def log_call_failure(session_id: str, endpoint: str, event: str, failure: Failure, on_error: str) -> None:
+    """The warning for one failed endpoint call (the message line names it too)."""
+    log.warning(
+        "endpoint %s failed at %s: %s",
+        endpoint,
+        event,
+        failure.reason,
+        extra={"fields": {"session": session_id, "endpoint": endpoint, "event": event, "on_error": on_error}},
+    )
+
+
+def log_connection_refused(session_id: str, event: str, reply: Reply, reason: str | None) -> None:
+    """A refusal at CONNECT or HELO (or a shutdown reply) ends the SMTP session, not a message."""
+    log.info(
+        "connection refused at %s",
+        event,
+        extra={
+            "fields": {
+                "session": session_id,
+                "event": event,
+                "reply": reply_text(reply) or type(reply).__name__.lower(),
+                "reason": reason,
+            }
+        },
+    )
+
+
+def log_negotiation_warnings(session_id: str, got: Negotiated) -> None:
+    """What the MTA's offer lacks (logged once per distinct offer)."""
+    fields = {"fields": {"session": session_id}}
+    if got.missing_actions:
+        log.warning(
+            "MTA does not offer actions %s; responses that need them will be refused", got.missing_actions, extra=fields
+        )
+    if got.unavailable_events:
+        log.warning(
+            "MTA protocol version %d does not send events %s", got.version, sorted(got.unavailable_events), extra=fields
+        )
+
+
+def log_dropped_modifications(session_id: str, dropped: Iterable[DroppedModification]) -> None:
+    """Modifications an endpoint asked for and the bridge did not apply, and why."""
+    for mod in dropped:
+        fields = {"session": session_id, "endpoint": mod.endpoint, "op": str(mod.op.op), "why": str(mod.reason)}
+        log.info("modification dropped", extra={"fields": fields})
+
+
+def log_connection_closed(session_id: str, connection: ConnectionContext, started: float) -> None:
+    """The end of a milter connection (or of a session on it, at QUIT_NC)."""
+    fields = {
+        "session": session_id,
+        "client": client_address(connection.address).decode("utf-8", "replace") or None,
+        "messages": connection.message_count,
+        "duration_ms": round((time.monotonic() - started) * 1000, 1),
+    }
+    log.info("connection closed", extra={"fields": fields})

@@ -1,0 +1,85 @@
+"""Everything derived from one config, built once: a reload builds a new snapshot.
+
+A connection keeps the snapshot it started with until it ends, so a reload never changes
+the rules in the middle of a message. The endpoints (settings, policy view, prepared HTTP
+request head, circuit breaker) are built here and nowhere else; an unchanged endpoint keeps
+its breaker across a reload (``endpoint.build_endpoints``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from milterbridge.config import Config
+from milterbridge.endpoint import Endpoint, build_endpoints
+from milterbridge.milter.constants import Action, Event
+from milterbridge.milter.messages import Command, Negotiate, NegotiateReply
+from milterbridge.milter.negotiation import Negotiated, Requirements, negotiate, requirements
+from milterbridge.milter.session import EVENT_OF
+from milterbridge.policy.model import Mode, OnOversize
+from milterbridge.policy.transaction import PolicyState
+
+#: Distinct MTA offers whose answer is kept (Postfix always sends the same one).
+_MAX_CACHED_OFFERS = 64
+
+
+class Snapshot:
+    """One config's endpoints, negotiation and rules; see the module docstring.
+
+    Raises ValueError/OSError when an endpoint cannot be prepared (a TLS file, a secret).
+    """
+
+    def __init__(self, config: Config, previous: Snapshot | None = None) -> None:
+        self.config = config
+        self.endpoints: tuple[Endpoint, ...] = build_endpoints(
+            config.endpoints, previous.endpoints if previous is not None else ()
+        )
+        self.policies = [ep.policy for ep in self.endpoints]
+        subscribed = {e for ep in self.endpoints for e in ep.settings.events}
+        self.requirements: Requirements = requirements(
+            subscribed,
+            {e for ep in self.endpoints if ep.settings.mode is Mode.ENFORCE for e in ep.settings.events},
+            macros=(m.encode() for ep in self.endpoints for m in ep.settings.macros),
+            body=any(ep.settings.include_body for ep in self.endpoints),
+        )
+        #: Whether any endpoint wants the message body (it is kept only then).
+        self.keep_body = any(ep.settings.include_body for ep in self.endpoints)
+        #: Commands whose event no endpoint subscribes to: no request is built for them.
+        self.unsubscribed: frozenset[type[Command]] = frozenset(
+            kind for kind, event in EVENT_OF.items() if event not in subscribed
+        )
+        #: Whether a message over a limit is refused (on_oversize tempfail or reject) rather than
+        #: passed on to the endpoints with what was kept (continue).
+        self.refuse_over_limit = config.server.on_oversize is not OnOversize.CONTINUE
+        #: A placeholder policy until a connection has negotiated (it is never asked to decide).
+        self.idle_policy = PolicyState(self.policies, actions=Action.NONE, skip_negotiated=False)
+        self._by_name = {ep.name: ep for ep in self.endpoints}
+        self._negotiations: dict[tuple[int, int, int], tuple[Negotiated, NegotiateReply]] = {}
+
+    def endpoint(self, name: str) -> Endpoint:
+        """The endpoint called ``name`` (a policy names its endpoints by name)."""
+        return self._by_name[name]
+
+    def subscribers(self, event: Event) -> Sequence[Endpoint]:
+        """Every endpoint subscribed to ``event`` (both modes; used for the notifications)."""
+        return [ep for ep in self.endpoints if event in ep.settings.events]
+
+    def negotiate(self, offer: Negotiate) -> tuple[Negotiated, NegotiateReply, bool]:
+        """Our answer to an offer, computed once per distinct offer.
+
+        Returns the outcome, the reply and whether this offer was new (so its warnings are
+        logged once, not per connection).
+        """
+        key = (offer.version, int(offer.actions), int(offer.protocol))
+        cached = self._negotiations.get(key)
+        if cached is not None:
+            return cached[0], cached[1], False
+        got = negotiate(offer, self.requirements)
+        reply = got.reply()
+        if len(self._negotiations) < _MAX_CACHED_OFFERS:
+            self._negotiations[key] = (got, reply)
+        return got, reply, True
+
+    def breaker_states(self) -> dict[str, str]:
+        """Breaker state per endpoint name (``closed``, ``open``, ``half_open``), for metrics."""
+        return {ep.name: str(ep.breaker.state) for ep in self.endpoints}
