@@ -265,20 +265,25 @@ class ServerState:
             self.observer.connection_closed()
             if conn.overflow:
                 self.overflow -= 1
-            closed = self._closed_event_counts
-            for event, count in conn.session.event_counts.items():
-                closed[event] = closed.get(event, 0) + count
+            else:
+                closed = self._closed_event_counts
+                for event, count in conn.session.event_counts.items():
+                    closed[event] = closed.get(event, 0) + count
         self.connections.discard(conn)
         if not self.connections:
             self.idle.set()
 
     def event_counts(self) -> dict[Event, int]:
-        """Commands read per event by every session so far: those of live connections and closed ones.
+        """Commands read per event by every session served so far, live and closed.
 
-        A new dict, summed when called (at scrape time); call it from the event loop's thread.
+        Sessions over ``max_connections`` (each refused with a tempfail) are not counted: they
+        show in ``connections_overflow_total``. A new dict, summed when called (at scrape
+        time); call it from the event loop's thread.
         """
         counts = dict(self._closed_event_counts)
         for conn in self.connections:
+            if conn.overflow:
+                continue
             for event, count in conn.session.event_counts.items():
                 counts[event] = counts.get(event, 0) + count
         return counts

@@ -28,6 +28,7 @@ from typing import Any
 
 from milterbridge import CORE, __version__
 from milterbridge.admin import AdminServer
+from milterbridge.background import SHUTDOWN_GRACE
 from milterbridge.config import Config, ConfigError, config_warnings, load_config, load_serving_config
 from milterbridge.connection import ConnectionSettings
 from milterbridge.demo import DEMO_ADMIN, DEMO_MILTER, DemoFilter, banner, demo_config
@@ -208,7 +209,7 @@ class Bridge:
         """The supervisor refused a reload (and logged why): count it in this worker's metrics."""
         self.metrics.reload(False)
 
-    async def settle(self, timeout: float = 5.0) -> None:
+    async def settle(self, timeout: float = SHUTDOWN_GRACE) -> None:
         """Wait up to ``timeout`` for the background calls (notifications, observe endpoints); cancel the rest."""
         await self.dispatcher.aclose(timeout=timeout)
 
@@ -226,6 +227,19 @@ class Bridge:
         if self.admin is not None:
             await self.admin.aclose()
         log.info("stopped")
+
+
+def build_bridge(config: Config, **options: Any) -> Bridge | None:
+    """``Bridge(config, **options)``, or None after logging why it cannot be built.
+
+    Building prepares the endpoints, which reads their TLS files and decodes their secrets: a
+    certificate rotated into something unreadable since the config was checked fails here.
+    """
+    try:
+        return Bridge(config, **options)
+    except (ValueError, OSError) as exc:
+        log.error("cannot start: %s", exc)  # noqa: TRY400 - the message names the file
+        return None
 
 
 async def run_bridge(
@@ -310,7 +324,8 @@ def serve(config_path: str | None, *, workers: int | None = None, demo: bool = F
         return supervisor.supervise(config, path, count)
 
     async def main() -> int:
-        return await run_bridge(Bridge(config, config_path=path))
+        bridge = build_bridge(config, config_path=path)
+        return 1 if bridge is None else await run_bridge(bridge)
 
     return run_event_loop(main)
 

@@ -15,6 +15,9 @@ from typing import Any, Protocol
 
 from milterbridge.config import EndpointSettings
 
+#: Seconds the running calls get at shutdown before they are cancelled.
+SHUTDOWN_GRACE = 5.0
+
 
 class DropCounter(Protocol):
     def background_dropped(self, endpoint: str) -> None: ...
@@ -48,7 +51,7 @@ class BackgroundCalls:
         self._tasks.discard(task)
         self._running[name] -= 1
 
-    async def aclose(self, timeout: float = 5.0) -> None:
+    async def aclose(self, timeout: float = SHUTDOWN_GRACE) -> None:
         """Let running calls finish up to ``timeout``, then cancel the rest."""
         if not self._tasks:
             return

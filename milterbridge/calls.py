@@ -17,11 +17,10 @@ from typing import Protocol
 from milterbridge import payload as pl
 from milterbridge.background import BackgroundCalls
 from milterbridge.body import BodyBuffer
-from milterbridge.endpoint import CallObserver, Endpoint, call_endpoint
+from milterbridge.endpoint import CallObserver, Endpoint, WebhookPoster, call_endpoint
 from milterbridge.message_log import MessageLog, log_call_failure
 from milterbridge.milter.constants import ALL_ACTIONS, Event
-from milterbridge.policy.model import Failure, Outcome
-from milterbridge.webhook.client import WebhookClient
+from milterbridge.policy.model import EndpointPolicy, Failure, Outcome
 
 log = logging.getLogger("milterbridge.dispatch")
 
@@ -33,16 +32,17 @@ class CallMetrics(CallObserver, Protocol):
     def bridge_fault(self, kind: str) -> None: ...
 
 
-def _encoded(request: pl.JSON, body: pl.BodyPart | None = None) -> Prepared:
-    """Encode a request now (the context it was built from keeps changing after this event)."""
+def _encoded(request: pl.JSON, endpoint: Endpoint, body: BodyBuffer | None = None, *, stream: bool = False) -> Prepared:
+    """Encode a request for ``endpoint`` now (the context it was built from keeps changing after
+    this event); with ``body``, the message body too when the endpoint has include_body."""
     webhook_id = pl.new_id("evt")
-    return webhook_id, pl.encode_request(request, webhook_id, body)
-
-
-def _body_part(endpoint: Endpoint, body: BodyBuffer | None, *, stream: bool) -> pl.BodyPart | None:
-    if body is None or not endpoint.settings.include_body:
-        return None
-    return pl.BodyPart(body, endpoint.settings.max_body_bytes, stream=stream)
+    settings = endpoint.settings
+    part = (
+        pl.BodyPart(body, settings.max_body_bytes, stream=stream)
+        if body is not None and settings.include_body
+        else None
+    )
+    return webhook_id, pl.encode_request(request, webhook_id, part)
 
 
 class ConnectionCalls:
@@ -50,13 +50,16 @@ class ConnectionCalls:
 
     def __init__(
         self,
-        client: WebhookClient,
+        client: WebhookPoster,
         background: BackgroundCalls,
         metrics: CallMetrics,
         session_id: str,
         message_log: MessageLog,
+        endpoints: Sequence[Endpoint],
     ) -> None:
         self.client = client
+        #: The snapshot's endpoints, in config order (a policy's ``index``).
+        self.endpoints = endpoints
         self.background = background
         self.metrics = metrics
         self.session_id = session_id
@@ -65,14 +68,17 @@ class ConnectionCalls:
         self.actions = ALL_ACTIONS
 
     async def decide(
-        self, event: Event, endpoints: Sequence[Endpoint], request: pl.JSON, body: BodyBuffer | None = None
+        self, event: Event, policies: Sequence[EndpointPolicy], request: pl.JSON, body: BodyBuffer | None = None
     ) -> dict[str, Outcome]:
-        """Call ``endpoints`` at once; their outcomes by name, for the message's log line too.
+        """Call the endpoints of ``policies`` at once; their outcomes by name, for the message's log line too.
 
         Raises only for a fault of the bridge (see ``endpoint.call_endpoint``); then no call is
         left running.
         """
-        calls = [(ep, _encoded(request, _body_part(ep, body, stream=True))) for ep in endpoints]
+        calls = []
+        for policy in policies:
+            endpoint = self.endpoints[policy.index]
+            calls.append((endpoint, _encoded(request, endpoint, body, stream=True)))
         if len(calls) == 1:
             endpoint, prepared = calls[0]
             return {endpoint.name: await self._call(event, endpoint, prepared)}
@@ -87,20 +93,21 @@ class ConnectionCalls:
             outcomes[endpoint.name] = result
         return outcomes
 
-    def observe(self, event: Event, endpoint: Endpoint, request: pl.JSON, body: BodyBuffer | None = None) -> None:
-        """Call ``endpoint`` in the background (its call is not in the message's log line).
+    def observe(self, event: Event, policy: EndpointPolicy, request: pl.JSON, body: BodyBuffer | None = None) -> None:
+        """Call the observe endpoint of ``policy`` in the background (its call is not in the message's log line).
 
         ``body``: the eom request gets the body bytes now (the call outlives the buffer); raises
         SpoolError when they cannot be read.
         """
+        endpoint = self.endpoints[policy.index]
         if self.background.has_room(endpoint.settings):
-            self._spawn(event, endpoint, _encoded(request, _body_part(endpoint, body, stream=False)))
+            self._spawn(event, endpoint, _encoded(request, endpoint, body, stream=False))
 
     def notify(self, event: Event, endpoints: Sequence[Endpoint], request: pl.JSON) -> None:
         """Tell ``endpoints`` about an ``abort`` or ``close``, in the background."""
         for endpoint in endpoints:
             if self.background.has_room(endpoint.settings):
-                self._spawn(event, endpoint, _encoded(request))
+                self._spawn(event, endpoint, _encoded(request, endpoint))
 
     async def _call(self, event: Event, endpoint: Endpoint, prepared: Prepared, *, record: bool = True) -> Outcome:
         webhook_id, body = prepared
@@ -122,7 +129,10 @@ class ConnectionCalls:
             outcome = await self._call(event, endpoint, prepared, record=False)
         except Exception:
             self.metrics.bridge_fault("internal")
-            log.exception("bug: %s call to %s failed", event.value, endpoint.name)
+            if event is Event.ABORT or event is Event.CLOSE:
+                log.exception("bug: %s notification to %s failed", event.value, endpoint.name)
+            else:
+                log.exception("bug: observe call to %s at %s failed", endpoint.name, event.value)
             return
         if event is Event.ABORT or event is Event.CLOSE or not log.isEnabledFor(logging.INFO):
             return

@@ -267,10 +267,11 @@ class MilterConnection(asyncio.Protocol):
         if inet:
             self._sock = _tune_tcp(sock)
         self.session = MilterSession(self._settings.limits, budget=self._settings.budget)
-        self._state.add(self)
-        self.handler = factory(self.session)
+        # The deadlines first: should the handler factory fail, they still close the connection.
         self._deadlines = _Deadlines(self._settings, self.session, self._deadline_passed)
         self._deadlines.start(overflow_lifetime(self._settings) if self.overflow else None)
+        self._state.add(self)
+        self.handler = factory(self.session)
 
     def data_received(self, data: bytes) -> None:
         if self._quickack_due and self._sock is not None:

@@ -22,12 +22,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from milterbridge import payload as pl
-from milterbridge.background import BackgroundCalls
+from milterbridge.background import SHUTDOWN_GRACE, BackgroundCalls
 from milterbridge.body import MessageBody, SpoolError
 from milterbridge.calls import ConnectionCalls
 from milterbridge.config import Config
 from milterbridge.connection import HandlerResult
-from milterbridge.endpoint import Endpoint
+from milterbridge.endpoint import WebhookPoster
 from milterbridge.message_log import (
     MessageLog,
     log_connection_closed,
@@ -63,7 +63,6 @@ from milterbridge.policy.model import EndpointPolicy, Outcome
 from milterbridge.policy.transaction import EventResult, PolicyState
 from milterbridge.replies import REFUSED_OVER_LIMIT, TOO_MANY_RECIPIENTS, over_limit_reply
 from milterbridge.snapshot import Snapshot
-from milterbridge.webhook.client import WebhookClient
 
 log = logging.getLogger("milterbridge.dispatch")
 
@@ -93,7 +92,7 @@ class Dispatcher:
     one, when an endpoint cannot be prepared); live connections keep the one they started with.
     """
 
-    def __init__(self, config: Config, client: WebhookClient, *, metrics: Observer | None = None) -> None:
+    def __init__(self, config: Config, client: WebhookPoster, *, metrics: Observer | None = None) -> None:
         self.client = client
         self.metrics: Observer = metrics or _NoMetrics()
         self.snapshot = Snapshot(config)
@@ -108,7 +107,7 @@ class Dispatcher:
     def __call__(self, session: MilterSession) -> ConnectionHandler:
         return ConnectionHandler(self, session)
 
-    async def aclose(self, timeout: float = 5.0) -> None:
+    async def aclose(self, timeout: float = SHUTDOWN_GRACE) -> None:
         """Let background calls finish up to ``timeout``, then cancel the rest."""
         await self.background.aclose(timeout)
 
@@ -206,12 +205,12 @@ class ConnectionHandler:
             return self._apply(event, {}) if needs_reply else None
         body_size = self.body.buffer.size if self.body.buffer is not None else 0
         request = self.builder.request(event.value, self.builder.event_data(command, body_size), msg)
-        for endpoint in self._endpoints(observers):
-            self.calls.observe(event, endpoint, request)
+        for policy in observers:
+            self.calls.observe(event, policy, request)
         if not needs_reply:
             # No-reply events only ever have observe subscribers; enforcing ones get replies.
-            for endpoint in self._endpoints(targets):
-                self.calls.observe(event, endpoint, request)
+            for policy in targets:
+                self.calls.observe(event, policy, request)
             return None
         if not targets:
             return self._apply(event, {})
@@ -219,7 +218,7 @@ class ConnectionHandler:
 
     async def _decide_async(self, event: Event, targets: Sequence[EndpointPolicy], request: pl.JSON) -> Sequence[Reply]:
         try:
-            outcomes = await self.calls.decide(event, self._endpoints(targets), request)
+            outcomes = await self.calls.decide(event, targets, request)
         except Exception as exc:
             return self._bridge_fault(event, exc)
         return self._apply(event, outcomes)
@@ -297,9 +296,9 @@ class ConnectionHandler:
             return self._finish(msg, {})
         request = self.builder.request(Event.EOM.value, {}, msg)
         try:
-            for endpoint in self._endpoints(observers):
+            for policy in observers:
                 # Observe calls outlive this message's body buffer: they get the bytes now.
-                self.calls.observe(Event.EOM, endpoint, request, body)
+                self.calls.observe(Event.EOM, policy, request, body)
         except SpoolError as exc:
             return self._bridge_fault(Event.EOM, exc)
         if not targets:
@@ -310,7 +309,7 @@ class ConnectionHandler:
         self, msg: MessageContext, targets: Sequence[EndpointPolicy], request: pl.JSON
     ) -> Sequence[Reply | Modification]:
         try:
-            outcomes = await self.calls.decide(Event.EOM, self._endpoints(targets), request, self.body.buffer)
+            outcomes = await self.calls.decide(Event.EOM, targets, request, self.body.buffer)
         except Exception as exc:
             return self._bridge_fault(Event.EOM, exc)
         return self._finish(msg, outcomes)
@@ -325,10 +324,6 @@ class ConnectionHandler:
         return result.messages
 
     # ---------------------------------------------------------------- webhooks
-
-    def _endpoints(self, policies: Sequence[EndpointPolicy]) -> list[Endpoint]:
-        endpoints = self.snapshot.endpoints
-        return [endpoints[policy.index] for policy in policies]
 
     def _notify(self, event: Event, msg: MessageContext | None) -> None:
         """Tell the endpoints subscribed to ``abort`` or ``close``, in the background."""
@@ -353,7 +348,12 @@ class ConnectionHandler:
     def _calls(self) -> ConnectionCalls:
         dispatcher = self.dispatcher
         return ConnectionCalls(
-            dispatcher.client, dispatcher.background, self.metrics, self.builder.session_id, self.message_log
+            dispatcher.client,
+            dispatcher.background,
+            self.metrics,
+            self.builder.session_id,
+            self.message_log,
+            self.snapshot.endpoints,
         )
 
     def _new_session(self) -> None:

@@ -28,7 +28,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Protocol
 
 from milterbridge.config import EndpointSettings, TlsSettings
 from milterbridge.milter.constants import Action, Event
@@ -36,22 +36,17 @@ from milterbridge.payload import DecodeError, decode
 from milterbridge.policy.model import Decision, DecisionError, EndpointPolicy, Failure, Outcome
 from milterbridge.policy.parse import parse_decision
 from milterbridge.webhook.breaker import CircuitBreaker
-from milterbridge.webhook.client import BodySource, PreparedEndpoint, WebhookClient, prepare_endpoint
-from milterbridge.webhook.errors import WebhookError
+from milterbridge.webhook.client import BodySource, PreparedEndpoint, WebhookResponse, prepare_endpoint
+from milterbridge.webhook.errors import AttemptOutcome, WebhookError
 
 __all__ = [
     "CallObserver",
     "CallResult",
     "Endpoint",
+    "WebhookPoster",
     "build_endpoints",
     "call_endpoint",
 ]
-
-#: ``webhook_requests_total`` outcomes this step adds to the client's ``AttemptOutcome`` values.
-_OK: Final = "ok"
-_BREAKER_OPEN: Final = "breaker_open"
-_INVALID_BODY: Final = "invalid_body"
-_INVALID_DECISION: Final = "invalid_decision"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +60,8 @@ class Endpoint:
     http: PreparedEndpoint
     #: Shared with the next snapshot's endpoint of the same name while URL and breaker keys stay.
     breaker: CircuitBreaker
-
-    @property
-    def name(self) -> str:
-        """The configured name (metrics label, log field)."""
-        return self.settings.name
+    #: The configured name (metrics label, log field): ``settings.name``.
+    name: str
 
 
 def build_endpoints(
@@ -111,7 +103,7 @@ def build_endpoints(
             on_error=ep.on_error,
             include_body=ep.include_body,
         )
-        endpoints.append(Endpoint(ep, policy, http, breaker))
+        endpoints.append(Endpoint(ep, policy, http, breaker, ep.name))
     return tuple(endpoints)
 
 
@@ -123,6 +115,14 @@ def _breaker_settings(settings: EndpointSettings) -> tuple[float, int, float, fl
         settings.breaker_probe,
         settings.breaker_reset,
     )
+
+
+class WebhookPoster(Protocol):
+    """The webhook client as a call needs it (``webhook.client.WebhookClient`` satisfies it)."""
+
+    async def post(
+        self, endpoint: PreparedEndpoint, body: bytes | BodySource, *, webhook_id: str, timeout: float | None = None
+    ) -> WebhookResponse: ...
 
 
 class CallObserver(Protocol):
@@ -142,7 +142,7 @@ class CallResult:
 
 
 async def call_endpoint(
-    client: WebhookClient,
+    client: WebhookPoster,
     endpoint: Endpoint,
     webhook_id: str,
     body: bytes | BodySource,
@@ -164,7 +164,7 @@ async def call_endpoint(
     outcome: Outcome
     ticket = breaker.allow()
     if not ticket:
-        label, outcome = _BREAKER_OPEN, Failure(reason=_BREAKER_OPEN)
+        label, outcome = AttemptOutcome.BREAKER_OPEN, Failure(reason=AttemptOutcome.BREAKER_OPEN.value)
     else:
         try:
             response = await client.post(endpoint.http, body, webhook_id=webhook_id)
@@ -177,17 +177,17 @@ async def call_endpoint(
                     allowed_actions=allowed_actions,
                     allowed_ops=settings.allowed_ops,
                 )
-                label = _OK
+                label = AttemptOutcome.OK
             except DecodeError as exc:
-                label, outcome = _INVALID_BODY, Failure(reason=f"invalid response body: {exc}")
+                label, outcome = AttemptOutcome.INVALID_BODY, Failure(reason=f"invalid response body: {exc}")
             except DecisionError as exc:
-                label, outcome = _INVALID_DECISION, Failure(reason=f"invalid decision: {exc}")
+                label, outcome = AttemptOutcome.INVALID_DECISION, Failure(reason=f"invalid decision: {exc}")
         except WebhookError as exc:
             if exc.endpoint_failure:
                 breaker.record_failure(ticket)
             else:
                 breaker.release(ticket)
-            label, outcome = str(exc.outcome), Failure(reason=str(exc))
+            label, outcome = exc.outcome, Failure(reason=str(exc))
         except BaseException:
             breaker.release(ticket)  # cancelled, or the bridge's own fault: not the endpoint's
             raise
@@ -196,7 +196,7 @@ async def call_endpoint(
     elapsed = time.monotonic() - started
     name = settings.name
     event_name = event.value
-    observer.webhook(name, event_name, label, elapsed)
+    observer.webhook(name, event_name, label.value, elapsed)
     if isinstance(outcome, Decision):
         observer.decision(name, event_name, outcome.action.value, settings.mode.value)
     return CallResult(outcome, elapsed)

@@ -79,11 +79,6 @@ class MessageLog:
     def was_accepted(self, msg: MessageContext) -> bool:
         return self._accepted == msg.number
 
-    def new_session(self) -> None:
-        """QUIT_NC: message numbers start at 1 again."""
-        self._logged = None
-        self._accepted = None
-
     def end(
         self,
         msg: MessageContext,

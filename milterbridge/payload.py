@@ -342,7 +342,8 @@ def encode_request(request: JSON, webhook_id: str, body: BodyPart | None = None)
     encoded = encode(obj)
     if not body.stream:
         return encoded
-    assert encoded.endswith(_STREAMED_END)
+    if not encoded.endswith(_STREAMED_END):  # the layout above changed: a bug, never a short body
+        raise ValueError("the encoded request does not end with the message body")
     split = len(encoded) - len(_STREAMED_END) + len(b'"base64":"')
     return StreamedRequest(encoded[:split], body.source, body.kept, encoded[split:])
 

@@ -53,12 +53,7 @@ class Snapshot:
         self.refuse_over_limit = config.server.on_oversize is not OnOversize.CONTINUE
         #: A placeholder policy until a connection has negotiated (it is never asked to decide).
         self.idle_policy = PolicyState(self.policies, actions=Action.NONE, skip_negotiated=False)
-        self._by_name = {ep.name: ep for ep in self.endpoints}
         self._negotiations: dict[tuple[int, int, int], tuple[Negotiated, NegotiateReply]] = {}
-
-    def endpoint(self, name: str) -> Endpoint:
-        """The endpoint called ``name`` (a policy names its endpoints by name)."""
-        return self._by_name[name]
 
     def subscribers(self, event: Event) -> Sequence[Endpoint]:
         """Every endpoint subscribed to ``event`` (both modes; used for the notifications)."""

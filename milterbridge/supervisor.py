@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 
-from milterbridge.app import Bridge, load_checked, merge_reload, run_bridge, run_event_loop, warn_about
+from milterbridge.app import build_bridge, load_checked, merge_reload, run_bridge, run_event_loop, warn_about
 from milterbridge.config import Config, ConfigError
 from milterbridge.log import configure_logging
 from milterbridge.milter.address import parse_listen_address, split_host_port
@@ -67,7 +67,7 @@ def run_worker(config: Config, path: str, index: int, prebound: dict[str, socket
     """
 
     async def main() -> int:
-        bridge = Bridge(
+        bridge = build_bridge(
             config,
             config_path=path,
             reuse_port=True,
@@ -75,6 +75,8 @@ def run_worker(config: Config, path: str, index: int, prebound: dict[str, socket
             admin_listen=worker_admin_listen(config.admin.listen, index),
             supervised=True,
         )
+        if bridge is None:
+            return 1
         return await run_bridge(bridge, signals={REFUSED_SIGNAL: bridge.count_refused_reload}, blocked=WORKER_SIGNALS)
 
     return run_event_loop(main)

@@ -348,8 +348,8 @@ async def test_event_counts_sum_live_and_closed_sessions() -> None:
 
 
 @pytest.mark.asyncio
-async def test_event_counts_include_over_limit_sessions() -> None:
-    """A session served over max_connections counts what it read like any other."""
+async def test_event_counts_leave_out_over_limit_sessions() -> None:
+    """A session refused over max_connections is counted as an overflow, not in the event counts."""
     async with running_server(StaticHandler, max_connections=1) as server:
         holder = await MilterClient.open(server.bound[0])
         await holder.negotiate()  # asks for end-of-message only: its CONNECT is never sent
@@ -357,8 +357,14 @@ async def test_event_counts_include_over_limit_sessions() -> None:
         extra = await MilterClient.open(server.bound[0])
         await extra.negotiate()
         assert await extra.connect(b"client.example") == OVERFLOW_REPLY
-        assert server.state.event_counts() == {Event.CONNECT: 1}
+        assert server.state.event_counts() == {}
+        await holder.send_transaction(Envelope(), b"Subject: x\r\n\r\nbody\r\n")
+        served = server.state.event_counts()
+        assert served[Event.EOM] == 1  # the served session is counted
+        assert Event.CONNECT not in served  # the refused one's CONNECT is not
         await extra.aclose()
         await holder.aclose()
         await _closed(server)
-        assert server.state.event_counts() == {Event.CONNECT: 1}
+        final = server.state.event_counts()
+        assert final[Event.EOM] == 1
+        assert Event.CONNECT not in final

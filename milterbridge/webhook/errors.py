@@ -45,9 +45,9 @@ __all__ = [
 class AttemptOutcome(enum.StrEnum):
     """How one HTTP attempt or call ended; a bounded metrics label.
 
-    The client reports attempts with the transport and HTTP outcomes; ``invalid_body`` and
-    ``breaker_open`` are set by the endpoint call step, which decodes answers and keeps the
-    breaker.
+    The client reports attempts with the transport and HTTP outcomes; ``invalid_body``,
+    ``invalid_decision`` and ``breaker_open`` are set by the endpoint call step, which decodes
+    and validates answers and keeps the breaker.
     """
 
     OK = "ok"
@@ -58,6 +58,7 @@ class AttemptOutcome(enum.StrEnum):
     REDIRECT = "redirect"
     TOO_LARGE = "too_large"
     INVALID_BODY = "invalid_body"
+    INVALID_DECISION = "invalid_decision"
     BREAKER_OPEN = "breaker_open"
     #: The caller cancelled the call (e.g. the MTA went away); not the endpoint's fault.
     CANCELLED = "cancelled"

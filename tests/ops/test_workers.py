@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -252,3 +253,31 @@ async def test_a_restarted_worker_gets_the_last_accepted_config(tmp_path, bridge
     assert metric_value(text, "milterbridge_config_reloads_total", result="refused") == 0  # it started after
     assert pid_alive(replacement)
     await stop(bridge)
+
+
+def self_signed_certificate(directory: Path) -> Path:
+    """A throwaway self-signed certificate (PEM), made with the openssl command."""
+    cert, key = directory / "ca.pem", directory / "ca.key"
+    command = ["openssl", "req", "-x509", "-nodes", "-days", "2", "-newkey", "rsa:2048", "-subj", "/CN=localhost"]
+    subprocess.run([*command, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert
+
+
+@pytest.mark.asyncio
+async def test_a_worker_that_cannot_build_its_endpoints_says_why(tmp_path, bridges):
+    """A worker restarted after its endpoint's CA file went bad logs why it cannot start (and the
+    supervisor keeps trying); it does not die without a word."""
+    ca_file = self_signed_certificate(tmp_path)
+    endpoint = {"name": "policy", "url": "https://127.0.0.1:9/milter", "tls": {"ca_file": str(ca_file)}}
+    path = write_config(tmp_path, listen=[f"inet:127.0.0.1:{free_port()}"], drain_timeout=3.0, endpoints=[endpoint])
+    bridge = await bridges.start(path, workers=WORKERS)
+    victim, survivor = worker_pids(bridge)
+    ca_file.write_text("not a certificate\n")  # a rotation gone wrong
+    os.kill(victim, signal.SIGKILL)
+    (refusal, *_) = await bridge.wait_log("cannot start")
+    assert refusal["level"] == "error"
+    assert "X509" in refusal["msg"] or "PEM" in refusal["msg"], refusal
+    await bridge.wait_log("worker ", count=2)  # the failed replacement is reported and restarted
+    assert pid_alive(survivor)
+    bridge.send_signal(signal.SIGTERM)
+    assert await bridge.wait_exit(timeout=5.0) == 0
