@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Protocol
 
 from milterbridge.milter.context import MemoryBudget
@@ -163,33 +163,23 @@ class BodyBuffer:
 
 class MessageBody:
     """The body of a connection's current message: a new :class:`BodyBuffer` per message,
-    freed (memory, budget and spool file) as soon as the message ends."""
+    freed (memory, budget and spool file) as soon as the message ends.
 
-    __slots__ = ("budget", "buffer", "keep", "max_bytes", "memory_bytes", "observer")
+    ``new_buffer`` makes the buffer of a new message (the connection's limits, budget and
+    spool observer bound in).
+    """
 
-    def __init__(
-        self,
-        memory_bytes: int,
-        max_bytes: int,
-        *,
-        keep: bool,
-        budget: MemoryBudget | None = None,
-        observer: SpoolObserver | None = None,
-    ) -> None:
-        self.memory_bytes = memory_bytes
-        self.max_bytes = max_bytes
-        self.keep = keep
-        self.budget = budget
-        self.observer = observer
+    __slots__ = ("buffer", "new_buffer")
+
+    def __init__(self, new_buffer: Callable[[], BodyBuffer]) -> None:
+        self.new_buffer = new_buffer
         #: The current message's buffer; None between messages.
         self.buffer: BodyBuffer | None = None
 
     def start(self) -> BodyBuffer:
         """A new message: drop what is left of the last one."""
         self.drop()
-        self.buffer = BodyBuffer(
-            self.memory_bytes, self.max_bytes, keep=self.keep, budget=self.budget, observer=self.observer
-        )
+        self.buffer = self.new_buffer()
         return self.buffer
 
     def append(self, data: bytes) -> None:

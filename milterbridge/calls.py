@@ -115,10 +115,13 @@ class ConnectionCalls:
             self.client, endpoint, webhook_id, body, event=event, allowed_actions=self.actions, observer=self.metrics
         )
         outcome = result.outcome
+        event_name = event.value
+        failure = outcome if isinstance(outcome, Failure) else None
         if record:
-            self.message_log.call(endpoint.name, event.value, outcome, result.elapsed)
-        if isinstance(outcome, Failure):
-            log_call_failure(self.session_id, endpoint.name, event.value, outcome, endpoint.settings.on_error.value)
+            error = failure.reason if failure is not None else None
+            self.message_log.call(endpoint.name, event_name, result.action, result.elapsed, error)
+        if failure is not None:
+            log_call_failure(self.session_id, endpoint.name, event_name, failure, endpoint.settings.on_error.value)
         return outcome
 
     def _spawn(self, event: Event, endpoint: Endpoint, prepared: Prepared) -> None:

@@ -16,6 +16,7 @@ handler: the session folds them into its context itself.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 
 from milterbridge import payload as pl
 from milterbridge.background import SHUTDOWN_GRACE, BackgroundCalls
-from milterbridge.body import MessageBody, SpoolError
+from milterbridge.body import BodyBuffer, MessageBody, SpoolError
 from milterbridge.calls import ConnectionCalls
 from milterbridge.config import Config
 from milterbridge.connection import HandlerResult
@@ -134,11 +135,14 @@ class ConnectionHandler:
         self.policy = self.snapshot.idle_policy
         server = self.snapshot.config.server
         self.body = MessageBody(
-            server.body_memory_bytes,
-            server.max_message_bytes,
-            keep=self.snapshot.keep_body,
-            budget=session.budget,
-            observer=self.metrics,
+            functools.partial(
+                BodyBuffer,
+                server.body_memory_bytes,
+                server.max_message_bytes,
+                keep=self.snapshot.keep_body,
+                budget=session.budget,
+                observer=self.metrics,
+            )
         )
         self.started = time.monotonic()
         self._closed = False

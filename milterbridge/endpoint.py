@@ -28,7 +28,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from milterbridge.config import EndpointSettings, TlsSettings
 from milterbridge.milter.constants import Action, Event
@@ -132,11 +132,22 @@ class CallObserver(Protocol):
     def decision(self, endpoint: str, event: str, action: str, mode: str) -> None: ...
 
 
+#: ``webhook_requests_total`` outcomes this step sets itself, as the plain strings metrics take.
+_OK: Final = AttemptOutcome.OK.value
+_BREAKER_OPEN: Final = AttemptOutcome.BREAKER_OPEN.value
+_INVALID_BODY: Final = AttemptOutcome.INVALID_BODY.value
+_INVALID_DECISION: Final = AttemptOutcome.INVALID_DECISION.value
+#: ``CallResult.action`` of a call that produced no decision.
+FAILURE: Final = "failure"
+
+
 @dataclass(frozen=True, slots=True)
 class CallResult:
     """What one call produced: the outcome for the policy, and how long it took."""
 
     outcome: Outcome
+    #: The decision's action, or ``failure`` (the log line's and the metrics' name for it).
+    action: str
     #: Seconds from the breaker's ticket to the validated answer (the message's log line).
     elapsed: float
 
@@ -164,7 +175,7 @@ async def call_endpoint(
     outcome: Outcome
     ticket = breaker.allow()
     if not ticket:
-        label, outcome = AttemptOutcome.BREAKER_OPEN, Failure(reason=AttemptOutcome.BREAKER_OPEN.value)
+        label, outcome = _BREAKER_OPEN, Failure(reason=_BREAKER_OPEN)
     else:
         try:
             response = await client.post(endpoint.http, body, webhook_id=webhook_id)
@@ -177,17 +188,17 @@ async def call_endpoint(
                     allowed_actions=allowed_actions,
                     allowed_ops=settings.allowed_ops,
                 )
-                label = AttemptOutcome.OK
+                label = _OK
             except DecodeError as exc:
-                label, outcome = AttemptOutcome.INVALID_BODY, Failure(reason=f"invalid response body: {exc}")
+                label, outcome = _INVALID_BODY, Failure(reason=f"invalid response body: {exc}")
             except DecisionError as exc:
-                label, outcome = AttemptOutcome.INVALID_DECISION, Failure(reason=f"invalid decision: {exc}")
+                label, outcome = _INVALID_DECISION, Failure(reason=f"invalid decision: {exc}")
         except WebhookError as exc:
             if exc.endpoint_failure:
                 breaker.record_failure(ticket)
             else:
                 breaker.release(ticket)
-            label, outcome = exc.outcome, Failure(reason=str(exc))
+            label, outcome = str(exc.outcome), Failure(reason=str(exc))
         except BaseException:
             breaker.release(ticket)  # cancelled, or the bridge's own fault: not the endpoint's
             raise
@@ -196,7 +207,10 @@ async def call_endpoint(
     elapsed = time.monotonic() - started
     name = settings.name
     event_name = event.value
-    observer.webhook(name, event_name, label.value, elapsed)
+    observer.webhook(name, event_name, label, elapsed)
     if isinstance(outcome, Decision):
-        observer.decision(name, event_name, outcome.action.value, settings.mode.value)
-    return CallResult(outcome, elapsed)
+        action = outcome.action.value
+        observer.decision(name, event_name, action, settings.mode.value)
+    else:
+        action = FAILURE
+    return CallResult(outcome, action, elapsed)

@@ -17,7 +17,7 @@ from milterbridge.milter.messages import Reply
 from milterbridge.milter.negotiation import Negotiated
 from milterbridge.payload import client_address
 from milterbridge.policy.apply import DroppedModification
-from milterbridge.policy.model import Failure, Outcome
+from milterbridge.policy.model import Failure
 from milterbridge.replies import outcome_of, reply_text
 
 log = logging.getLogger("milterbridge.dispatch")
@@ -56,16 +56,11 @@ class MessageLog:
         self._calls = []
         self._refused_recipients = 0
 
-    def call(self, endpoint: str, event: str, outcome: Outcome, elapsed: float) -> None:
-        """An enforcing endpoint answered (or failed) for this message."""
-        entry: dict[str, Any] = {
-            "endpoint": endpoint,
-            "event": event,
-            "action": "failure" if isinstance(outcome, Failure) else outcome.action.value,
-            "ms": round(elapsed * 1000, 1),
-        }
-        if isinstance(outcome, Failure):
-            entry["error"] = outcome.reason
+    def call(self, endpoint: str, event: str, action: str, elapsed: float, error: str | None = None) -> None:
+        """An enforcing endpoint answered ``action`` (or ``failure``, with ``error``) for this message."""
+        entry: dict[str, Any] = {"endpoint": endpoint, "event": event, "action": action, "ms": round(elapsed * 1000, 1)}
+        if error is not None:
+            entry["error"] = error
         self._calls.append(entry)
 
     def refused_recipient(self) -> None:

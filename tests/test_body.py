@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -143,7 +144,7 @@ def test_a_failed_spool_write_leaves_no_bytes_counted(tmp_path: Path, monkeypatc
 def test_message_body_is_one_buffer_per_message() -> None:
     """MessageBody starts a buffer per message, appends to it, and frees it at the end."""
     budget = MemoryBudget(10_000)
-    body = MessageBody(1000, 10_000, keep=True, budget=budget)
+    body = MessageBody(functools.partial(BodyBuffer, 1000, 10_000, keep=True, budget=budget))
     assert body.buffer is None
     body.append(b"first")  # a body without MAIL (negotiated away) starts a buffer
     first = body.buffer

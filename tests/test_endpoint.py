@@ -174,6 +174,7 @@ async def test_decision(
     endpoint = _one(fake.endpoint("policy", mode=mode), clock)
     result = await _call(client, endpoint, calls)
     assert result.outcome == Decision(action=ActionName.REJECT, reason="spam")
+    assert result.action == "reject"
     assert 0 < result.elapsed < 5
     assert calls.webhooks == [("policy", "eom", "ok", result.elapsed)]
     assert calls.decisions == [("policy", "eom", "reject", mode.value)]
@@ -236,6 +237,7 @@ async def test_failures(
     assert "trailing" not in _reason(result)  # the body is never echoed
     assert calls.webhooks == [("policy", "eom", label, result.elapsed)]
     assert calls.decisions == []
+    assert result.action == "failure"
 
 
 @pytest.mark.parametrize(
