@@ -41,6 +41,7 @@ COMPILED_MODULES = (
     "milterbridge.payload",
     "milterbridge.policy.apply",
     "milterbridge.policy.ledger",
+    "milterbridge.policy.mailbox",
     "milterbridge.policy.merge",
     "milterbridge.policy.model",
     "milterbridge.policy.parse",

@@ -359,6 +359,11 @@ class HttpPool:
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
 
+    @property
+    def idle_connections(self) -> int:
+        """Connections kept alive, waiting for their next request."""
+        return sum(len(idle) for idle in self._idle.values())
+
     async def request(
         self,
         origin: Origin,

@@ -9,8 +9,9 @@ import pytest
 from milterbridge.milter import messages as m
 from milterbridge.milter.constants import ALL_ACTIONS, Event
 from milterbridge.policy.apply import plan_modifications
+from milterbridge.policy.mailbox import mailbox_problem
 from milterbridge.policy.model import ALL_OPS, ChangeFromOp, DecisionError, ModOp
-from milterbridge.policy.parse import mailbox_problem, parse_decision
+from milterbridge.policy.parse import parse_decision
 
 VALUE_OPS = [
     pytest.param({"op": "add_header", "name": "X-A"}, id="add_header"),

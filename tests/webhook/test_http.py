@@ -230,8 +230,9 @@ async def test_idle_connections_expire(raw: RawServer) -> None:
         assert await post(pool, raw) == (200, b"ok")
         assert await post(pool, raw) == (200, b"ok")
         assert raw.connections == 1
+        assert pool.idle_connections == 1
         await asyncio.sleep(0.2)
-        assert pool._idle == {}  # swept without a new request
+        assert pool.idle_connections == 0  # swept without a new request
         assert await post(pool, raw) == (200, b"ok")
         assert raw.connections == 2
     finally:
