@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 from milterbridge import __version__
+
+if TYPE_CHECKING:
+    from milterbridge.milter.constants import MacroStage
 
 DESCRIPTION = """\
 milterbridge turns Postfix milter events into JSON webhooks and applies the
@@ -24,7 +29,39 @@ examples:
   milterbridge serve --config /etc/milterbridge.toml
   milterbridge check-config --config /etc/milterbridge.toml
   milterbridge send message.eml --milter inet:127.0.0.1:8890 --rcpt bob@example.net
+  milterbridge send message.eml --milter inet:127.0.0.1:8890 --macro '{auth_authen}=alice' --exit-code
 """
+
+SEND_DESCRIPTION = """\
+Act as the MTA: drive a milter with one message the way Postfix does (CONNECT,
+HELO, MAIL, RCPT, DATA, headers, body, end-of-message) and print its answer.
+The envelope is what the options say, never taken from the message: without
+--from the sender is sender@example.org, not the message's From:.
+"""
+
+SEND_EPILOG = """\
+envelope addresses:
+  --from and --rcpt take an address and, after it, the ESMTP arguments of the
+  MAIL or RCPT command: --from 'alice@example.org SIZE=1000 BODY=8BITMIME',
+  --rcpt 'bob@example.net NOTIFY=NEVER'. --from '' (or '<>') is the null sender.
+
+macros:
+  --macro NAME=VALUE sends a macro with the event Postfix sends it with by
+  default: {daemon_name}, {client_addr}, j, v with CONNECT; {tls_version},
+  {cipher}, {cert_subject} with HELO; {auth_authen}, {auth_type}, i with MAIL;
+  {rcpt_addr} with RCPT; any other name with CONNECT. STAGE:NAME=VALUE picks
+  the event (connect, helo, mail, rcpt, data, eoh, eom). A name of more than
+  one character gets braces if it has none (auth_authen is {auth_authen}).
+  --macro '{auth_authen}=alice' makes the sender authenticated.
+
+exit status:
+  0 when the milter answered, 2 on an error (no file, no connection, usage).
+  With --exit-code: 0 for continue, accept and quarantine; 3 reject; 4 tempfail
+  (a 4xx reply or shutdown); 5 discard.
+"""
+
+#: ``send --exit-code``: exit status by outcome; any outcome not listed exits 0.
+SEND_EXIT_CODES: Final = {"reject": 3, "tempfail": 4, "shutdown": 4, "conn_fail": 4, "discard": 5}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,17 +84,57 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", metavar="PATH", help="TOML config file (default: $MILTERBRIDGE_CONFIG)")
 
-    send = sub.add_parser("send", help="act as the MTA: drive a milter with a message and print its answer")
+    send = sub.add_parser(
+        "send",
+        help="act as the MTA: drive a milter with a message and print its answer",
+        description=SEND_DESCRIPTION,
+        epilog=SEND_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     send.add_argument("message", metavar="MESSAGE.eml", help="RFC 5322 message file ('-' for stdin)")
     send.add_argument("--milter", required=True, metavar="ADDR", help="inet:host:port, inet6:[addr]:port or unix:/path")
-    send.add_argument("--from", dest="mail_from", default="sender@example.org", metavar="A", help="envelope sender")
-    send.add_argument("--rcpt", action="append", metavar="B", help="envelope recipient (repeatable)")
-    send.add_argument("--helo", default="client.example.org", metavar="H", help="HELO name")
-    send.add_argument("--client-addr", default="192.0.2.1", metavar="IP", help="client IP address")
+    send.add_argument(
+        "--from",
+        dest="mail_from",
+        default=DEFAULT_SENDER,
+        metavar="'A [ARG ...]'",
+        help="envelope sender and MAIL's ESMTP arguments (default: %(default)s)",
+    )
+    send.add_argument(
+        "--rcpt",
+        action="append",
+        metavar="'B [ARG ...]'",
+        help=f"envelope recipient and its RCPT ESMTP arguments, repeatable (default: {DEFAULT_RECIPIENT})",
+    )
+    send.add_argument("--helo", default="client.example.org", metavar="H", help="HELO name (default: %(default)s)")
+    send.add_argument(
+        "--client-addr", default="192.0.2.1", metavar="IP", help="client IPv4 or IPv6 address (default: %(default)s)"
+    )
     send.add_argument("--client-name", default=None, metavar="NAME", help="client host name (default: [IP])")
-    send.add_argument("--queue-id", default="4ABC123DEF", metavar="ID", help="queue id sent as macro i")
-    send.add_argument("--timeout", type=float, default=60.0, metavar="S", help="overall time limit in seconds")
+    send.add_argument(
+        "--daemon-name",
+        default=DEFAULT_DAEMON_NAME,
+        metavar="NAME",
+        help="the {daemon_name} macro, e.g. a master.cf service name (default: %(default)s)",
+    )
+    send.add_argument(
+        "--macro",
+        action="append",
+        default=[],
+        type=_macro,
+        metavar="[STAGE:]NAME=VALUE",
+        help="a macro sent with its Postfix stage or STAGE, repeatable (see below)",
+    )
+    send.add_argument(
+        "--queue-id", default="4ABC123DEF", metavar="ID", help="queue id sent as macro i (default: %(default)s)"
+    )
+    send.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="overall time limit in seconds (default: %(default)s)"
+    )
     send.add_argument("--json", action="store_true", help="print JSON instead of text")
+    send.add_argument(
+        "--exit-code", action="store_true", help="exit 3 on reject, 4 on tempfail, 5 on discard (see below)"
+    )
     return parser
 
 
@@ -112,6 +189,11 @@ def check_config(path: str | None) -> int:
     return 0
 
 
+DEFAULT_SENDER: Final = "sender@example.org"
+DEFAULT_RECIPIENT: Final = "rcpt@example.net"
+DEFAULT_DAEMON_NAME: Final = "mta.example.test"
+
+
 def _address(text: str) -> bytes:
     text = text.strip()
     if text.startswith("<"):
@@ -119,12 +201,50 @@ def _address(text: str) -> bytes:
     return f"<{text}>".encode()
 
 
+def _address_and_args(text: str) -> tuple[bytes, tuple[bytes, ...]]:
+    """``'a@x SIZE=10'`` or ``'<a@x> SIZE=10'`` as the address in angle brackets and its ESMTP arguments."""
+    text = text.strip()
+    if text.startswith("<") and ">" in text:
+        address, _, rest = text.partition(">")
+        address += ">"
+    else:
+        address, _, rest = text.replace("\t", " ").partition(" ")
+    return _address(address) if address else b"<>", tuple(arg.encode() for arg in rest.split())
+
+
+def _macro(text: str) -> tuple[MacroStage, bytes, bytes]:
+    """``[STAGE:]NAME=VALUE`` as (stage, name, value); the stage is Postfix's for NAME when not given."""
+    from milterbridge.client import MACRO_STAGES, postfix_macro_stage
+
+    name, equals, value = text.partition("=")
+    stage_name, _, name = name.rpartition(":")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE or STAGE:NAME=VALUE")
+    if len(name) > 1 and not name.startswith("{"):
+        name = "{" + name + "}"
+    raw = name.encode()
+    if not stage_name:
+        return postfix_macro_stage(raw), raw, value.encode()
+    if stage_name not in MACRO_STAGES:
+        raise argparse.ArgumentTypeError(f"unknown stage {stage_name!r} (one of: {', '.join(MACRO_STAGES)})")
+    return MACRO_STAGES[stage_name], raw, value.encode()
+
+
+def _client_address(text: str) -> tuple[str, bool]:
+    """The address as Postfix's CONNECT carries it (no brackets, no ``IPv6:``), and whether it is IPv6."""
+    text = text.strip().removeprefix("[").removesuffix("]")
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    ip = ipaddress.ip_address(text)  # ValueError for anything else
+    return str(ip), ip.version == 6
+
+
 def send(args: argparse.Namespace) -> int:
     """``milterbridge send``: one message through a milter, report printed."""
     import orjson
 
-    from milterbridge.client import Envelope, MilterClient, MilterClientError
-    from milterbridge.describe import result_json, result_text
+    from milterbridge.client import Envelope, MilterClient, MilterClientError, TransactionResult
+    from milterbridge.describe import outcome, result_json, result_text
     from milterbridge.milter.constants import Family
 
     try:
@@ -132,19 +252,37 @@ def send(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: cannot read {args.message}: {exc.strerror}", file=sys.stderr)
         return 2
-    rcpts = [_address(r) for r in (args.rcpt or ["rcpt@example.net"])]
-    family = Family.INET6 if ":" in args.client_addr else Family.INET
+    try:
+        client_addr, ipv6 = _client_address(args.client_addr)
+    except ValueError:
+        print(f"error: --client-addr {args.client_addr!r} is not an IPv4 or IPv6 address", file=sys.stderr)
+        return 2
+    mail_from, mail_args = _address_and_args(args.mail_from)
+    rcpts = [_address_and_args(r) for r in (args.rcpt or [DEFAULT_RECIPIENT])]
+    client_name = args.client_name or f"[{client_addr}]"
+    # Postfix's {client_addr} carries the IPv6: prefix its CONNECT leaves out (milter-protocol.md §9).
+    macro_addr = f"IPv6:{client_addr}" if ipv6 else client_addr
     envelope = Envelope(
-        mail_from=_address(args.mail_from) if args.mail_from else b"<>",
-        recipients=tuple(rcpts),
+        mail_from=mail_from,
+        mail_args=mail_args,
+        recipients=tuple(address for address, _ in rcpts),
+        rcpt_args=tuple(rcpt_args for _, rcpt_args in rcpts),
         helo=args.helo.encode(),
-        client_name=(args.client_name or f"[{args.client_addr}]").encode(),
-        client_address=args.client_addr.encode(),
-        family=family,
+        client_name=client_name.encode(),
+        client_address=client_addr.encode(),
+        family=Family.INET6 if ipv6 else Family.INET,
         queue_id=args.queue_id.encode(),
+        connect_macros=(
+            (b"j", DEFAULT_DAEMON_NAME.encode()),
+            (b"{daemon_name}", args.daemon_name.encode()),
+            (b"v", b"Postfix 3.7"),
+            (b"{client_addr}", macro_addr.encode()),
+            (b"{client_name}", client_name.encode()),
+        ),
+        macros=tuple(args.macro),
     )
 
-    async def run() -> object:
+    async def run() -> TransactionResult:
         async with asyncio.timeout(args.timeout):
             client = await MilterClient.open(args.milter)
             try:
@@ -164,7 +302,7 @@ def send(args: argparse.Namespace) -> int:
         print(f"error: {args.milter}: no answer within {args.timeout} s", file=sys.stderr)
         return 2
     if args.json:
-        sys.stdout.buffer.write(orjson.dumps(result_json(result), option=orjson.OPT_INDENT_2) + b"\n")  # type: ignore[arg-type]
+        sys.stdout.buffer.write(orjson.dumps(result_json(result), option=orjson.OPT_INDENT_2) + b"\n")
     else:
-        print(result_text(result, rcpts))  # type: ignore[arg-type]
-    return 0
+        print(result_text(result, list(envelope.recipients)))
+    return SEND_EXIT_CODES.get(outcome(result), 0) if args.exit_code else 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, Self
@@ -31,6 +31,7 @@ from milterbridge.milter.constants import (
     MILTER_VERSION,
     Action,
     Family,
+    MacroStage,
     Protocol,
 )
 from milterbridge.milter.errors import RemoteProtocolError
@@ -61,8 +62,22 @@ from milterbridge.milter.messages import (
     TempFail,
     Unknown,
 )
+from milterbridge.milter.negotiation import DEFAULT_MACROS
 
 Macros = Iterable[tuple[bytes, bytes]]
+#: Macro (name, value) pairs as one stage sends them.
+MacroPairs = tuple[tuple[bytes, bytes], ...]
+
+#: Macro stages by the name of the event they go with (``milterbridge send --macro STAGE:NAME=VALUE``).
+MACRO_STAGES: Final[Mapping[str, MacroStage]] = {
+    "connect": MacroStage.CONNECT,
+    "helo": MacroStage.HELO,
+    "mail": MacroStage.ENVFROM,
+    "rcpt": MacroStage.ENVRCPT,
+    "data": MacroStage.DATA,
+    "eoh": MacroStage.EOH,
+    "eom": MacroStage.EOM,
+}
 
 #: Bytes asked of the socket per read.
 _READ_BYTES: Final = 256 * 1024
@@ -73,6 +88,17 @@ _MACROS_OF_SKIPPED_EVENTS: Final = b"CHMRTU"
 
 class MilterClientError(Exception):
     """The milter broke the protocol or went away."""
+
+
+def postfix_macro_stage(name: bytes) -> MacroStage:
+    """The first stage at which Postfix sends macro ``name`` by default; CONNECT for any other name.
+
+    ``{auth_authen}`` goes with MAIL, ``{daemon_name}`` with CONNECT, ``i`` first with MAIL.
+    """
+    for stage, names in DEFAULT_MACROS.items():
+        if name in names:
+            return stage
+    return MacroStage.CONNECT
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,11 +124,23 @@ class Envelope:
     client_port: int = 40000
     family: Family = Family.INET
     queue_id: bytes = b"4ABC123DEF"
-    connect_macros: tuple[tuple[bytes, bytes], ...] = (
+    connect_macros: MacroPairs = (
         (b"j", b"mta.example.test"),
         (b"{daemon_name}", b"mta.example.test"),
         (b"v", b"Postfix 3.7"),
     )
+    #: Further macros as (stage, name, value), sent with the macros that stage sends anyway
+    #: (``connect_macros`` at CONNECT, ``i`` from RCPT on); a name given here replaces a
+    #: name of the same stage there. Header events get none of them.
+    macros: tuple[tuple[MacroStage, bytes, bytes], ...] = ()
+
+    def macros_at(self, stage: MacroStage, fixed: MacroPairs = ()) -> MacroPairs:
+        """What goes before an event of ``stage``: ``fixed``, with ``macros`` of that stage put over it."""
+        extra = tuple((name, value) for at, name, value in self.macros if at == stage)
+        if not extra:
+            return fixed
+        names = {name for name, _ in extra}
+        return tuple(pair for pair in fixed if pair[0] not in names) + extra
 
 
 @dataclass(slots=True, kw_only=True)
@@ -385,12 +423,12 @@ class MilterClient:
             envelope.family,
             envelope.client_address,
             envelope.client_port,
-            envelope.connect_macros,
+            envelope.macros_at(MacroStage.CONNECT, envelope.connect_macros),
         )
         if _stops(result.connect):
             result.stopped_by, result.stopped_at = result.connect, "connect"
             return result
-        result.helo = await self.helo(envelope.helo)
+        result.helo = await self.helo(envelope.helo, envelope.macros_at(MacroStage.HELO))
         if _stops(result.helo):
             result.stopped_by, result.stopped_at = result.helo, "helo"
         return result
@@ -421,15 +459,16 @@ async def _transaction(client: MilterClient, envelope: Envelope, message: bytes,
     A refused recipient stops the transaction only when every recipient is
     refused; a skip at a header or a body chunk ends that part only.
     """
-    qid = ((b"i", envelope.queue_id),)
-    result.mail = await client.mail_from(envelope.mail_from, envelope.mail_args)
+    qid: MacroPairs = ((b"i", envelope.queue_id),)
+    result.mail = await client.mail_from(envelope.mail_from, envelope.mail_args, envelope.macros_at(MacroStage.ENVFROM))
     if _stops(result.mail):
         result.stopped_by, result.stopped_at = result.mail, "mail"
         return
     accepted = 0
+    first_rcpt, rcpt_macros = envelope.macros_at(MacroStage.ENVRCPT), envelope.macros_at(MacroStage.ENVRCPT, qid)
     for n, rcpt in enumerate(envelope.recipients):
         args = envelope.rcpt_args[n] if n < len(envelope.rcpt_args) else ()
-        reply = await client.rcpt_to(rcpt, args, qid if n else ())
+        reply = await client.rcpt_to(rcpt, args, rcpt_macros if n else first_rcpt)
         result.rcpt.append(reply)
         if reply is None or isinstance(reply, Continue):
             accepted += 1
@@ -439,7 +478,7 @@ async def _transaction(client: MilterClient, envelope: Envelope, message: bytes,
     if not accepted:
         result.stopped_by, result.stopped_at = result.rcpt[-1] if result.rcpt else None, "rcpt"
         return
-    result.data = await client.data(qid)
+    result.data = await client.data(envelope.macros_at(MacroStage.DATA, qid))
     if _stops(result.data):
         result.stopped_by, result.stopped_at = result.data, "data"
         return
@@ -452,7 +491,7 @@ async def _transaction(client: MilterClient, envelope: Envelope, message: bytes,
         if _stops(reply):
             result.stopped_by, result.stopped_at = reply, "header"
             return
-    result.eoh = await client.end_of_headers(qid)
+    result.eoh = await client.end_of_headers(envelope.macros_at(MacroStage.EOH, qid))
     if _stops(result.eoh):
         result.stopped_by, result.stopped_at = result.eoh, "eoh"
         return
@@ -462,7 +501,7 @@ async def _transaction(client: MilterClient, envelope: Envelope, message: bytes,
         if _stops(last) and not isinstance(last, Skip):
             result.stopped_by, result.stopped_at = last, "body"
             return
-    result.eom = await client.end_of_message(qid)
+    result.eom = await client.end_of_message(envelope.macros_at(MacroStage.EOM, qid))
 
 
 def _stops(reply: Reply | None) -> bool:

@@ -34,6 +34,33 @@ def reply_json(reply: m.Reply | None) -> dict[str, Any] | None:
     return {"action": DECISION_NAMES.get(type(reply), type(reply).__name__.lower())}
 
 
+def _quarantine(result: TransactionResult) -> m.Quarantine | None:
+    """The quarantine request of a message the milter let through, if it sent one."""
+    if result.stopped_by is not None or result.eom is None:
+        return None
+    if not isinstance(result.eom.reply, m.Continue | m.Accept):
+        return None
+    for mod in result.eom.modifications:
+        if isinstance(mod, m.Quarantine):
+            return mod
+    return None
+
+
+def decision_json(result: TransactionResult) -> dict[str, Any] | None:
+    """The message's outcome: the decisive reply, or ``{"action": "quarantine", "reason": ...}``
+    for a message let through with a quarantine request (Postfix holds it)."""
+    quarantine = _quarantine(result)
+    if quarantine is not None:
+        return {"action": "quarantine", "reason": _text(quarantine.reason)}
+    return reply_json(result.final)
+
+
+def outcome(result: TransactionResult) -> str:
+    """The action of :func:`decision_json` ("continue", "reject", "quarantine", ...), "none" without one."""
+    decision = decision_json(result)
+    return decision["action"] if decision else "none"
+
+
 def modification_json(mod: m.Modification) -> dict[str, Any]:
     """One modification as the wire carried it."""
     match mod:
@@ -64,7 +91,7 @@ def result_json(result: TransactionResult) -> dict[str, Any]:
     mods = list(result.eom.modifications) if result.eom else []
     body = b"".join(x.data for x in mods if isinstance(x, m.ReplaceBody))
     out: dict[str, Any] = {
-        "decision": reply_json(result.final),
+        "decision": decision_json(result),
         "stopped_at": result.stopped_at or ("eom" if result.eom else None),
         "stages": {
             "connect": reply_json(result.connect),
@@ -108,9 +135,11 @@ def result_text(result: TransactionResult, recipients: list[bytes]) -> str:
             lines.append(f"  {op}: " + ", ".join(f"{k}={v!r}" for k, v in info.items()))
         if result.eom.progress:
             lines.append(f"  ({result.eom.progress} progress keep-alives)")
-    final = reply_json(result.final) or {"action": "none"}
+    final = decision_json(result) or {"action": "none"}
     where = result.stopped_at or "eom"
     lines.append(f"decision: {final['action']} (at {where})")
     if "reply" in final:
         lines.extend(f"  {line}" for line in final["reply"])
+    if "reason" in final:
+        lines.append(f"  reason: {final['reason']}")
     return "\n".join(lines)
