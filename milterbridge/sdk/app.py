@@ -1,0 +1,155 @@
+"""Serving a filter: a framework-neutral :class:`Filter` and an aiohttp app factory.
+
+A handler takes a :class:`~milterbridge.sdk.requests.Request` and returns a
+:class:`~milterbridge.sdk.decisions.Decision` (or ``None`` for ``continue``); it may be a
+plain function or a coroutine function. :class:`Filter` wraps it with signature checking
+and turns one request into one response::
+
+    status, body = Filter(handler, secrets=["whsec_..."]).handle(body_bytes, headers)
+
+Answers: ``200`` with the decision as JSON; ``204`` for ``None`` and for the notifications
+``abort`` and ``close`` (the bridge ignores their response); ``401`` when the request is not
+authentic (:class:`~milterbridge.sdk.verify.Verifier`); ``400`` when the body is not a
+request of the contract; ``500`` when the handler raised or returned a decision the bridge
+would refuse at this event (logged on the ``milterbridge.sdk`` logger). The bridge counts
+every answer but 200 and 204 as a failure of the endpoint and applies its ``on_error``.
+
+:func:`make_app` serves a filter with aiohttp; other servers call :meth:`Filter.handle`
+(synchronous handlers) or :meth:`Filter.handle_async`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Final, TypeAlias
+
+from aiohttp import web
+
+from .decisions import Decision
+from .requests import Request, RequestError, parse_request
+from .verify import DEFAULT_TOLERANCE, SignatureError, Verifier
+
+__all__ = ["Handler", "Filter", "make_app", "DEFAULT_MAX_REQUEST_BYTES"]
+
+Handler: TypeAlias = Callable[[Request], Decision | None] | Callable[[Request], Awaitable[Decision | None]]
+
+#: Largest request body :func:`make_app` reads: above the bridge's default
+#: ``max_body_bytes`` (10 MiB) in base64 with the rest of an eom payload.
+DEFAULT_MAX_REQUEST_BYTES: Final = 32 * 1024 * 1024
+
+_NOTIFICATIONS: Final = frozenset({"abort", "close"})
+_log = logging.getLogger("milterbridge.sdk")
+
+
+class Filter:
+    """A handler with its signature checks; see the module docstring.
+
+    ``secrets`` are the endpoint's ``whsec_`` keys (any of them verifies a request); ``None``
+    turns signature checking off, for a filter reachable only by the bridge over a trusted
+    path.
+    """
+
+    __slots__ = ("handler", "verifier")
+
+    def __init__(
+        self, handler: Handler, *, secrets: Sequence[str] | None, tolerance: float = DEFAULT_TOLERANCE
+    ) -> None:
+        self.handler = handler
+        self.verifier = None if secrets is None else Verifier(secrets, tolerance)
+
+    def _admit(self, body: bytes, headers: Mapping[str, str]) -> Request | tuple[int, bytes]:
+        if self.verifier is not None:
+            try:
+                self.verifier.verify(headers, body)
+            except SignatureError as exc:
+                _log.warning("refused a request: %s", exc)
+                return 401, str(exc).encode()
+        try:
+            return parse_request(body)
+        except RequestError as exc:
+            _log.warning("refused a request: %s", exc)
+            return 400, str(exc).encode()
+
+    def _answer(self, request: Request, decision: Decision | None) -> tuple[int, bytes]:
+        if decision is None or request.event in _NOTIFICATIONS:
+            return 204, b""
+        if not isinstance(decision, Decision):
+            _log.error("the handler returned %r at %s, not a Decision", type(decision).__name__, request.event)
+            return 500, b"the handler did not return a decision"
+        try:
+            return 200, decision.encode(request.event)
+        except ValueError as exc:
+            _log.error("the handler's decision at %s is not valid: %s", request.event, exc)
+            return 500, b"the handler returned a decision that is not valid for this event"
+
+    def handle(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
+        """Answer one request with a synchronous handler: ``(status, response body)``."""
+        admitted = self._admit(body, headers)
+        if not isinstance(admitted, Request):
+            return admitted
+        try:
+            decision = self.handler(admitted)
+        except Exception:
+            _log.exception("the handler failed at %s (webhook-id %s)", admitted.event, admitted.id)
+            return 500, b"the handler failed"
+        if inspect.isawaitable(decision):
+            # A coroutine handler needs handle_async; close the coroutine that cannot be awaited here.
+            if inspect.iscoroutine(decision):
+                decision.close()
+            _log.error("the handler is asynchronous: serve it with handle_async or make_app")
+            return 500, b"the handler failed"
+        return self._answer(admitted, decision)
+
+    async def handle_async(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
+        """Answer one request: a coroutine handler is awaited, a plain one runs in a worker thread."""
+        admitted = self._admit(body, headers)
+        if not isinstance(admitted, Request):
+            return admitted
+        try:
+            if inspect.iscoroutinefunction(self.handler):
+                decision = await self.handler(admitted)
+            else:
+                decision = await asyncio.to_thread(self.handler, admitted)
+                if inspect.isawaitable(decision):
+                    decision = await decision
+        except Exception:
+            _log.exception("the handler failed at %s (webhook-id %s)", admitted.event, admitted.id)
+            return 500, b"the handler failed"
+        return self._answer(admitted, decision)
+
+
+def make_app(
+    handler: Handler | Filter,
+    *,
+    secrets: Sequence[str] | None,
+    path: str = "/",
+    tolerance: float = DEFAULT_TOLERANCE,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> web.Application:
+    """An aiohttp application that answers ``POST path`` with ``handler``'s decisions.
+
+    Run it with ``aiohttp.web.run_app(make_app(...), host=..., port=...)``. A :class:`Filter`
+    may be given instead of a handler; ``secrets`` and ``tolerance`` must then be left to it
+    (pass ``secrets=None``).
+    """
+    if isinstance(handler, Filter):
+        if secrets is not None:
+            raise ValueError("give the secrets to the Filter or to make_app, not both")
+        filter_ = handler
+    else:
+        filter_ = Filter(handler, secrets=secrets, tolerance=tolerance)
+
+    async def post(request: web.Request) -> web.Response:
+        body = await request.read()
+        status, answer = await filter_.handle_async(body, request.headers)
+        content_type = "application/json" if status == 200 else "text/plain"
+        if status == 204:
+            return web.Response(status=204)
+        return web.Response(status=status, body=answer, content_type=content_type)
+
+    app = web.Application(client_max_size=max_request_bytes)
+    app.router.add_post(path, post)
+    return app
