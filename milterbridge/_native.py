@@ -40,6 +40,7 @@ COMPILED_MODULES = (
     "milterbridge.milter.session",
     "milterbridge.payload",
     "milterbridge.policy.apply",
+    "milterbridge.policy.conditions",
     "milterbridge.policy.ledger",
     "milterbridge.policy.mailbox",
     "milterbridge.policy.merge",

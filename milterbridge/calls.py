@@ -118,8 +118,10 @@ class ConnectionCalls:
         event_name = event.value
         failure = outcome if isinstance(outcome, Failure) else None
         if record:
-            error = failure.reason if failure is not None else None
-            self.message_log.call(endpoint.name, event_name, result.action, result.elapsed, error)
+            if failure is None:
+                self.message_log.call(endpoint.name, event_name, result.action, result.elapsed, reason=outcome.reason)
+            else:
+                self.message_log.call(endpoint.name, event_name, result.action, result.elapsed, failure.reason)
         if failure is not None:
             log_call_failure(self.session_id, endpoint.name, event_name, failure, endpoint.settings.on_error.value)
         return outcome

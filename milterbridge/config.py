@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 from milterbridge.milter.address import is_loopback_host
 from milterbridge.milter.constants import Event
+from milterbridge.policy.conditions import KNOWN_AT, unknown_at
 from milterbridge.policy.model import Mode
 from milterbridge.settings import (
     HTTP_TOKEN,
@@ -285,15 +286,50 @@ def _endpoint(table: Any, index: int, ctx: _Context) -> EndpointSettings:
     if (parts.username or parts.password) and any(name.lower() == "authorization" for name, _ in settings.headers):
         # The HTTP client cannot send both, and refusing here beats failing every request.
         raise ctx.error(f"{prefix}.headers.Authorization", "cannot be combined with credentials in the url")
-    early = sorted(e.value for e in settings.events & _PRE_EOM)
-    if early and settings.timeout >= POSTFIX_COMMAND_TIMEOUT:
+    _check_budgets(settings, prefix, ctx)
+    _check_when(settings, prefix, ctx)
+    return settings
+
+
+def _check_when(settings: EndpointSettings, prefix: str, ctx: _Context) -> None:
+    """Every ``when`` key is known at the endpoint's earliest event (notifications aside)."""
+    if settings.when is None:
+        return
+    unknown = unknown_at(settings.when, settings.events)
+    if unknown is not None:
+        key, earliest = unknown
         raise ctx.error(
-            f"{prefix}.timeout",
-            f"{settings.timeout:g} seconds is too long for events before end-of-message ({', '.join(early)}): "
+            f"{prefix}.when.{key.value}",
+            f"is known only from {KNOWN_AT[key].value} on, but the endpoint is called from {earliest.value} "
+            f"(events: {', '.join(sorted(e.value for e in settings.events))}); drop the key or the earlier events",
+        )
+
+
+def _check_budgets(settings: EndpointSettings, prefix: str, ctx: _Context) -> None:
+    """Each event's budget (its ``timeouts`` entry, else ``timeout``) fits what Postfix waits for it."""
+    overridden = dict(settings.timeouts)
+    early = sorted(e.value for e in settings.events & _PRE_EOM if e not in overridden)
+    if early:
+        _check_pre_eom(f"{prefix}.timeout", settings.timeout, early, ctx)
+    for event, seconds in overridden.items():
+        if event not in settings.events:
+            subscribed = ", ".join(sorted(e.value for e in settings.events))
+            raise ctx.error(
+                f"{prefix}.timeouts.{event.value}",
+                f"the endpoint is not called at {event.value} (events: {subscribed})",
+            )
+        if event in _PRE_EOM:
+            _check_pre_eom(f"{prefix}.timeouts.{event.value}", seconds, [event.value], ctx)
+
+
+def _check_pre_eom(key: str, seconds: float, events: list[str], ctx: _Context) -> None:
+    if seconds >= POSTFIX_COMMAND_TIMEOUT:
+        raise ctx.error(
+            key,
+            f"{seconds:g} seconds is too long for events before end-of-message ({', '.join(events)}): "
             f"Postfix waits at most milter_command_timeout (30s by default) for those replies and keep-alives "
             f"exist only at end-of-message; use less than {POSTFIX_COMMAND_TIMEOUT:g}",
         )
-    return settings
 
 
 def _env_value(text: str) -> Any:

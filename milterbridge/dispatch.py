@@ -77,6 +77,9 @@ class Observer(Protocol):
     def oversize(self, limit: str) -> None: ...
     def bridge_fault(self, kind: str) -> None: ...
     def background_dropped(self, endpoint: str) -> None: ...
+    def endpoint_skipped(self, endpoint: str, reason: str) -> None: ...
+    def queue_wait(self, endpoint: str, seconds: float) -> None: ...
+    def modification_adjusted(self, endpoint: str, op: str, reason: str) -> None: ...
     def spooled(self, nbytes: int, *, new_file: bool = True) -> None: ...
     def unspooled(self, nbytes: int) -> None: ...
 
@@ -106,6 +109,10 @@ class Dispatcher:
         return self.snapshot.breaker_states()
 
     def __call__(self, session: MilterSession) -> ConnectionHandler:
+        if self.snapshot.conditional:
+            from milterbridge.conditional import ConditionalHandler  # it subclasses ConnectionHandler
+
+            return ConditionalHandler(self, session)
         return ConnectionHandler(self, session)
 
     async def aclose(self, timeout: float = SHUTDOWN_GRACE) -> None:
@@ -155,7 +162,9 @@ class ConnectionHandler:
         if new:
             log_negotiation_warnings(self.builder.session_id, got)
         self.calls.actions = got.actions
-        self.policy = PolicyState(self.snapshot.policies, actions=got.actions, skip_negotiated=got.skip)
+        self.policy = PolicyState(
+            self.snapshot.policies, actions=got.actions, skip_negotiated=got.skip, conditional=self.snapshot.conditional
+        )
         return reply
 
     def handle(self, command: Command) -> HandlerResult:
@@ -320,7 +329,7 @@ class ConnectionHandler:
 
     def _finish(self, msg: MessageContext, outcomes: Mapping[str, Outcome]) -> Sequence[Reply | Modification]:
         result = self.policy.finish_eom(outcomes, msg.headers)
-        log_dropped_modifications(self.builder.session_id, result.dropped)
+        log_dropped_modifications(self.builder.session_id, result.dropped, result.adjusted, self.metrics)
         quarantined = result.quarantine is not None
         reason = _reason(result.winner)
         self._end(msg, result.reply, reason=reason, quarantined=quarantined, modifications=len(result.applied))
@@ -369,7 +378,12 @@ class ConnectionHandler:
         actions = self.calls.actions
         self.calls = self._calls()
         self.calls.actions = actions
-        self.policy = PolicyState(self.snapshot.policies, actions=actions, skip_negotiated=self.policy.skip_negotiated)
+        self.policy = PolicyState(
+            self.snapshot.policies,
+            actions=actions,
+            skip_negotiated=self.policy.skip_negotiated,
+            conditional=self.snapshot.conditional,
+        )
 
     def _connection_ended(self) -> None:
         if self._closed:

@@ -1,16 +1,19 @@
 """An endpoint of one config snapshot, and the one step that calls it.
 
 ``build_endpoints`` is the one place endpoints are made (start-up, reload, preflight): each
-``Endpoint`` holds its settings, the policy's view of them, its prepared HTTP state and its
-circuit breaker, and a reload builds a whole new tuple that replaces the old one. Sessions that
-started before keep the tuple they were given.
+``Endpoint`` holds its settings, the policy's view of them, its prepared HTTP state, its
+per-event budgets, its circuit breaker and, with ``max_concurrency``, its call slots. A reload
+builds a whole new tuple that replaces the old one; an endpoint whose settings did not change
+at all keeps its breaker and slots. Sessions that started before keep the tuple they were given.
 
-``call_endpoint`` is the step from an encoded request to an outcome: ask the breaker, post,
-decode, validate, count, and tell the breaker once, after the answer was validated
+``call_endpoint`` is the step from an encoded request to an outcome: ask the breaker, wait for
+a call slot (only with a cap), post within what is left of the event's budget, decode,
+validate, count, and tell the breaker once, after the answer was validated
 (docs/reliability.md §9)::
 
     result of the call                                  outcome            breaker
     breaker open (nothing sent)                         Failure            -
+    no call slot within the event's budget              Failure            neither
     WebhookError whose endpoint_failure is True         Failure            failure
     WebhookError whose endpoint_failure is False        Failure            neither
     answer that is not JSON, or not a valid decision    Failure            success
@@ -24,9 +27,11 @@ there, never with the endpoint's ``on_error``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -37,7 +42,7 @@ from milterbridge.policy.model import Decision, DecisionError, EndpointPolicy, F
 from milterbridge.policy.parse import parse_decision
 from milterbridge.webhook.breaker import CircuitBreaker
 from milterbridge.webhook.client import BodySource, PreparedEndpoint, WebhookResponse, prepare_endpoint
-from milterbridge.webhook.errors import AttemptOutcome, WebhookError
+from milterbridge.webhook.errors import AttemptOutcome, WebhookError, WebhookTimeoutError, body_preview
 
 __all__ = [
     "CallObserver",
@@ -47,6 +52,10 @@ __all__ = [
     "build_endpoints",
     "call_endpoint",
 ]
+
+log = logging.getLogger("milterbridge.dispatch")
+#: Response body bytes the debug log of a call shows.
+_DEBUG_BODY_BYTES: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +67,14 @@ class Endpoint:
     policy: EndpointPolicy
     #: The request head, signer and TLS context for ``WebhookClient.post``.
     http: PreparedEndpoint
-    #: Shared with the next snapshot's endpoint of the same name while URL and breaker keys stay.
+    #: Shared with the next snapshot's endpoint of the same name while its settings stay equal.
     breaker: CircuitBreaker
     #: The configured name (metrics label, log field): ``settings.name``.
     name: str
+    #: The budget of a call in seconds, for every event: ``settings.timeouts``, else ``settings.timeout``.
+    timeouts: Mapping[Event, float]
+    #: ``max_concurrency`` call slots for this worker, shared like the breaker; None without a cap.
+    slots: asyncio.Semaphore | None = None
 
 
 def build_endpoints(
@@ -72,10 +85,12 @@ def build_endpoints(
 ) -> tuple[Endpoint, ...]:
     """The endpoints of one config snapshot, in config order.
 
-    An endpoint whose name, URL and breaker settings are unchanged from ``previous`` keeps its
-    breaker (and so its state); everything else is new. TLS files are read again (certificates
-    are rotated under the same path); endpoints with equal TLS settings share one context.
-    ``clock`` drives the new breakers. Raises ``ValueError``/``OSError`` like
+    An endpoint whose settings equal those of the endpoint of the same name in ``previous``
+    keeps its breaker (and so its state) and its call slots; any change at all (a fixed URL, a
+    new secret, a longer timeout) gives it a new, closed breaker, so a filter repaired while
+    its breaker was open is called again after the reload. TLS files are read again
+    (certificates are rotated under the same path); endpoints with equal TLS settings share
+    one context. ``clock`` drives the new breakers. Raises ``ValueError``/``OSError`` like
     ``prepare_endpoint``, before anything is shared with ``previous``.
     """
     kept = {ep.name: ep for ep in previous}
@@ -84,9 +99,10 @@ def build_endpoints(
     for index, ep in enumerate(settings):
         http = prepare_endpoint(ep, contexts)
         old = kept.get(ep.name)
-        if old is not None and old.settings.url == ep.url and _breaker_settings(old.settings) == _breaker_settings(ep):
-            breaker = old.breaker
+        if old is not None and old.settings == ep:
+            breaker, slots = old.breaker, old.slots
         else:
+            slots = asyncio.Semaphore(ep.max_concurrency) if ep.max_concurrency else None
             breaker = CircuitBreaker(
                 failure_rate=ep.breaker_failure_rate,
                 min_calls=ep.breaker_min_calls,
@@ -103,18 +119,9 @@ def build_endpoints(
             on_error=ep.on_error,
             include_body=ep.include_body,
         )
-        endpoints.append(Endpoint(ep, policy, http, breaker, ep.name))
+        timeouts = dict.fromkeys(Event, ep.timeout) | dict(ep.timeouts)
+        endpoints.append(Endpoint(ep, policy, http, breaker, ep.name, timeouts, slots))
     return tuple(endpoints)
-
-
-def _breaker_settings(settings: EndpointSettings) -> tuple[float, int, float, float, float]:
-    return (
-        settings.breaker_failure_rate,
-        settings.breaker_min_calls,
-        settings.breaker_window,
-        settings.breaker_probe,
-        settings.breaker_reset,
-    )
 
 
 class WebhookPoster(Protocol):
@@ -130,6 +137,7 @@ class CallObserver(Protocol):
 
     def webhook(self, endpoint: str, event: str, outcome: str, seconds: float | None) -> None: ...
     def decision(self, endpoint: str, event: str, action: str, mode: str) -> None: ...
+    def queue_wait(self, endpoint: str, seconds: float) -> None: ...
 
 
 #: ``webhook_requests_total`` outcomes this step sets itself, as the plain strings metrics take.
@@ -164,21 +172,29 @@ async def call_endpoint(
 ) -> CallResult:
     """Post ``body`` (the encoded request) to ``endpoint`` and turn the answer into an outcome.
 
+    The call has the event's budget (``endpoint.timeouts``), a wait for a call slot included.
     ``allowed_actions`` is what the MTA granted at negotiation. Counts the call with
-    ``observer.webhook`` and a decision with ``observer.decision``; see the module docstring
-    for what the breaker is told. Raises only what is not the endpoint's doing (cancellation,
-    ``SpoolError``, a bug), after giving the breaker ticket back uncounted.
+    ``observer.webhook``, a decision with ``observer.decision`` and, with a cap, the wait for a
+    slot with ``observer.queue_wait``; see the module docstring for what the breaker is told.
+    Raises only what is not the endpoint's doing (cancellation, ``SpoolError``, a bug), after
+    giving the breaker ticket back uncounted.
     """
     settings = endpoint.settings
     breaker = endpoint.breaker
     started = time.monotonic()
+    budget = endpoint.timeouts[event]
     outcome: Outcome
+    response: WebhookResponse | None = None
     ticket = breaker.allow()
     if not ticket:
         label, outcome = _BREAKER_OPEN, Failure(reason=_BREAKER_OPEN)
     else:
         try:
-            response = await client.post(endpoint.http, body, webhook_id=webhook_id)
+            slots = endpoint.slots
+            if slots is None:
+                response = await client.post(endpoint.http, body, webhook_id=webhook_id, timeout=budget)
+            else:
+                response = await _post_in_slot(client, endpoint, slots, body, webhook_id, budget, observer)
             try:
                 decoded = decode(response.body)
                 outcome = parse_decision(
@@ -208,9 +224,62 @@ async def call_endpoint(
     name = settings.name
     event_name = event.value
     observer.webhook(name, event_name, label, elapsed)
+    if log.isEnabledFor(logging.DEBUG):
+        _log_call(name, event_name, webhook_id, len(body), label, response)
     if isinstance(outcome, Decision):
         action = outcome.action.value
         observer.decision(name, event_name, action, settings.mode.value)
     else:
         action = FAILURE
     return CallResult(outcome, action, elapsed)
+
+
+async def _post_in_slot(
+    client: WebhookPoster,
+    endpoint: Endpoint,
+    slots: asyncio.Semaphore,
+    body: bytes | BodySource,
+    webhook_id: str,
+    budget: float,
+    observer: CallObserver,
+) -> WebhookResponse:
+    """Post once one of the endpoint's call slots is free; the wait counts against ``budget``.
+
+    Raises a ``WebhookTimeoutError`` that the breaker does not count when no slot came free in
+    time: the endpoint is busy with this worker's other calls, not broken.
+    """
+    waiting = time.monotonic()
+    if slots.locked():
+        try:
+            async with asyncio.timeout(budget):
+                await slots.acquire()
+        except TimeoutError:
+            observer.queue_wait(endpoint.name, time.monotonic() - waiting)
+            error = WebhookTimeoutError(
+                f"waited {budget:g} s for a free call slot (max_concurrency = {endpoint.settings.max_concurrency}); "
+                "nothing was sent",
+                timeout=budget,
+                endpoint=endpoint.name,
+                url=endpoint.http.safe_url,
+            )
+            error.endpoint_failure = False
+            raise error from None
+    else:
+        await slots.acquire()  # a free slot: taken without suspending
+    waited = time.monotonic() - waiting
+    observer.queue_wait(endpoint.name, waited)
+    try:
+        return await client.post(endpoint.http, body, webhook_id=webhook_id, timeout=budget - waited)
+    finally:
+        slots.release()
+
+
+def _log_call(
+    endpoint: str, event: str, webhook_id: str, request_bytes: int, label: str, response: WebhookResponse | None
+) -> None:
+    """The debug line of one call: the request's size, and the start of the answer's body."""
+    fields: dict[str, object] = {"endpoint": endpoint, "event": event, "webhook_id": webhook_id}
+    fields |= {"request_bytes": request_bytes, "outcome": label}
+    if response is not None:
+        fields |= {"status": response.status, "response": body_preview(response.body, _DEBUG_BODY_BYTES)}
+    log.debug("webhook %s at %s: %s", endpoint, event, label, extra={"fields": fields})

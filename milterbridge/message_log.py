@@ -2,7 +2,8 @@
 
 Every message ends in exactly one ``message <outcome>`` line (and one count in
 ``milterbridge_messages_total``): the endpoints called for it with their answers and times,
-the reply, the reason, the modifications applied, recipients refused over ``max_recipients``.
+the reply, the reason, the modifications applied, recipients refused over ``max_recipients``,
+the endpoints not called because of their ``when`` (``skipped``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from milterbridge.milter.context import ConnectionContext, Limit, MessageContext
 from milterbridge.milter.messages import Reply
 from milterbridge.milter.negotiation import Negotiated
 from milterbridge.payload import client_address
-from milterbridge.policy.apply import DroppedModification
+from milterbridge.policy.apply import AdjustedModification, DroppedModification
 from milterbridge.policy.model import Failure
 from milterbridge.replies import outcome_of, reply_text
 
@@ -38,7 +39,16 @@ class MessageLog:
     (a later ``end`` for the same message, e.g. its abort after a refusal, writes nothing).
     """
 
-    __slots__ = ("_accepted", "_calls", "_logged", "_metrics", "_refused_recipients", "_started", "session_id")
+    __slots__ = (
+        "_accepted",
+        "_calls",
+        "_logged",
+        "_metrics",
+        "_refused_recipients",
+        "_started",
+        "session_id",
+        "skipped",
+    )
 
     def __init__(self, session_id: str, metrics: MessageMetrics) -> None:
         self.session_id = session_id
@@ -49,6 +59,9 @@ class MessageLog:
         #: Number of the last message logged, and of the last one accepted before end-of-message.
         self._logged: int | None = None
         self._accepted: int | None = None
+        #: Endpoints not called for this message because of their ``when``: name -> the key that
+        #: did not match. The handler sets it at MAIL (a fresh dict) and adds to it; ``end`` logs it.
+        self.skipped: dict[str, str] = {}
 
     def start(self) -> None:
         """A new message (MAIL)."""
@@ -56,11 +69,26 @@ class MessageLog:
         self._calls = []
         self._refused_recipients = 0
 
-    def call(self, endpoint: str, event: str, action: str, elapsed: float, error: str | None = None) -> None:
-        """An enforcing endpoint answered ``action`` (or ``failure``, with ``error``) for this message."""
+    def call(
+        self,
+        endpoint: str,
+        event: str,
+        action: str,
+        elapsed: float,
+        error: str | None = None,
+        *,
+        reason: str | None = None,
+    ) -> None:
+        """An enforcing endpoint answered ``action`` (or ``failure``, with ``error``) for this message.
+
+        ``reason`` is the decision's own reason, logged with every endpoint's entry whether or
+        not that decision settled the message.
+        """
         entry: dict[str, Any] = {"endpoint": endpoint, "event": event, "action": action, "ms": round(elapsed * 1000, 1)}
         if error is not None:
             entry["error"] = error
+        if reason is not None:
+            entry["reason"] = reason
         self._calls.append(entry)
 
     def refused_recipient(self) -> None:
@@ -112,9 +140,12 @@ class MessageLog:
             fields["modifications"] = modifications
         if self._refused_recipients:
             fields["recipients_over_limit"] = self._refused_recipients
+        if self.skipped:
+            fields["skipped"] = self.skipped
         log.info("message %s", outcome, extra={"fields": fields})
         self._calls = []
         self._refused_recipients = 0
+        self.skipped = {}
 
 
 def log_call_failure(session_id: str, endpoint: str, event: str, failure: Failure, on_error: str) -> None:
@@ -157,11 +188,31 @@ def log_negotiation_warnings(session_id: str, got: Negotiated) -> None:
         )
 
 
-def log_dropped_modifications(session_id: str, dropped: Iterable[DroppedModification]) -> None:
-    """Modifications an endpoint asked for and the bridge did not apply, and why."""
+class ModificationMetrics(Protocol):
+    """The counter adjusted modifications feed (milterbridge.metrics.Metrics satisfies it)."""
+
+    def modification_adjusted(self, endpoint: str, op: str, reason: str) -> None: ...
+
+
+def log_dropped_modifications(
+    session_id: str,
+    dropped: Iterable[DroppedModification],
+    adjusted: Iterable[AdjustedModification] = (),
+    metrics: ModificationMetrics | None = None,
+) -> None:
+    """Modifications an endpoint asked for and the bridge did not apply, or applied otherwise, and why.
+
+    An adjusted one is also counted in ``metrics`` when given.
+    """
     for mod in dropped:
         fields = {"session": session_id, "endpoint": mod.endpoint, "op": str(mod.op.op), "why": str(mod.reason)}
         log.info("modification dropped", extra={"fields": fields})
+    for adj in adjusted:
+        op = str(adj.op.op)
+        fields = {"session": session_id, "endpoint": adj.endpoint, "op": op, "why": str(adj.reason), "note": adj.note}
+        log.info("modification adjusted", extra={"fields": fields})
+        if metrics is not None:
+            metrics.modification_adjusted(adj.endpoint, op, adj.reason)
 
 
 def log_connection_closed(session_id: str, connection: ConnectionContext, started: float) -> None:

@@ -303,6 +303,13 @@ class Metrics:
             DURATION_BUCKETS,
         )
         registry.register(self._webhook_duration)
+        self._queue_wait = _HistogramTally(
+            PREFIX + "webhook_queue_wait_seconds",
+            "Seconds a webhook call waited for one of its endpoint's max_concurrency slots (endpoints with a cap).",
+            ("endpoint",),
+            DURATION_BUCKETS,
+        )
+        registry.register(self._queue_wait)
         self._retries = _Children(
             Counter(
                 PREFIX + "webhook_retries_total",
@@ -353,6 +360,20 @@ class Metrics:
             PREFIX + "background_dropped_total",
             "Observe and notification calls dropped because the endpoint's max_background were running.",
             ("endpoint",),
+            registry=registry,
+        )
+        self._modifications_adjusted = Counter(
+            PREFIX + "modifications_adjusted_total",
+            "Modifications sent other than asked, by endpoint, op and reason "
+            "(added_instead: a change_header past the last header of its name, sent as an add).",
+            ("endpoint", "op", "reason"),
+            registry=registry,
+        )
+        self._endpoint_skipped = Counter(
+            PREFIX + "endpoint_skipped_total",
+            "Endpoint calls not made because of the endpoint's when, by endpoint and the condition key that "
+            "did not match (once per connection, message or recipient skipped).",
+            ("endpoint", "reason"),
             registry=registry,
         )
         reloads = Counter(
@@ -428,6 +449,10 @@ class Metrics:
         """``endpoint`` answered ``action`` for ``event`` in ``mode`` (enforce or observe)."""
         self._decisions.inc((endpoint, event, action, mode))
 
+    def queue_wait(self, endpoint: str, seconds: float) -> None:
+        """A call to ``endpoint`` (which has max_concurrency) waited ``seconds`` for a slot, or gave up then."""
+        self._queue_wait.observe((endpoint,), seconds)
+
     def on_attempt(self, endpoint: str, attempt: int, outcome: str, elapsed: float) -> None:
         """``WebhookObserver``: count retries; the call as a whole is counted by ``webhook``."""
         if attempt > 1:
@@ -457,6 +482,14 @@ class Metrics:
     def background_dropped(self, endpoint: str) -> None:
         """An observe or notification call to ``endpoint`` was dropped: max_background were running."""
         self._background_dropped.labels(endpoint).inc()
+
+    def modification_adjusted(self, endpoint: str, op: str, reason: str) -> None:
+        """An op of ``endpoint`` went on the wire other than asked (``reason`` an AdjustReason)."""
+        self._modifications_adjusted.labels(endpoint, op, reason).inc()
+
+    def endpoint_skipped(self, endpoint: str, reason: str) -> None:
+        """``endpoint`` was not called for a connection, message or recipient: its ``when`` key ``reason`` failed."""
+        self._endpoint_skipped.labels(endpoint, reason).inc()
 
     def bridge_fault(self, kind: str) -> None:
         """A fault of the bridge itself (``spool`` I/O, an ``internal`` error) tempfailed a message."""

@@ -28,6 +28,7 @@ from yarl import URL
 
 from milterbridge.milter.address import parse_listen_address, split_host_port
 from milterbridge.milter.constants import Event
+from milterbridge.policy.conditions import Condition, ConditionError, parse_condition
 from milterbridge.policy.model import ALL_OPS, Mode, ModOp, OnError, OnOversize
 
 T = TypeVar("T")
@@ -398,6 +399,33 @@ def _headers(value: Any) -> tuple[tuple[str, str], ...]:
 
 
 @_check("table")
+def _event_timeouts(value: Any) -> tuple[tuple[Event, float], ...]:
+    """Event names to seconds > 0, in the order of ``Event``."""
+    if not isinstance(value, dict):
+        raise InvalidValue(f"expected a table of event names to seconds, got {type_name(value)}")
+    known = [member.value for member in Event]
+    for name, seconds in value.items():
+        if name not in known:
+            raise InvalidValue(f"{show_value(name)} is not an event (known: {', '.join(known)})", name)
+        try:
+            _duration(seconds, zero_ok=False)
+        except InvalidValue as exc:
+            raise InvalidValue(str(exc), name) from None
+    return tuple((event, float(value[event.value])) for event in Event if event.value in value)
+
+
+@_check("table")
+def _when(value: Any) -> Condition:
+    """A ``when`` table (milterbridge.policy.conditions); a key at fault is named as the part."""
+    if not isinstance(value, dict):
+        raise InvalidValue(f"expected a table, got {type_name(value)}")
+    try:
+        return parse_condition(value)
+    except ConditionError as exc:
+        raise InvalidValue(str(exc), exc.key) from None
+
+
+@_check("table")
 def _table(value: Any) -> dict[str, Any]:
     """A table of its own, such as tls: the loader reads it by its own keys."""
     if not isinstance(value, dict):
@@ -436,6 +464,11 @@ class EndpointSettings:
     mode: Mode = setting(Mode.ENFORCE, _choice(Mode, Mode), "Whether the endpoint's answers are applied or observed.")
     on_error: OnError = setting(OnError.TEMPFAIL, _choice(OnError, OnError), "What a failure counts as.")
     timeout: float = setting(5.0, _SECONDS, "The whole budget for one event, retry included.")
+    #: Budgets of single events that replace ``timeout`` for them, in the order of ``Event``.
+    timeouts: tuple[tuple[Event, float], ...] = setting(
+        (), _event_timeouts, "The budget of single events, replacing timeout for them."
+    )
+    max_concurrency: int = setting(0, _integer(0), "Calls to this endpoint in flight at once, per worker; 0 is no cap.")
     include_body: bool = setting(False, _boolean, "Send the message body (base64) in the eom payload.")
     max_body_bytes: int = setting(10 * 1024 * 1024, _integer(1), "Body bytes sent to this endpoint.")
     macros: tuple[str, ...] = setting((), _macros, "Extra Postfix macros to request, spelled as Postfix spells them.")
@@ -476,6 +509,9 @@ class EndpointSettings:
     # An empty list is valid: an endpoint that may decide but never modify.
     allowed_ops: frozenset[ModOp] = setting(
         ALL_OPS, _members(ModOp, "a modification op"), "Modification ops this endpoint may ask for.", shown="every op"
+    )
+    when: Condition | None = setting(
+        None, _when, "Conditions under which the endpoint is called at all.", shown="unset"
     )
 
 

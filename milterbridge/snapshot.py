@@ -8,7 +8,8 @@ its breaker across a reload (``endpoint.build_endpoints``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterable, Sequence
 
 from milterbridge.config import Config
 from milterbridge.endpoint import Endpoint, build_endpoints
@@ -16,6 +17,7 @@ from milterbridge.milter.constants import Action, Event
 from milterbridge.milter.messages import Command, Negotiate, NegotiateReply
 from milterbridge.milter.negotiation import Negotiated, Requirements, negotiate, requirements
 from milterbridge.milter.session import EVENT_OF
+from milterbridge.policy.conditions import Condition
 from milterbridge.policy.model import Mode, OnOversize
 from milterbridge.policy.transaction import PolicyState
 
@@ -42,6 +44,14 @@ class Snapshot:
             macros=(m.encode() for ep in self.endpoints for m in ep.settings.macros),
             body=any(ep.settings.include_body for ep in self.endpoints),
         )
+        #: Endpoint name -> its ``when``, for the endpoints that have one. Empty: no condition
+        #: anywhere, and connections take the handler without condition checks.
+        self.conditions: dict[str, Condition] = {
+            ep.name: ep.settings.when for ep in self.endpoints if ep.settings.when is not None
+        }
+        self.conditional = bool(self.conditions)
+        if self.conditional:
+            self.requirements = _with_condition_macros(self.requirements, self.conditions.values())
         #: Whether any endpoint wants the message body (it is kept only then).
         self.keep_body = any(ep.settings.include_body for ep in self.endpoints)
         #: Commands whose event no endpoint subscribes to: no request is built for them.
@@ -78,3 +88,15 @@ class Snapshot:
     def breaker_states(self) -> dict[str, str]:
         """Breaker state per endpoint name (``closed``, ``open``, ``half_open``), for metrics."""
         return {ep.name: str(ep.breaker.state) for ep in self.endpoints}
+
+
+def _with_condition_macros(needed: Requirements, conditions: Iterable[Condition]) -> Requirements:
+    """``needed`` with the macros the conditions look at, each at its stage (Postfix's defaults
+    hold them today; this keeps the conditions working whatever those lists become)."""
+    macros = {stage: list(names) for stage, names in needed.macros.items()}
+    for condition in conditions:
+        for stage, name in condition.macros:
+            names = macros.setdefault(stage, [])
+            if name not in names:
+                names.append(name)
+    return dataclasses.replace(needed, macros={stage: tuple(names) for stage, names in macros.items()})

@@ -47,12 +47,16 @@ class RecordingCalls:
 
     webhooks: list[tuple[str, str, str, float | None]] = field(default_factory=list)
     decisions: list[tuple[str, str, str, str]] = field(default_factory=list)
+    waits: list[tuple[str, float]] = field(default_factory=list)
 
     def webhook(self, endpoint: str, event: str, outcome: str, seconds: float | None) -> None:
         self.webhooks.append((endpoint, event, outcome, seconds))
 
     def decision(self, endpoint: str, event: str, action: str, mode: str) -> None:
         self.decisions.append((endpoint, event, action, mode))
+
+    def queue_wait(self, endpoint: str, seconds: float) -> None:
+        self.waits.append((endpoint, seconds))
 
     @property
     def labels(self) -> list[str]:
@@ -146,7 +150,8 @@ async def counted_as(client: WebhookClient, endpoint: Endpoint, fake: FakeWebhoo
     """
     fake.set_default(FakeResponse.status_code(500), event="probe")
     settings = replace(endpoint.settings, timeout=5.0, retry=False)
-    probe = replace(endpoint, settings=settings, http=prepare_endpoint(settings))
+    timeouts = dict.fromkeys(Event, 5.0)
+    probe = replace(endpoint, settings=settings, http=prepare_endpoint(settings), timeouts=timeouts)
     ignored = RecordingCalls()
     await _call(client, probe, ignored, PROBE_BODY)
     if endpoint.breaker.state == "open":
@@ -553,7 +558,7 @@ def test_equal_tls_settings_share_a_context_within_one_build() -> None:
 async def test_build_endpoints_keeps_breaker_of_unchanged(
     fake: FakeWebhooks, client: WebhookClient, clock: FakeClock, calls: RecordingCalls
 ) -> None:
-    """A reload keeps breaker state unless the URL or a breaker key changed; dropped endpoints disappear."""
+    """A reload keeps breaker state only for equal settings; any change resets it; dropped endpoints disappear."""
     fake.set_default(FakeResponse.status_code(500))
     fake.set_default(FakeResponse.decision(), path="/other")
     endpoints = build_endpoints(
@@ -564,18 +569,20 @@ async def test_build_endpoints_keeps_breaker_of_unchanged(
     assert _states(endpoints) == {"a": "open", "b": "closed"}
     endpoints = build_endpoints([fake.endpoint("a", breaker_min_calls=1, retry=False)], endpoints, clock=clock)
     assert _states(endpoints) == {"a": "open"}
-    endpoints = build_endpoints(
-        [fake.endpoint("a", breaker_min_calls=1, retry=False, timeout=1.0)], endpoints, clock=clock
-    )
-    assert _states(endpoints) == {"a": "open"}
-    endpoints = build_endpoints([fake.endpoint("a", breaker_min_calls=1, breaker_window=5.0)], endpoints, clock=clock)
-    assert _states(endpoints) == {"a": "closed"}
-    await _call(client, endpoints[0], calls)
-    assert _states(endpoints) == {"a": "open"}
-    endpoints = build_endpoints(
-        [fake.endpoint("a", path="/moved", breaker_min_calls=1, breaker_window=5.0)], endpoints, clock=clock
-    )
-    assert _states(endpoints) == {"a": "closed"}
+    changes: list[dict[str, Any]] = [
+        {"timeout": 1.0},
+        {"breaker_window": 5.0},
+        {"path": "/moved"},
+        {"headers": (("X-Fixed", "1"),)},
+        {"secrets": ("whsec_" + "A" * 32,)},
+    ]
+    for change in changes:
+        await _call(client, endpoints[0], calls)
+        assert _states(endpoints) == {"a": "open"}, change
+        endpoints = build_endpoints(
+            [fake.endpoint("a", breaker_min_calls=1, retry=False, **change)], endpoints, clock=clock
+        )
+        assert _states(endpoints) == {"a": "closed"}, change
 
 
 @pytest.mark.asyncio

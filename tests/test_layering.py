@@ -142,6 +142,7 @@ DISPATCHER_MODULES: tuple[str, ...] = (
     "background.py",
     "message_log.py",
     "replies.py",
+    "conditional.py",
 )
 #: Transport the dispatcher never touches: HTTP goes through the endpoint-call step, milter
 #: bytes through the connection. ``milterbridge.connection`` is checked name by name below.

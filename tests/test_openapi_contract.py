@@ -208,7 +208,7 @@ def test_signature_as_described_verifies_with_standardwebhooks() -> None:
     assert "{webhook-id}.{webhook-timestamp}.{body}" in description
     old_key, new_key = b"old key bytes", b"new key bytes"
     body = json.dumps(_example("request-eom")).encode()
-    webhook_id, timestamp = "wh-1a37", str(int(time.time()))
+    webhook_id, timestamp = "evt_5c0e81d2a94b3f7e16d0c8a2", str(int(time.time()))
     signed = f"{webhook_id}.{timestamp}.".encode() + body
     header = " ".join(
         "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode() for key in (old_key, new_key)
@@ -243,6 +243,8 @@ def test_validate_rejects_unknown_events() -> None:
 # ---------------------------------------------------------------- decisions the schema refuses
 
 LINE_512 = "x" * 512
+#: " Café" in Latin-1: a header value that is not UTF-8.
+LATIN_1_B64 = base64.b64encode(b" Caf\xe9").decode()
 
 INVALID_DECISIONS = [
     pytest.param("eom", {"action": "continue", "colour": "red"}, id="unknown-key"),
@@ -353,6 +355,15 @@ INVALID_DECISIONS = [
     pytest.param("eom", _with_mods({"op": "add_rcpt", "address": "a@b", "args": "NOTIFY=NEVER"}), id="args-string"),
     pytest.param("eom", _with_mods({"op": "delete_rcpt", "address": "a@b", "args": []}), id="delete-rcpt-args"),
     pytest.param("eom", _with_mods({"op": "change_from"}), id="change-from-no-address"),
+    pytest.param("eom", _with_mods({"op": "add_header", "name": "X"}), id="no-value"),
+    pytest.param("eom", _with_mods({"op": "add_header", "name": "X", "value": None}), id="null-value"),
+    pytest.param("eom", _with_mods({**_add_header(), "value_b64": LATIN_1_B64}), id="value-and-value-b64"),
+    pytest.param(
+        "eom", _with_mods({"op": "change_header", "name": "X", "index": 1, "value_b64": "w6k"}), id="value-b64-unpadded"
+    ),
+    pytest.param(
+        "eom", _with_mods({"op": "insert_header", "name": "X", "index": 0, "value_b64": "w 6k="}), id="value-b64-space"
+    ),
 ]
 
 
@@ -382,6 +393,17 @@ VALID_DECISIONS = [
     pytest.param("eom", _with_mods(_add_header(value="")), id="empty-value"),
     pytest.param("eom", _with_mods(_add_header(value="\n\tfirst line empty")), id="value-empty-first-line"),
     pytest.param("eom", _with_mods(_add_header(value="a\tb \u00e9")), id="value-htab-utf8"),
+    pytest.param("eom", _with_mods({"op": "add_header", "name": "X", "value_b64": LATIN_1_B64}), id="add-value-b64"),
+    pytest.param(
+        "eom",
+        _with_mods({"op": "insert_header", "name": "X", "index": 0, "value": None, "value_b64": LATIN_1_B64}),
+        id="insert-value-b64-null-value",
+    ),
+    pytest.param(
+        "eom",
+        _with_mods({"op": "change_header", "name": "X", "index": 1, "value": " t", "value_b64": None}),
+        id="change-value-null-value-b64",
+    ),
     pytest.param("eom", _with_mods({"op": "change_from", "address": ""}), id="change-from-null-sender"),
     pytest.param("eom", _with_mods({"op": "add_rcpt", "address": "a@[192.0.2.1]"}), id="ipv4-literal"),
     pytest.param("eom", _with_mods({"op": "add_rcpt", "address": "a@[IPv6:2001:db8::1]"}), id="ipv6-literal"),

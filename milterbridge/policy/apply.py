@@ -15,7 +15,8 @@ What the endpoints' ops mean (the "intended result"), and how conflicts go:
   header, or the same change again, is a duplicate and sent once; any other
   later op on that header is a conflict and dropped.
 * A delete of a header that does not exist is dropped; a change of one that
-  does not exist becomes an add (libmilter's ``smfi_chgheader`` convention).
+  does not exist becomes an add (libmilter's ``smfi_chgheader`` convention,
+  and what Postfix does with it), reported in :attr:`ModificationPlan.adjusted`.
 * insert ``N`` puts the header right after the N-th received header (whether
   or not that one is deleted), 0 at the very top (above Postfix's own
   Received); inserts at the same place keep their listed order; an index past
@@ -97,6 +98,22 @@ class DroppedModification:
     reason: DropReason
 
 
+class AdjustReason(enum.StrEnum):
+    """Why a modification op was sent other than as asked (a bounded label for logs and metrics)."""
+
+    ADDED_INSTEAD = "added_instead"  # change_header past the last header of its name: sent as an add
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdjustedModification:
+    """An op that went on the wire other than as asked: its endpoint, the reason, and a note for the log."""
+
+    endpoint: str
+    op: AnyOp
+    reason: AdjustReason
+    note: str
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AppliedModification:
     """An op that went on the wire (``converted`` when a change became an add)."""
@@ -108,11 +125,15 @@ class AppliedModification:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModificationPlan:
-    """The modifications to send, in order, with what was applied and dropped."""
+    """The modifications to send, in order, with what was applied, dropped and adjusted.
+
+    An adjusted op is also in ``applied`` (it went on the wire, in another form).
+    """
 
     messages: tuple[Modification, ...] = ()
     applied: tuple[AppliedModification, ...] = ()
     dropped: tuple[DroppedModification, ...] = ()
+    adjusted: tuple[AdjustedModification, ...] = ()
 
 
 #: Headers Postfix puts above the ones milters receive and counts for INSHEADER: its own Received.
@@ -121,9 +142,12 @@ POSTFIX_RECEIVED_OFFSET: Final = 1
 _LONE_LF: Final = re.compile(rb"(?<!\r)\n")
 
 
-def wire_value(value: str) -> bytes:
-    """A header value as sent with HDR_LEADSPC: one leading space unless it has one."""
-    data = value.encode()
+def wire_value(value: str | bytes) -> bytes:
+    """A header value as sent with HDR_LEADSPC: one leading space unless it has one.
+
+    Text goes as UTF-8; bytes (from ``value_b64``) go as they are.
+    """
+    data = value.encode() if isinstance(value, str) else value
     return data if data[:1] in (b" ", b"\t") else b" " + data
 
 
@@ -149,6 +173,7 @@ class _Builder:
     received_offset: int
     applied: list[AppliedModification] = field(default_factory=list)
     dropped: list[DroppedModification] = field(default_factory=list)
+    adjusted: list[AdjustedModification] = field(default_factory=list)
     sender: list[Modification] = field(default_factory=list)
     removals: list[Modification] = field(default_factory=list)
     removed: set[str] = field(default_factory=set)
@@ -260,13 +285,20 @@ class _Builder:
             header_mods.append(AddHeader(name=add.name.encode(), value=wire_value(add.value)))
             converted = isinstance(add, ChangeHeaderOp)
             self.applied.append(AppliedModification(endpoint=endpoint, op=add, converted=converted))
+            if converted:
+                note = f"change_header past the last {add.name}: added instead"
+                self.adjusted.append(
+                    AdjustedModification(endpoint=endpoint, op=add, reason=AdjustReason.ADDED_INSTEAD, note=note)
+                )
         body: list[Modification] = []
         if self.body is not None:
             endpoint, replacement = self.body
             body.extend(replace_body(crlf_body(replacement.body)))
             self.applied.append(AppliedModification(endpoint=endpoint, op=replacement))
         messages = (*self.sender, *self.removals, *self.additions, *header_mods, *body)
-        return ModificationPlan(messages=messages, applied=tuple(self.applied), dropped=tuple(self.dropped))
+        return ModificationPlan(
+            messages=messages, applied=tuple(self.applied), dropped=tuple(self.dropped), adjusted=tuple(self.adjusted)
+        )
 
 
 def plan_modifications(

@@ -9,10 +9,12 @@ each:
 * the current message: answers given at every later event, forgotten when the
   message ends (end-of-message or abort).
 
-Each scope holds the endpoints done with it (they answered ``accept``), the
-modifications waiting for end-of-message and a remembered quarantine. The
-message alone also holds the event kinds each endpoint skips and a discard
-deferred behind a recipient refusal at rcpt.
+Each scope holds the endpoints done with it (they answered ``accept``, or
+their ``when`` excluded them: done with ``continue``), the modifications
+waiting for end-of-message and a remembered quarantine. The message alone also
+holds the event kinds each endpoint skips, a discard deferred behind a
+recipient refusal at rcpt and the endpoints whose ``when`` excludes the
+current recipient.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class Ledger:
         self.skipping: dict[str, set[Event]] = {}
         #: a message discard waiting for an event where Postfix honours it (set at rcpt)
         self.discard: Verdict | None = None
+        #: endpoints not called for the current recipient (their ``recipient_domains`` do not match it)
+        self.passing: frozenset[str] = frozenset()
 
     def scope(self, event: Event) -> Scope:
         """The scope an answer at ``event`` belongs to."""
@@ -147,3 +151,4 @@ class Ledger:
         self.message.clear()
         self.skipping.clear()
         self.discard = None
+        self.passing = frozenset()

@@ -193,14 +193,18 @@ class ModificationOp:
 
 @dataclass(**_FROZEN)
 class AddHeaderOp(ModificationOp):
-    """Append a header at the end of the header block."""
+    """Append a header at the end of the header block.
+
+    In the header ops, ``value`` is text (the response's ``value``, sent as
+    UTF-8) or bytes (its ``value_b64``, sent exactly as they are).
+    """
 
     @property
     def op(self) -> ModOp:
         return ModOp.ADD_HEADER
 
     name: str
-    value: str
+    value: str | bytes
 
 
 @dataclass(**_FROZEN)
@@ -213,7 +217,7 @@ class InsertHeaderOp(ModificationOp):
 
     index: int
     name: str
-    value: str
+    value: str | bytes
 
 
 @dataclass(**_FROZEN)
@@ -226,7 +230,7 @@ class ChangeHeaderOp(ModificationOp):
 
     name: str
     index: int
-    value: str
+    value: str | bytes
 
 
 @dataclass(**_FROZEN)

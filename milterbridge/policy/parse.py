@@ -29,6 +29,9 @@ Rules, beyond the per-event action table (:data:`LEGAL_ACTIONS`):
   then at least one character that is not (RFC 5322 §3.2.2: no fold line
   made only of whitespace, which a parser could take for the end of the
   header block). The first line may be empty: a value may start with a fold.
+* ``value_b64`` instead of ``value`` (exactly one of the two) gives a header
+  value as exact bytes, base64 as for ``replace_body``: the same rules on the
+  decoded bytes, with 0x80-0xFF allowed (any charset), and sent as they are.
 * Indexes: integers, at least 1 for change/delete and 0 for insert, at most
   :data:`MAX_HEADER_INDEX`.
 * ``replace_body.base64``: standard alphabet with padding, canonical (it
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Final
@@ -102,6 +106,9 @@ _ARG_BAD: Final = re.compile(r"[\x00-\x20\x7f]")
 _VALUE_TEXT: Final = r"[^\x00-\x08\x0a-\x1f\x7f-\x9f]"
 _HEADER_VALUE: Final = re.compile(rf"{_VALUE_TEXT}*(?:\n[ \t]+[^\x00-\x20\x7f-\x9f]{_VALUE_TEXT}*)*")
 _VALUE_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+#: The same rules for the bytes of ``value_b64``, where 0x80-0xFF are any charset's text.
+_HEADER_BYTES: Final = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*(?:\n[ \t]+[^\x00-\x20\x7f][^\x00-\x08\x0a-\x1f\x7f]*)*")
+_BYTES_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 #: Value -> member: a dict lookup instead of the enum's call-by-value, which runs per response.
 _ACTION_NAMES: Final[dict[str, ActionName]] = {member.value: member for member in ActionName}
@@ -135,7 +142,7 @@ def parse_decision(
     raw_action = _string(top["action"], "action")
     action = _ACTION_NAMES.get(raw_action)
     if action is None:
-        raise DecisionError(f"action: unknown action {raw_action!r}")
+        raise DecisionError(f"action: unknown action {raw_action!r}{_did_you_mean(raw_action, _ACTION_NAMES)}")
     if action not in legal:
         raise DecisionError(f"action: {action} is not allowed at {event}")
     if action is ActionName.QUARANTINE and allowed_actions is not None and not allowed_actions & Action.QUARANTINE:
@@ -183,6 +190,13 @@ def _integer(obj: object, where: str, low: int, high: int) -> int:
     if not low <= obj <= high:
         raise DecisionError(f"{where}: must be between {low} and {high}, got {obj}")
     return obj
+
+
+def _did_you_mean(word: str, known: Collection[str]) -> str:
+    """A hint naming the closest known word (case ignored), as config errors give, or ``""``."""
+    by_lower = {name.lower(): name for name in known}
+    close = difflib.get_close_matches(word.lower(), by_lower, n=1)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
 
 
 def _utf8_len(text: str, where: str) -> int:
@@ -297,7 +311,7 @@ def _modification(obj: object, where: str, allowed_ops: Collection[ModOp]) -> An
     raw_op = _string(obj.get("op"), f"{where}.op")
     op = _MOD_OPS.get(raw_op)
     if op is None:
-        raise DecisionError(f"{where}.op: unknown op {raw_op!r}")
+        raise DecisionError(f"{where}.op: unknown op {raw_op!r}{_did_you_mean(raw_op, _MOD_OPS)}")
     if op not in allowed_ops:
         raise DecisionError(f"{where}.op: {op} is not in this endpoint's allowed_ops")
     keys, required, build = _OPS[op]
@@ -314,9 +328,17 @@ def _header_name(raw: Mapping[str, object], where: str) -> str:
     return name
 
 
-def _header_value(raw: Mapping[str, object], where: str) -> str:
+def _header_value(raw: Mapping[str, object], where: str) -> str | bytes:
+    """The ``value`` text, or the exact bytes of ``value_b64``: exactly one of the two is given."""
+    text, encoded = raw.get("value"), raw.get("value_b64")
+    if text is None and encoded is None:
+        raise DecisionError(f"{where}: 'value' is required (or 'value_b64')")
+    if text is not None and encoded is not None:
+        raise DecisionError(f"{where}: give 'value' or 'value_b64', not both")
+    if encoded is not None:
+        return _header_bytes(encoded, f"{where}.value_b64")
     here = f"{where}.value"
-    value = _string(raw["value"], here)
+    value = _string(text, here)
     if _utf8_len(value, here) > MAX_HEADER_VALUE_BYTES:
         raise DecisionError(f"{here}: longer than {MAX_HEADER_VALUE_BYTES} bytes")
     if not _HEADER_VALUE.fullmatch(value):
@@ -324,13 +346,26 @@ def _header_value(raw: Mapping[str, object], where: str) -> str:
     return value
 
 
-def _value_problem(value: str) -> str:
-    """Why a header value failed :data:`_HEADER_VALUE`, for the error message."""
+def _header_bytes(obj: object, where: str) -> bytes:
+    value = _base64(obj, where)
+    if len(value) > MAX_HEADER_VALUE_BYTES:
+        raise DecisionError(f"{where}: longer than {MAX_HEADER_VALUE_BYTES} bytes")
+    if not _HEADER_BYTES.fullmatch(value):
+        # Latin-1 maps each byte to one character, so the text rules' messages apply as they are.
+        problem = _value_problem(value.decode("latin-1"), _BYTES_CONTROL, control_name="control byte 0x{:02X}")
+        raise DecisionError(f"{where}: {problem}")
+    return value
+
+
+def _value_problem(
+    value: str, control_chars: re.Pattern[str] = _VALUE_CONTROL, control_name: str = "control character U+{:04X}"
+) -> str:
+    """Why a header value failed :data:`_HEADER_VALUE` (or :data:`_HEADER_BYTES`), for the error message."""
     lines = value.split("\n")
     for line in lines:
-        control = _VALUE_CONTROL.search(line)
+        control = control_chars.search(line)
         if control:
-            return f"control character U+{ord(control.group()):04X} (only HTAB, and LF to fold, are allowed)"
+            return f"{control_name.format(ord(control.group()))} (only HTAB, and LF to fold, are allowed)"
     for line in lines[1:]:
         if line[:1] not in (" ", "\t"):
             return "LF is allowed only to fold: followed by a space or a tab"
@@ -371,8 +406,11 @@ def _args(raw: Mapping[str, object], where: str) -> tuple[str, ...]:
 
 
 def _body(raw: Mapping[str, object], where: str) -> bytes:
-    here = f"{where}.base64"
-    text = _string(raw["base64"], here)
+    return _base64(raw["base64"], f"{where}.base64")
+
+
+def _base64(obj: object, here: str) -> bytes:
+    text = _string(obj, here)
     try:
         data = text.encode("ascii")
         body = base64.b64decode(data, validate=True)
@@ -424,9 +462,9 @@ _Builder = Callable[[Mapping[str, object], str], AnyOp]
 
 #: op -> (allowed keys besides "op", required keys, builder).
 _OPS: Final[Mapping[ModOp, tuple[frozenset[str], tuple[str, ...], _Builder]]] = {
-    ModOp.ADD_HEADER: (frozenset({"name", "value"}), ("name", "value"), _add_header),
-    ModOp.INSERT_HEADER: (frozenset({"index", "name", "value"}), ("index", "name", "value"), _insert_header),
-    ModOp.CHANGE_HEADER: (frozenset({"index", "name", "value"}), ("index", "name", "value"), _change_header),
+    ModOp.ADD_HEADER: (frozenset({"name", "value", "value_b64"}), ("name",), _add_header),
+    ModOp.INSERT_HEADER: (frozenset({"index", "name", "value", "value_b64"}), ("index", "name"), _insert_header),
+    ModOp.CHANGE_HEADER: (frozenset({"index", "name", "value", "value_b64"}), ("index", "name"), _change_header),
     ModOp.DELETE_HEADER: (frozenset({"index", "name"}), ("index", "name"), _delete_header),
     ModOp.REPLACE_BODY: (frozenset({"base64"}), ("base64",), _replace_body),
     ModOp.ADD_RCPT: (frozenset({"address", "args"}), ("address",), _add_rcpt),

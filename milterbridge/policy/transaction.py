@@ -15,6 +15,11 @@ Rules kept here (design.md §3.3-3.5, milter-protocol.md §5.8):
   endpoint is done and no modification, quarantine or discard is pending
   (an early ``'a'`` makes Postfix skip end-of-message); otherwise ``'c'``.
   Never at ``unknown``.
+* An endpoint whose ``when`` excludes the connection or the message is done
+  with it without being called, its part counting as ``continue``
+  (:meth:`PolicyState.skip`); one excluded from the current recipient only is
+  left out of that rcpt (:meth:`PolicyState.pass_recipient`). Observe
+  endpoints are left out the same way.
 * ``skip`` stops that event kind (header, body) for the endpoint for this
   message. ``'s'`` goes to the MTA only at body, when SKIP was negotiated, no
   endpoint uses ``include_body`` and every body subscriber has skipped or is
@@ -34,7 +39,7 @@ Rules kept here (design.md §3.3-3.5, milter-protocol.md §5.8):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -52,6 +57,7 @@ from milterbridge.milter.messages import (
 
 from .apply import (
     POSTFIX_RECEIVED_OFFSET,
+    AdjustedModification,
     AppliedModification,
     DroppedModification,
     DropReason,
@@ -135,6 +141,8 @@ class EomResult:
     ignored: tuple[str, ...]
     applied: tuple[AppliedModification, ...]
     dropped: tuple[DroppedModification, ...]
+    #: Ops sent other than asked (e.g. a change_header past the last header, added instead).
+    adjusted: tuple[AdjustedModification, ...] = ()
 
 
 class PolicyState:
@@ -155,6 +163,7 @@ class PolicyState:
         actions: Action,
         skip_negotiated: bool,
         received_offset: int = POSTFIX_RECEIVED_OFFSET,
+        conditional: bool = False,
     ) -> None:
         self.endpoints: tuple[EndpointPolicy, ...] = tuple(sorted(endpoints, key=lambda e: (e.index, e.name)))
         self._by_name = {ep.name: ep for ep in self.endpoints}
@@ -167,6 +176,8 @@ class PolicyState:
         self.received_offset = received_offset
         self._enforcing = tuple(ep for ep in self.endpoints if ep.enforcing)
         self._ledger = Ledger()
+        #: Some endpoint has a ``when``: only then are skipped ones looked for among observers and at rcpt.
+        self._conditional = conditional
 
     # ---------------------------------------------------------------- queries
 
@@ -181,6 +192,8 @@ class PolicyState:
             raise PolicyUsageError(f"unknown event {event!r}")
         ledger = self._ledger
         done = ledger.connection.done if event is Event.CLOSE else ledger.connection.done | ledger.message.done
+        if self._conditional and event is Event.RCPT:
+            done = done | ledger.passing
         skipping = ledger.skipping
         return [
             ep
@@ -189,8 +202,19 @@ class PolicyState:
         ]
 
     def observers(self, event: Event) -> list[EndpointPolicy]:
-        """Observe endpoints subscribed to ``event`` (called without waiting; never applied)."""
-        return [ep for ep in self.endpoints if not ep.enforcing and event in ep.events]
+        """Observe endpoints subscribed to ``event`` (called without waiting; never applied).
+
+        Those their ``when`` excludes (:meth:`skip`, :meth:`pass_recipient`) are left out.
+        """
+        if not self._conditional:
+            return [ep for ep in self.endpoints if not ep.enforcing and event in ep.events]
+        ledger = self._ledger
+        excluded = ledger.connection.done
+        if event not in CONNECTION_EVENTS:
+            excluded = excluded | ledger.message.done
+        if event is Event.RCPT:
+            excluded = excluded | ledger.passing
+        return [ep for ep in self.endpoints if not ep.enforcing and event in ep.events and ep.name not in excluded]
 
     @property
     def has_pending(self) -> bool:
@@ -206,6 +230,15 @@ class PolicyState:
     def reset_message(self) -> None:
         """Forget message-scoped state (after end-of-message or abort); idempotent."""
         self._ledger.reset_message()
+
+    def skip(self, event: Event, names: Iterable[str]) -> None:
+        """Endpoints whose ``when`` excludes them from the connection (``event`` connect or helo)
+        or the current message (any later event): done with it, their part counting as ``continue``."""
+        self._ledger.scope(event).done.update(names)
+
+    def pass_recipient(self, names: Iterable[str]) -> None:
+        """Endpoints not called for the current recipient (``when`` excludes it); the next call replaces them."""
+        self._ledger.passing = frozenset(names)
 
     def decide(self, event: Event, outcomes: Mapping[str, Decision | Failure]) -> EventResult:
         """Merge the outcomes of ``targets(event)`` into the reply for ``event`` (not eom).
@@ -275,6 +308,7 @@ class PolicyState:
         winner = merge([*verdicts, *ledger.remembered()])
         quarantine = None
         applied: tuple[AppliedModification, ...] = ()
+        adjusted: tuple[AdjustedModification, ...] = ()
         if winner is not None and winner.action in _ENDS_MESSAGE:
             reply: Reply = refusal_reply(winner.decision) if winner.action in _REFUSALS else Discard()
             dropped.extend(ledger.drop_message(_drop_reason(winner), verdicts, include_connection=False))
@@ -283,6 +317,7 @@ class PolicyState:
             ops = ledger.modifications(self.endpoints, verdicts)
             plan = plan_modifications(ops, headers, actions=self.actions, received_offset=self.received_offset)
             applied = plan.applied
+            adjusted = plan.adjusted
             mods: list[Reply | Modification] = list(plan.messages)
             dropped.extend(plan.dropped)
             if winner is not None and winner.action is ActionName.QUARANTINE:
@@ -307,6 +342,7 @@ class PolicyState:
             ignored=tuple(ignored),
             applied=applied,
             dropped=tuple(dropped),
+            adjusted=adjusted,
         )
 
     # ---------------------------------------------------------------- helpers
@@ -364,11 +400,11 @@ class PolicyState:
         done = ledger.connection.done | ledger.message.done
         skipping = ledger.skipping
         for ep in self.endpoints:
-            if Event.BODY not in ep.events:
+            if Event.BODY not in ep.events or ep.name in done:
                 continue
             if not ep.enforcing:
                 return False
-            if ep.name not in done and Event.BODY not in skipping.get(ep.name, ()):
+            if Event.BODY not in skipping.get(ep.name, ()):
                 return False
         return True
 

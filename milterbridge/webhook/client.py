@@ -11,7 +11,8 @@ enforces come from design.md §3.2 and §3.5:
   The retry keeps the ``webhook-id`` and gets a fresh ``webhook-timestamp`` and signature.
 - Status 200 and 204 are success (200 with an empty body too). Any other status is a
   ``WebhookStatusError``, including 2xx such as 201 or 202: the contract allows only 200 and
-  204, and a 202 "accepted for later" would silently mean "continue". 3xx is a
+  204, and a 202 "accepted for later" would silently mean "continue". Its message quotes the
+  start of the answer's body (``errors.body_preview``). 3xx is a
   ``WebhookRedirectError`` and is never followed (the request carries secrets and tokens).
 - The response body is read in chunks up to ``max_response_bytes``; one byte more and the
   connection is closed and ``WebhookResponseTooLargeError`` raised.
@@ -44,6 +45,7 @@ import milterbridge
 from milterbridge.body import SpoolError
 from milterbridge.config import HTTP_TOKEN, RESERVED_HEADERS, EndpointSettings, TlsSettings
 from milterbridge.webhook.errors import (
+    STATUS_BODY_BYTES,
     AttemptOutcome,
     WebhookConnectionError,
     WebhookError,
@@ -52,6 +54,7 @@ from milterbridge.webhook.errors import (
     WebhookStatusError,
     WebhookTimeoutError,
     WebhookTlsError,
+    body_preview,
     redact_url,
 )
 from milterbridge.webhook.http import (
@@ -376,8 +379,11 @@ class WebhookClient:
                 endpoint=ep.name,
                 url=ep.safe_url,
             )
+        answer = f"answered {status}"
+        if response.body:
+            answer = f"{answer}: {body_preview(response.body, STATUS_BODY_BYTES)}"
         raise WebhookStatusError(
-            f"answered {status}",
+            answer,
             status=status,
             endpoint=ep.name,
             url=ep.safe_url,

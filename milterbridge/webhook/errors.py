@@ -15,18 +15,24 @@ client exceptions do::
 
 The endpoint's circuit breaker counts every one as a failure of the endpoint unless its
 ``endpoint_failure`` is False: ``WebhookResponseTooLargeError`` (the endpoint answered; the
-answer concerns one message) and the timeout of a call that had no time left before it
-started (the caller's phase ran out). Those count neither way. A spooled body the bridge
+answer concerns one message), the timeout of a call that had no time left before it
+started (the caller's phase ran out) and that of a call that found no free ``max_concurrency``
+slot within its budget (raised by ``milterbridge.endpoint``; nothing was sent). Those count
+neither way. A spooled body the bridge
 cannot read is no ``WebhookError`` at all (``milterbridge.body.SpoolError``).
 
 Messages are safe to log: URLs go through ``redact_url`` (no userinfo, query or fragment),
-and no secret, header value or response body ever appears in them.
+and no secret or header value ever appears in them. The one piece of a response body they
+carry is the start of an error answer's body (``WebhookStatusError``, through
+``body_preview``: at most ``STATUS_BODY_BYTES``, control characters escaped), because that is
+where a filter says what it disliked ("bad signature").
 """
 
 from __future__ import annotations
 
 import enum
-from typing import ClassVar, TypedDict, Unpack
+import re
+from typing import ClassVar, Final, TypedDict, Unpack
 from urllib.parse import urlsplit
 
 __all__ = [
@@ -38,8 +44,15 @@ __all__ = [
     "WebhookStatusError",
     "WebhookRedirectError",
     "WebhookResponseTooLargeError",
+    "STATUS_BODY_BYTES",
+    "body_preview",
     "redact_url",
 ]
+
+#: Bytes of an error answer's body that ``WebhookStatusError`` quotes.
+STATUS_BODY_BYTES: Final = 200
+#: C0 and C1 control characters and DEL: they would forge or garble log lines.
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class AttemptOutcome(enum.StrEnum):
@@ -77,6 +90,14 @@ def redact_url(url: str) -> str:
     if not parts.scheme or not netloc:
         return "<invalid url>"
     return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+def body_preview(body: bytes, limit: int) -> str:
+    """The first ``limit`` bytes of ``body`` as text for a log line: UTF-8, with invalid bytes
+    and control characters (newlines included) written as ``\\xNN``; ``...`` marks a cut."""
+    text = body[:limit].decode("utf-8", "backslashreplace")
+    text = _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+    return text + "..." if len(body) > limit else text
 
 
 class _ErrorContext(TypedDict, total=False):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import logging
 from typing import Any
 
 import pytest
 
 from milterbridge.client import Envelope
+from milterbridge.message_log import log_dropped_modifications
+from milterbridge.metrics import Metrics
 from milterbridge.milter.constants import ALL_ACTIONS, Action, Event
 from milterbridge.milter.messages import (
     AddHeader,
@@ -25,7 +28,8 @@ from milterbridge.milter.messages import (
     ReplaceBody,
     TempFail,
 )
-from milterbridge.policy.model import OnError
+from milterbridge.policy.apply import plan_modifications
+from milterbridge.policy.model import AnyOp, ChangeHeaderOp, OnError
 from tests.engine.conftest import Engine
 from tests.fakes.webhooks import FakeResponse
 
@@ -99,6 +103,21 @@ async def eom_with(engine: Engine, *ops: dict[str, Any], **start: Any) -> tuple[
         ),
         pytest.param({"op": "delete_header", "name": "X-A", "index": 3}, [], id="delete-missing-dropped"),
         pytest.param(
+            {"op": "add_header", "name": "X-Latin", "value_b64": b64(b"Caf\xe9 cr\xe8me")},
+            [AddHeader(name=b"X-Latin", value=b" Caf\xe9 cr\xe8me")],
+            id="add-value-b64-exact-bytes",
+        ),
+        pytest.param(
+            {"op": "insert_header", "index": 0, "name": "X-Top", "value_b64": b64(b"\t\xff\n\t\x80")},
+            [InsertHeader(index=0, name=b"X-Top", value=b"\t\xff\n\t\x80")],
+            id="insert-value-b64-folded",
+        ),
+        pytest.param(
+            {"op": "change_header", "name": "Subject", "index": 1, "value_b64": b64(b" \xe9t\xe9")},
+            [ChangeHeader(index=1, name=b"Subject", value=b" \xe9t\xe9")],
+            id="change-value-b64",
+        ),
+        pytest.param(
             {"op": "add_rcpt", "address": "archive@example.org"},
             [AddRecipient(address=b"<archive@example.org>")],
             id="add-rcpt",
@@ -128,6 +147,43 @@ async def eom_with(engine: Engine, *ops: dict[str, Any], **start: Any) -> tuple[
 async def test_modification_on_the_wire(engine: Engine, op: dict[str, Any], expected: list[Modification]) -> None:
     """One modification op at eom arrives as the right milter modification, before the final reply."""
     assert list(await eom_with(engine, op)) == expected
+
+
+@pytest.mark.asyncio
+async def test_change_past_the_last_header_is_logged_and_counted(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A change_header past the last Subject goes out as an add, with a log line and a count."""
+    caplog.set_level(logging.INFO, logger="milterbridge.dispatch")
+    mods = await eom_with(engine, {"op": "change_header", "name": "Subject", "index": 2, "value": "[SPAM] hi"})
+    assert list(mods) == [AddHeader(name=b"Subject", value=b" [SPAM] hi")]
+    [line] = [r for r in caplog.records if r.getMessage() == "modification adjusted"]
+    assert line.getMessage() == "modification adjusted"
+    fields = getattr(line, "fields")  # noqa: B009 (set through extra=)
+    assert (fields["endpoint"], fields["op"], fields["why"]) == ("policy", "change_header", "added_instead")
+    assert fields["note"] == "change_header past the last Subject: added instead"
+    labels = {"endpoint": "policy", "op": "change_header", "reason": "added_instead"}
+    assert engine.metrics.registry.get_sample_value("milterbridge_modifications_adjusted_total", labels) == 1
+
+
+def test_adjusted_modifications_are_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    """log_dropped_modifications logs an adjusted op with its note and counts it by endpoint, op and reason."""
+    caplog.set_level(logging.INFO, logger="milterbridge.dispatch")
+    metrics = Metrics()
+    ops: list[tuple[str, list[AnyOp]]] = [("policy", [ChangeHeaderOp(name="Subject", index=2, value="x")])]
+    plan = plan_modifications(ops, [(b"Subject", b" hi")], actions=ALL_ACTIONS)
+    log_dropped_modifications("s-1", plan.dropped, plan.adjusted, metrics)
+    [line] = caplog.records
+    assert line.getMessage() == "modification adjusted"
+    assert getattr(line, "fields") == {  # noqa: B009 (set through extra=)
+        "session": "s-1",
+        "endpoint": "policy",
+        "op": "change_header",
+        "why": "added_instead",
+        "note": "change_header past the last Subject: added instead",
+    }
+    labels = {"endpoint": "policy", "op": "change_header", "reason": "added_instead"}
+    assert metrics.registry.get_sample_value("milterbridge_modifications_adjusted_total", labels) == 1
 
 
 @pytest.mark.asyncio

@@ -19,7 +19,14 @@ from hypothesis import strategies as st
 
 from milterbridge.milter import messages as m
 from milterbridge.milter.constants import ALL_ACTIONS, CHUNK_SIZE, Action
-from milterbridge.policy.apply import DropReason, crlf_body, plan_modifications, wire_value
+from milterbridge.policy.apply import (
+    AdjustedModification,
+    AdjustReason,
+    DropReason,
+    crlf_body,
+    plan_modifications,
+    wire_value,
+)
 from milterbridge.policy.model import (
     AddHeaderOp,
     AddRcptOp,
@@ -213,6 +220,68 @@ def test_change_of_missing_header_needs_addhdrs():
     plan = plan_modifications(ops, HEADERS, actions=Action.CHANGE_HEADERS)
     assert plan.messages == ()
     assert plan.dropped[0].reason is DropReason.NOT_GRANTED
+
+
+def test_change_past_the_last_header_is_reported_as_added_instead():
+    """A change past the last header of its name goes out as an add and is reported, with the header's name."""
+    change = ChangeHeaderOp(name="Subject", index=2, value="[SPAM] hi")
+    ops: list[tuple[str, list[AnyOp]]] = [("a", [ChangeHeaderOp(name="Subject", index=1, value="x")]), ("b", [change])]
+    plan = plan_modifications(ops, HEADERS, actions=ALL_ACTIONS)
+    assert plan.messages[-1] == m.AddHeader(name=b"Subject", value=b" [SPAM] hi")
+    assert plan.adjusted == (
+        AdjustedModification(
+            endpoint="b",
+            op=change,
+            reason=AdjustReason.ADDED_INSTEAD,
+            note="change_header past the last Subject: added instead",
+        ),
+    )
+    assert plan.dropped == ()
+    assert [a.converted for a in plan.applied] == [False, True]
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        pytest.param([ChangeHeaderOp(name="X-Spam", index=2, value="v")], id="change-in-range"),
+        pytest.param([AddHeaderOp(name="Subject", value="v")], id="add"),
+        pytest.param([DeleteHeaderOp(name="Subject", index=2)], id="delete-missing"),
+    ],
+)
+def test_only_changes_past_the_end_are_adjusted(ops: list[AnyOp]) -> None:
+    """Changes in range, adds and deletes are never reported as adjusted."""
+    plan = plan_modifications([("a", ops)], HEADERS, actions=ALL_ACTIONS)
+    assert plan.adjusted == ()
+
+
+def test_change_past_the_end_not_granted_is_dropped_not_adjusted():
+    """Without ADDHDRS the would-be add is dropped, so nothing is reported as adjusted."""
+    ops: list[tuple[str, list[AnyOp]]] = [("a", [ChangeHeaderOp(name="Subject", index=2, value="v")])]
+    plan = plan_modifications(ops, HEADERS, actions=Action.CHANGE_HEADERS)
+    assert plan.adjusted == ()
+    assert plan.dropped[0].reason is DropReason.NOT_GRANTED
+
+
+@pytest.mark.parametrize(
+    ("op", "expected"),
+    [
+        pytest.param(AddHeaderOp(name="X", value=b"\xe9t\xe9"), m.AddHeader(name=b"X", value=b" \xe9t\xe9"), id="add"),
+        pytest.param(
+            InsertHeaderOp(index=0, name="X", value=b"\t\xff"),
+            m.InsertHeader(index=0, name=b"X", value=b"\t\xff"),
+            id="insert",
+        ),
+        pytest.param(
+            ChangeHeaderOp(name="Subject", index=1, value=b" \x80"),
+            m.ChangeHeader(index=1, name=b"Subject", value=b" \x80"),
+            id="change",
+        ),
+    ],
+)
+def test_byte_values_are_sent_as_they_are(op: AnyOp, expected: m.Modification) -> None:
+    """A value given as bytes (value_b64) reaches the wire unchanged, with the leading-space rule of text."""
+    plan = plan_modifications([("a", [op])], HEADERS, actions=ALL_ACTIONS)
+    assert plan.messages == (expected,)
 
 
 def test_ops_not_granted_are_dropped():

@@ -240,7 +240,9 @@ INVALID = [
     ({"action": "continue", "extra": 1}, "unknown key 'extra'"),
     ({"action": 1}, "action: expected a string"),
     ({"action": "bounce"}, "unknown action 'bounce'"),
-    ({"action": "CONTINUE"}, "unknown action"),
+    ({"action": "CONTINUE"}, "unknown action 'CONTINUE' \\(did you mean 'continue'\\?\\)"),
+    ({"action": "Reject"}, "unknown action 'Reject' \\(did you mean 'reject'\\?\\)"),
+    ({"action": "rejct"}, "unknown action 'rejct' \\(did you mean 'reject'\\?\\)"),
     # reply
     ({"action": "continue", "reply": {"code": 550}}, "allowed only with reject or tempfail"),
     ({"action": "discard", "reply": {"code": 550}}, "allowed only with reject or tempfail"),
@@ -283,7 +285,8 @@ INVALID = [
     ({"action": "continue", "modifications": {}}, "modifications: expected an array"),
     ({"action": "continue", "modifications": ["add_header"]}, r"modifications\[0\]: expected an object"),
     (mod(name="X", value="1"), r"modifications\[0\].op: expected a string, got null"),
-    (mod(op="add_headers", name="X", value="1"), "unknown op 'add_headers'"),
+    (mod(op="add_headers", name="X", value="1"), "unknown op 'add_headers' \\(did you mean 'add_header'\\?\\)"),
+    (mod(op="Change_Header", name="X", index=1, value="1"), "did you mean 'change_header'"),
     (mod(op="add_header", name="X", value="1", index=1), r"modifications\[0\]: unknown key 'index'"),
     (mod(op="add_header", name="X"), "'value' is required"),
     (mod(op="add_header", name="X", value=None), "'value' is required"),
@@ -382,6 +385,14 @@ def test_reply_wire_form(reply, wire):
 def test_smtp_reply_never_writes_a_bare_code(reply, wire):
     """Built directly (not parsed), empty lines still give lines Postfix accepts."""
     assert reply.to_milter().text == wire
+
+
+def test_no_hint_for_an_unrelated_word():
+    """A word close to no action or op gets no guess."""
+    for doc in ({"action": "bounce"}, mod(op="frobnicate")):
+        with pytest.raises(DecisionError) as info:
+            parse(doc)
+        assert "did you mean" not in str(info.value)
 
 
 def test_decision_error_is_a_value_error():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ from milterbridge.milter import messages as m
 from milterbridge.milter.constants import ALL_ACTIONS, Event
 from milterbridge.policy.apply import plan_modifications
 from milterbridge.policy.mailbox import mailbox_problem
-from milterbridge.policy.model import ALL_OPS, ChangeFromOp, DecisionError, ModOp
+from milterbridge.policy.model import ALL_OPS, AnyOp, ChangeFromOp, DecisionError, ModOp
 from milterbridge.policy.parse import parse_decision
 
 VALUE_OPS = [
@@ -92,6 +93,78 @@ def test_values_refused(op: dict[str, Any], value: str, match: str) -> None:
     """LF only folds, a fold line is never only whitespace, CR never."""
     with pytest.raises(DecisionError, match=match):
         parse_ops({**op, "value": value})
+
+
+# ----------------------------------------------------------------- header values as bytes (value_b64)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def first_op(op: dict[str, Any]) -> AnyOp:
+    decision = parse_decision({"action": "continue", "modifications": [op]}, Event.EOM, max_modifications=1)
+    return decision.modifications[0]
+
+
+@pytest.mark.parametrize("op", VALUE_OPS)
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(b" Caf\xe9 cr\xe8me", id="latin-1"),
+        pytest.param(b"\xc3\x28 \xe2\x82", id="broken-utf-8"),
+        pytest.param(b"", id="empty"),
+        pytest.param(b"a\n\t\xe9", id="fold"),
+        pytest.param(b"\x80\x85\x9f\xff", id="high-bytes-not-c1"),
+        pytest.param(b"x" * 65536, id="65536-bytes"),
+    ],
+)
+def test_value_b64_gives_exact_bytes(op: dict[str, Any], value: bytes) -> None:
+    """value_b64 is decoded to the op's value as bytes, high bytes included."""
+    parsed = first_op({**op, "value_b64": b64(value)})
+    assert getattr(parsed, "value") == value  # noqa: B009 (the ops of VALUE_OPS all have a value)
+
+
+@pytest.mark.parametrize("op", VALUE_OPS)
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        pytest.param({"value": "a", "value_b64": b64(b"a")}, r"'value' or 'value_b64', not both", id="both"),
+        pytest.param({}, r"'value' is required \(or 'value_b64'\)", id="neither"),
+        pytest.param({"value": None, "value_b64": None}, r"'value' is required", id="both-null"),
+        pytest.param({"value_b64": "QR=="}, r"\.value_b64: not canonical base64", id="not-canonical"),
+        pytest.param({"value_b64": "QQ"}, r"\.value_b64: not valid base64", id="no-padding"),
+        pytest.param({"value_b64": "QU Fh"}, r"\.value_b64: not valid base64", id="whitespace"),
+        pytest.param({"value_b64": 7}, r"\.value_b64: expected a string", id="not-a-string"),
+        pytest.param({"value_b64": b64(b"x" * 65537)}, r"\.value_b64: longer than 65536 bytes", id="65537-bytes"),
+        pytest.param({"value_b64": b64(b"a\r\n b")}, r"\.value_b64: control byte 0x0D", id="cr"),
+        pytest.param({"value_b64": b64(b"a\x00")}, r"\.value_b64: control byte 0x00", id="nul"),
+        pytest.param({"value_b64": b64(b"a\x7f")}, r"\.value_b64: control byte 0x7F", id="del"),
+        pytest.param({"value_b64": b64(b"\x1b$B$3\x1b(B")}, r"control byte 0x1B", id="iso-2022-jp-escape"),
+        pytest.param({"value_b64": b64(b"a\nb")}, r"\.value_b64: LF is allowed only to fold", id="lf-not-a-fold"),
+        pytest.param({"value_b64": b64(b"a\n \xe9\n ")}, r"\.value_b64: a fold line must not be", id="blank-fold"),
+    ],
+)
+def test_value_b64_refused(op: dict[str, Any], fields: dict[str, Any], match: str) -> None:
+    """Exactly one of value and value_b64; the bytes follow the text rules but for 0x80-0xFF."""
+    with pytest.raises(DecisionError, match=match):
+        parse_ops({**op, **fields})
+
+
+def test_value_b64_bytes_go_on_the_wire_as_they_are() -> None:
+    """The decoded bytes reach the milter modification unchanged, one space added as for text."""
+    ops = [
+        {"op": "add_header", "name": "X-A", "value_b64": b64(b"Caf\xe9")},
+        {"op": "insert_header", "index": 0, "name": "X-I", "value_b64": b64(b"\t\xe8")},
+        {"op": "change_header", "index": 1, "name": "Subject", "value_b64": b64(b" \xff\xfe")},
+    ]
+    decision = parse_decision({"action": "continue", "modifications": ops}, Event.EOM, max_modifications=3)
+    plan = plan_modifications([("a", decision.modifications)], [(b"Subject", b" hi")], actions=ALL_ACTIONS)
+    assert plan.messages == (
+        m.ChangeHeader(index=1, name=b"Subject", value=b" \xff\xfe"),
+        m.InsertHeader(index=0, name=b"X-I", value=b"\t\xe8"),
+        m.AddHeader(name=b"X-A", value=b" Caf\xe9"),
+    )
 
 
 # ----------------------------------------------------------------- header names
