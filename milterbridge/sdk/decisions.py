@@ -218,19 +218,26 @@ def skip(*, reason: str | None = None, modifications: Iterable[Modification] = (
     return _decision(ActionName.SKIP, None, reason, modifications)
 
 
-def add_header(name: str, value: str) -> Modification:
-    """Append a header at the end of the header block."""
-    return _modification("add_header", name=name, value=value)
+def _header_value(value: str | bytes) -> dict[str, str]:
+    """``value`` for text; ``value_b64`` for bytes that must reach the MTA exactly (docs/webhooks.md)."""
+    if isinstance(value, bytes):
+        return {"value_b64": base64.b64encode(value).decode("ascii")}
+    return {"value": value}
 
 
-def insert_header(index: int, name: str, value: str) -> Modification:
+def add_header(name: str, value: str | bytes) -> Modification:
+    """Append a header at the end of the header block (``bytes``: sent exactly, via value_b64)."""
+    return _modification("add_header", name=name, **_header_value(value))
+
+
+def insert_header(index: int, name: str, value: str | bytes) -> Modification:
     """Insert a header after the ``index``-th header of the request (0: at the very top)."""
-    return _modification("insert_header", index=index, name=name, value=value)
+    return _modification("insert_header", index=index, name=name, **_header_value(value))
 
 
-def change_header(name: str, index: int, value: str) -> Modification:
+def change_header(name: str, index: int, value: str | bytes) -> Modification:
     """Replace the value of the ``index``-th (1-based) header called ``name``."""
-    return _modification("change_header", name=name, index=index, value=value)
+    return _modification("change_header", name=name, index=index, **_header_value(value))
 
 
 def delete_header(name: str, index: int = 1) -> Modification:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 
@@ -151,3 +152,18 @@ def test_values_are_immutable_and_comparable() -> None:
     assert {first: 1}[second] == 1
     assert json.loads(first.encode()) == first.to_json()
     assert sdk.replace_body(b"\xff").to_json() == {"op": "replace_body", "base64": "/w=="}
+
+
+def test_header_values_as_bytes_go_as_value_b64_exactly() -> None:
+    """Bytes (e.g. Latin-1 text a legacy reader expects) are sent as value_b64, which the bridge accepts."""
+    raw = "Caf\u00e9 r\u00e9sum\u00e9".encode("latin-1")
+    for mod in (
+        sdk.add_header("X-Note", raw),
+        sdk.insert_header(0, "X-Note", raw),
+        sdk.change_header("X-Note", 1, raw),
+    ):
+        document = mod.to_json()
+        assert "value" not in document
+        assert base64.b64decode(document["value_b64"]) == raw
+    with pytest.raises(ValueError, match="value"):
+        sdk.add_header("X-Note", b"a\x00b")  # the bytes follow the same rules as text
