@@ -42,6 +42,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from milterbridge.config import Config, EndpointSettings, ServerSettings
 from milterbridge.metrics import Metrics
@@ -89,10 +90,16 @@ async def blocking(func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) 
 
 
 async def smtp(
-    postfix: PostfixInstance, mail_from: str, rcpts: Sequence[str], message: bytes, *, helo: str = DEFAULT_HELO
+    postfix: PostfixInstance,
+    mail_from: str,
+    rcpts: Sequence[str],
+    message: bytes,
+    *,
+    helo: str = DEFAULT_HELO,
+    port: int | None = None,
 ) -> SmtpResult:
-    """One SMTP session with one transaction against ``postfix``, run in a thread."""
-    return await blocking(postfix.send, mail_from, rcpts, message, helo=helo)
+    """One SMTP session with one transaction against ``postfix`` (its listener, or ``port``), run in a thread."""
+    return await blocking(postfix.send, mail_from, rcpts, message, helo=helo, port=port)
 
 
 def parse(raw: bytes) -> email.message.EmailMessage:
@@ -188,6 +195,16 @@ class RunningBridge:
     def address(self) -> str:
         """The first bound address in Postfix's syntax (``inet:127.0.0.1:PORT`` or ``unix:/path``)."""
         return self.harness.address
+
+    def metric(self, sample: str, **labels: str) -> float:
+        """The sum of the samples named ``sample`` whose labels include ``labels`` (0 when none)."""
+        text = self.metrics.render()[0].decode()
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
     def breaker_states(self) -> dict[str, str]:
         """The circuit breaker state per endpoint, as ``/metrics`` exports it."""
