@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -33,6 +34,8 @@ def load(relative: str) -> ModuleType:
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs, as an import would: dataclasses look their module up there.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -55,7 +58,7 @@ class _Quiet(WSGIRequestHandler):
 
 @pytest.fixture
 def tagger_url() -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, load("wsgi-tagger/filter.py").app, handler_class=_Quiet)
+    server = make_server("127.0.0.1", 0, load("wsgi-tagger/filter.py").make_app([SECRET]), handler_class=_Quiet)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}/"
@@ -124,7 +127,29 @@ def signed_headers(body: bytes, timestamp: float, secret: str = SECRET) -> dict[
     }
 
 
-RCPT_BODY = json.dumps({"event": "rcpt", "data": {"address": "ok@example.com"}}).encode()
+#: A whole rcpt request of the contract, as the bridge sends it.
+RCPT_BODY = json.dumps(
+    {
+        "event": "rcpt",
+        "id": "evt_test",
+        "timestamp": "2024-01-01T00:00:00Z",
+        "session": {
+            "id": "s1",
+            "client": {"name": "client.example", "address": "192.0.2.1", "port": 25, "family": "inet"},
+            "helo": "client.example",
+            "macros": {},
+        },
+        "message": {
+            "id": "m1",
+            "queue_id": None,
+            "mail_from": {"address": "a@example.org", "raw": "<a@example.org>", "args": []},
+            "rcpt_to": [],
+            "headers": [],
+            "macros": {},
+        },
+        "data": {"address": "ok@example.com", "raw": "<ok@example.com>", "args": []},
+    }
+).encode()
 
 
 async def post_status(url: str, headers: dict[str, str], body: bytes = RCPT_BODY) -> int:
@@ -193,9 +218,24 @@ async def test_allowlist_refuses_another_key(allowlist_url: str) -> None:
 
 
 @pytest.mark.asyncio
+async def test_allowlist_refuses_a_replayed_webhook_id(allowlist_url: str) -> None:
+    """The same signed request a second time (same webhook-id) is a replay: 401."""
+    headers = signed_headers(RCPT_BODY, time.time())
+    assert await post_status(allowlist_url, headers) == 200
+    assert await post_status(allowlist_url, headers) == 401
+
+
+@pytest.mark.asyncio
+async def test_allowlist_refuses_a_body_that_is_not_a_request(allowlist_url: str) -> None:
+    """A correctly signed body that is not a webhook request of the contract gets 400."""
+    body = json.dumps({"event": "rcpt", "data": {"address": "ok@example.com"}}).encode()
+    assert await post_status(allowlist_url, signed_headers(body, time.time()), body) == 400
+
+
+@pytest.mark.asyncio
 async def test_wsgi_tagger_adds_headers_and_archive_recipient(tagger_url: str) -> None:
     """The WSGI example tags the message and adds the archive recipient with NOTIFY=NEVER."""
-    endpoint = EndpointSettings(name="tagger", url=tagger_url, events=frozenset({Event.EOM}))
+    endpoint = EndpointSettings(name="tagger", url=tagger_url, events=frozenset({Event.EOM}), secrets=(SECRET,))
     envelope = Envelope(mail_from=b"<boss@example.com>", recipients=(b"<a@example.net>", b"<b@example.net>"))
     result = await run((endpoint,), envelope, b"Subject: report\r\n\r\nnumbers\r\n")
     assert result.eom is not None
@@ -203,3 +243,12 @@ async def test_wsgi_tagger_adds_headers_and_archive_recipient(tagger_url: str) -
     assert m.AddRecipientWithArgs(address=b"<archive@example.com>", args=b"NOTIFY=NEVER") in mods
     assert m.AddHeader(name=b"X-Filtered-By", value=b" wsgi-tagger") in mods
     assert m.AddHeader(name=b"X-Recipient-Count", value=b" 2") in mods
+
+
+@pytest.mark.asyncio
+async def test_wsgi_tagger_refuses_unsigned_requests(tagger_url: str) -> None:
+    """Without the secret the WSGI example answers 401, and the endpoint's on_error (tempfail) applies."""
+    endpoint = EndpointSettings(name="tagger", url=tagger_url, events=frozenset({Event.EOM}))
+    result = await run((endpoint,), Envelope(), b"Subject: report\r\n\r\nnumbers\r\n")
+    assert result.final == m.TempFail()
+    assert await post_status(tagger_url, {}) == 401
