@@ -8,7 +8,7 @@ unready first, the listener stops accepting, in-flight messages finish up to
 ``server.drain_timeout``); SIGHUP reloads the endpoints from the same file.
 
 A config is only ever applied (at start, on SIGHUP, to a restarted worker) when
-it loads, validates, keeps an enforcing endpoint (``config.check_enforcing``)
+it loads, validates, keeps an enforcing endpoint (``serving.check_enforcing``)
 and its TLS files and secrets are usable (``preflight``); otherwise the running
 config stays, and the refusal is logged at error and counted (design.md §3.7).
 """
@@ -29,7 +29,7 @@ from typing import Any
 from milterbridge import CORE, __version__
 from milterbridge.admin import AdminServer
 from milterbridge.background import SHUTDOWN_GRACE
-from milterbridge.config import Config, ConfigError, config_warnings, load_config, load_serving_config
+from milterbridge.config import Config, ConfigError, load_config
 from milterbridge.connection import ConnectionSettings
 from milterbridge.demo import DEMO_ADMIN, DEMO_MILTER, DemoFilter, banner, demo_config
 from milterbridge.dispatch import Dispatcher
@@ -39,6 +39,7 @@ from milterbridge.metrics import Metrics
 from milterbridge.milter.context import MemoryBudget
 from milterbridge.milter.session import SessionLimits
 from milterbridge.server import MilterServer
+from milterbridge.serving import config_warnings, load_serving_config
 from milterbridge.webhook.client import WebhookClient
 
 log = logging.getLogger("milterbridge.app")

@@ -158,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def check_config(path: str | None) -> int:
     """Validate a config as ``serve`` would; exit 1 naming the key and reason, 0 with a summary and warnings."""
     from milterbridge.app import load_checked
-    from milterbridge.config import ConfigError, config_warnings
+    from milterbridge.config import ConfigError
+    from milterbridge.serving import config_warnings
     from milterbridge.webhook.errors import redact_url
 
     path = path or os.environ.get("MILTERBRIDGE_CONFIG") or None

@@ -6,8 +6,9 @@ by the keys declared in ``settings.py``, where each key's type, default, check a
 description live. What one value cannot decide on its own is done here: secrets and other
 values that name environment variables or files (``secret``, ``secret_env``, ``secret_file``,
 ``tls.*_file``), ``${VAR}`` expansion in header values, and the rules over several keys (plain
-http, pre-eom timeouts, TLS pairs, unique names, an enforcing endpoint).
-docs/configuration.md describes all of it for users.
+http, pre-eom timeouts and per-event budgets, TLS pairs, unique names, what a ``when`` can know
+at an endpoint's first event). Whether a loaded config may serve mail (an enforcing endpoint)
+and what weakens it are ``serving.py``'s. docs/configuration.md describes all of it for users.
 
 The settings types, ``HTTP_TOKEN``, ``RESERVED_HEADERS`` and ``REDACTED`` live in ``settings``
 and are importable from here too.
@@ -35,7 +36,6 @@ from urllib.parse import urlsplit
 from milterbridge.milter.address import is_loopback_host
 from milterbridge.milter.constants import Event
 from milterbridge.policy.conditions import KNOWN_AT, unknown_at
-from milterbridge.policy.model import Mode
 from milterbridge.settings import (
     HTTP_TOKEN,
     REDACTED,
@@ -57,9 +57,6 @@ from milterbridge.settings import (
 __all__ = [
     "ConfigError",
     "load_config",
-    "load_serving_config",
-    "check_enforcing",
-    "config_warnings",
     "ENV_PREFIX",
     "CONFIG_ENV",
     "POSTFIX_COMMAND_TIMEOUT",
@@ -433,98 +430,3 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] 
         inline_secrets=tuple(ctx.inline_secrets),
         secret_files=tuple(ctx.secret_files),
     )
-
-
-# -- rules for a config that serves mail (design.md §3.7) ---------------------------
-
-
-_NOTIFICATIONS = frozenset({Event.ABORT, Event.CLOSE})
-
-
-def check_enforcing(config: Config) -> None:
-    """Refuse a config in which no endpoint enforces, unless ``server.allow_no_endpoints`` says so.
-
-    Such a config accepts every message unfiltered, which an empty or half-written file
-    would do silently. ``serve``, ``check-config``, every SIGHUP reload and the worker
-    supervisor call this, so they all apply the same rule.
-
-    Raises:
-        ConfigError: with the key ``server.allow_no_endpoints``.
-    """
-    if config.server.allow_no_endpoints or any(
-        ep.mode is Mode.ENFORCE and ep.events - _NOTIFICATIONS for ep in config.endpoints
-    ):
-        return
-    if not config.endpoints:
-        what = "no endpoints"
-    elif all(ep.mode is Mode.OBSERVE for ep in config.endpoints):
-        what = "only observe endpoints"
-    else:
-        # An enforcing endpoint subscribed only to the notifications (abort, close) decides nothing.
-        what = "no enforcing endpoint subscribed to an event other than abort and close"
-    if config.source is not None and _is_empty_file(config.source):
-        what += f" (the file {config.source!r} is empty)"
-    raise ConfigError(
-        "server.allow_no_endpoints",
-        f"the config has {what}, so every message would pass unfiltered; add an endpoint with "
-        f'mode = "enforce", or set allow_no_endpoints = true in [server] if that is intended',
-    )
-
-
-def _is_empty_file(path: str) -> bool:
-    try:
-        return os.path.getsize(path) == 0
-    except OSError:
-        return False
-
-
-def load_serving_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Config:
-    """``load_config`` plus ``check_enforcing``: what a bridge may start or reload with."""
-    config = load_config(path, environ)
-    check_enforcing(config)
-    return config
-
-
-def _readable_by_others(path: str) -> str | None:
-    """The file's mode as ``0o644`` when others, or a group other than this process's, may read it; else None.
-
-    The process's own group is exempt: a Kubernetes secret volume can only reach a non-root
-    container through its group (files owned by root, group ``fsGroup``, mode 0440).
-    """
-    try:
-        status = os.stat(path)
-    except OSError:
-        return None
-    mode = status.st_mode & 0o777
-    loose = mode & 0o004 or (mode & 0o040 and status.st_gid != os.getegid())
-    return f"0o{mode:o}" if loose else None
-
-
-def config_warnings(config: Config) -> list[str]:
-    """Things that load but weaken security: secrets others can read, TLS without verification.
-
-    Printed by ``check-config`` and logged at warning level by ``serve`` (start and reload);
-    they never stop either.
-    """
-    warnings = []
-    mode = _readable_by_others(config.source) if config.source and config.inline_secrets else None
-    if mode is not None:
-        warnings.append(
-            f"config file {config.source!r} is readable by group or others (mode {mode}) and holds secrets "
-            f"inline ({', '.join(config.inline_secrets)}); chmod 600 it (owned by the user milterbridge "
-            f"runs as), or take them from secret_env, secret_file or ${{VAR}}"
-        )
-    for path in dict.fromkeys(config.secret_files):
-        mode = _readable_by_others(path)
-        if mode is not None:
-            warnings.append(
-                f"secret file {path!r} is readable by group or others (mode {mode}); chmod 600 it "
-                f"(owned by the user milterbridge runs as)"
-            )
-    warnings += [
-        f"endpoints.{ep.name}.tls.verify is false: the endpoint's certificate is not checked, so anyone "
-        f"on the network path can read the webhooks and answer them"
-        for ep in config.endpoints
-        if not ep.tls.verify
-    ]
-    return warnings

@@ -18,14 +18,12 @@ from milterbridge.config import (
     LogSettings,
     ServerSettings,
     TlsSettings,
-    check_enforcing,
-    config_warnings,
     load_config,
-    load_serving_config,
 )
 from milterbridge.milter.address import ListenAddress, parse_listen_address, split_host_port
 from milterbridge.milter.constants import Event
 from milterbridge.policy.model import Mode, OnError, OnOversize
+from milterbridge.serving import check_enforcing, config_warnings, load_serving_config
 
 SECRET_A = "whsec_" + base64.b64encode(b"A" * 32).decode()
 SECRET_B = "whsec_" + base64.b64encode(b"B" * 24).decode()
