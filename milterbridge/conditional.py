@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from milterbridge.connection import HandlerResult
 from milterbridge.dispatch import ConnectionHandler, Dispatcher
 from milterbridge.milter.constants import Event
-from milterbridge.milter.context import MessageContext
+from milterbridge.milter.context import Limit, MessageContext
 from milterbridge.milter.messages import (
     BodyChunk,
     Command,
@@ -108,25 +108,31 @@ class ConditionalHandler(ConnectionHandler):
 
     def _check_recipient(self, address: bytes) -> None:
         skipped = self._message_skipped
+        done = self.policy.done()
         passing = [
             name
             for name, condition in self._by_recipient_at_rcpt.items()
-            if name not in skipped and not condition.recipient_matches(address)
+            if name not in skipped and name not in done and not condition.recipient_matches(address)
         ]
         self.policy.pass_recipient(passing)
+        counts = self.message_log.skipped_recipients
         for name in passing:
+            counts[name] = counts.get(name, 0) + 1
             self.metrics.endpoint_skipped(name, ConditionKey.RECIPIENT_DOMAINS.value)
 
     def _settle_recipients(self, msg: MessageContext) -> None:
         """After the last RCPT: an endpoint no accepted recipient matches is done with the message."""
         self._recipients_open = False
         self.policy.pass_recipient(())
+        if Limit.MAX_RECIPIENTS in msg.over_limits or Limit.MAX_BUFFERED_BYTES in msg.over_limits:
+            return  # recipients went on without being kept (on_oversize = continue): call everyone
         addresses = [address for address, _ in msg.recipients]
         skipped = self._message_skipped
+        done = self.policy.done()
         new = {
             name: ConditionKey.RECIPIENT_DOMAINS.value
             for name, condition in self._by_recipient.items()
-            if name not in skipped and not condition.any_recipient_matches(addresses)
+            if name not in skipped and name not in done and not condition.any_recipient_matches(addresses)
         }
         self._skip(Event.DATA, new)
         skipped.update(new)

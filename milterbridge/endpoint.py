@@ -225,7 +225,7 @@ async def call_endpoint(
     event_name = event.value
     observer.webhook(name, event_name, label, elapsed)
     if log.isEnabledFor(logging.DEBUG):
-        _log_call(name, event_name, webhook_id, len(body), label, response)
+        _log_call(name, event_name, webhook_id, body, label, response)
     if isinstance(outcome, Decision):
         action = outcome.action.value
         observer.decision(name, event_name, action, settings.mode.value)
@@ -246,10 +246,12 @@ async def _post_in_slot(
     """Post once one of the endpoint's call slots is free; the wait counts against ``budget``.
 
     Raises a ``WebhookTimeoutError`` that the breaker does not count when no slot came free in
-    time: the endpoint is busy with this worker's other calls, not broken.
+    time (the endpoint is busy with this worker's other calls, not broken), nor when a call that
+    had to wait runs out of what was left of its budget.
     """
     waiting = time.monotonic()
-    if slots.locked():
+    queued = slots.locked()
+    if queued:
         try:
             async with asyncio.timeout(budget):
                 await slots.acquire()
@@ -270,16 +272,28 @@ async def _post_in_slot(
     observer.queue_wait(endpoint.name, waited)
     try:
         return await client.post(endpoint.http, body, webhook_id=webhook_id, timeout=budget - waited)
+    except WebhookTimeoutError as exc:
+        if queued:
+            # It had only what our own queue left of its budget: no verdict on the endpoint.
+            exc.endpoint_failure = False
+        raise
     finally:
         slots.release()
 
 
 def _log_call(
-    endpoint: str, event: str, webhook_id: str, request_bytes: int, label: str, response: WebhookResponse | None
+    endpoint: str,
+    event: str,
+    webhook_id: str,
+    request: bytes | BodySource,
+    label: str,
+    response: WebhookResponse | None,
 ) -> None:
-    """The debug line of one call: the request's size, and the start of the answer's body."""
+    """The debug line of one call: the request's size and start, and the start of the answer's body."""
     fields: dict[str, object] = {"endpoint": endpoint, "event": event, "webhook_id": webhook_id}
-    fields |= {"request_bytes": request_bytes, "outcome": label}
+    fields |= {"request_bytes": len(request), "outcome": label}
+    if isinstance(request, bytes):  # a streamed eom body is not read again for the log
+        fields["request"] = body_preview(request, _DEBUG_BODY_BYTES)
     if response is not None:
         fields |= {"status": response.status, "response": body_preview(response.body, _DEBUG_BODY_BYTES)}
     log.debug("webhook %s at %s: %s", endpoint, event, label, extra={"fields": fields})

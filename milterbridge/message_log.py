@@ -48,6 +48,7 @@ class MessageLog:
         "_started",
         "session_id",
         "skipped",
+        "skipped_recipients",
     )
 
     def __init__(self, session_id: str, metrics: MessageMetrics) -> None:
@@ -62,6 +63,9 @@ class MessageLog:
         #: Endpoints not called for this message because of their ``when``: name -> the key that
         #: did not match. The handler sets it at MAIL (a fresh dict) and adds to it; ``end`` logs it.
         self.skipped: dict[str, str] = {}
+        #: Endpoints subscribed to ``rcpt`` not called for some recipients because of their
+        #: ``recipient_domains``: name -> how many recipients.
+        self.skipped_recipients: dict[str, int] = {}
 
     def start(self) -> None:
         """A new message (MAIL)."""
@@ -142,10 +146,13 @@ class MessageLog:
             fields["recipients_over_limit"] = self._refused_recipients
         if self.skipped:
             fields["skipped"] = self.skipped
+        if self.skipped_recipients:
+            fields["skipped_recipients"] = self.skipped_recipients
         log.info("message %s", outcome, extra={"fields": fields})
         self._calls = []
         self._refused_recipients = 0
         self.skipped = {}
+        self.skipped_recipients = {}
 
 
 def log_call_failure(session_id: str, endpoint: str, event: str, failure: Failure, on_error: str) -> None:

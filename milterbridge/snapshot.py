@@ -51,7 +51,7 @@ class Snapshot:
         }
         self.conditional = bool(self.conditions)
         if self.conditional:
-            self.requirements = _with_condition_macros(self.requirements, self.conditions.values())
+            self.requirements = with_condition_macros(self.requirements, self.conditions.values())
         #: Whether any endpoint wants the message body (it is kept only then).
         self.keep_body = any(ep.settings.include_body for ep in self.endpoints)
         #: Commands whose event no endpoint subscribes to: no request is built for them.
@@ -90,7 +90,7 @@ class Snapshot:
         return {ep.name: str(ep.breaker.state) for ep in self.endpoints}
 
 
-def _with_condition_macros(needed: Requirements, conditions: Iterable[Condition]) -> Requirements:
+def with_condition_macros(needed: Requirements, conditions: Iterable[Condition]) -> Requirements:
     """``needed`` with the macros the conditions look at, each at its stage (Postfix's defaults
     hold them today; this keeps the conditions working whatever those lists become)."""
     macros = {stage: list(names) for stage, names in needed.macros.items()}

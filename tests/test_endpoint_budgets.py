@@ -176,6 +176,48 @@ async def test_no_slot_within_the_budget_is_a_timeout_the_breaker_ignores(
 
 
 @pytest.mark.asyncio
+async def test_a_queued_call_that_runs_out_of_budget_is_not_charged_to_the_endpoint(
+    fake: FakeWebhooks, client: WebhookClient
+) -> None:
+    """A call that waited for its slot and then times out on what was left of its budget is a
+    timeout for that message, but says nothing about the endpoint: the breaker stays closed."""
+    metrics = Metrics()
+    gate = Gate()
+    first = True
+
+    async def script(request: RecordedRequest) -> FakeResponse:
+        nonlocal first
+        if first:
+            first = False
+            return await gate(request)
+        await asyncio.sleep(0.4)  # slower than what the queued call has left, faster than its budget
+        return FakeResponse.decision("continue")
+
+    fake.set_default(script)
+    settings = fake.endpoint(
+        "policy",
+        events=frozenset({Event.RCPT, Event.EOM}),
+        max_concurrency=1,
+        timeout=5.0,
+        retry=False,
+        breaker_min_calls=2,
+        breaker_failure_rate=0.5,
+    )
+    (endpoint,) = build_endpoints([_with(settings, timeouts=((Event.RCPT, 0.6),))])
+    holder = asyncio.create_task(_call(client, endpoint, metrics, Event.EOM))
+    await fake.wait_until(lambda: len(fake.requests) == 1)
+    queued = asyncio.create_task(_call(client, endpoint, metrics, Event.RCPT))
+    await asyncio.sleep(0.35)
+    gate.open()  # the queued call gets its slot with about 0.25 s of its 0.6 s left
+    result = await queued
+    assert "no answer within" in _reason(result)
+    assert len(fake.requests) == 2  # it was sent, and timed out on the rest of its budget
+    # With the holder's success, one counted failure would make half of two calls: open.
+    assert str(endpoint.breaker.state) == "closed"
+    assert isinstance((await holder).outcome, Decision)
+
+
+@pytest.mark.asyncio
 async def test_a_cancelled_waiter_takes_no_slot(fake: FakeWebhooks, client: WebhookClient) -> None:
     """A call cancelled while it waits for a slot (the MTA left) leaves the slots as they were."""
     metrics = Metrics()
@@ -234,6 +276,19 @@ async def test_error_status_quotes_the_start_of_the_body(
 
 
 @pytest.mark.asyncio
+async def test_error_body_echoing_our_headers_does_not_quote_them(fake: FakeWebhooks, client: WebhookClient) -> None:
+    """An error page that echoes the request's headers (a proxy, a debug page) does not put the
+    endpoint's configured token into the failure text, whole or as its credentials part."""
+    token = "s3cr3t-token-value"
+    fake.set_default(FakeResponse.status_code(502, f"Authorization: Bearer {token}; seen {token}".encode()))
+    settings = fake.endpoint("policy", retry=False, headers=(("Authorization", f"Bearer {token}"),))
+    (endpoint,) = build_endpoints([settings])
+    reason = _reason(await _call(client, endpoint, Metrics()))
+    assert token not in reason
+    assert "answered 502: Authorization: <redacted>; seen <redacted>" in reason
+
+
+@pytest.mark.asyncio
 async def test_debug_logs_request_size_and_answer(
     fake: FakeWebhooks, client: WebhookClient, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -249,6 +304,7 @@ async def test_debug_logs_request_size_and_answer(
     assert record.getMessage() == "webhook policy at eom: ok"
     fields = record.fields  # type: ignore[attr-defined]
     assert fields["request_bytes"] == len(BODY)
+    assert fields["request"] == BODY.decode()  # the JSON sent, as long as it is under 1 KiB
     assert fields["status"] == 200
     assert fields["webhook_id"] == "evt_1"
     assert orjson.loads(fields["response"]) == {"action": "continue", "reason": "looks \u00e9 fine"}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -252,3 +254,29 @@ async def test_wsgi_tagger_refuses_unsigned_requests(tagger_url: str) -> None:
     result = await run((endpoint,), Envelope(), b"Subject: report\r\n\r\nnumbers\r\n")
     assert result.final == m.TempFail()
     assert await post_status(tagger_url, {}) == 401
+
+
+@pytest.mark.parametrize("example", ["aiohttp-allowlist/filter.py", "wsgi-tagger/filter.py"])
+@pytest.mark.parametrize("secret", [None, "", "  "], ids=["unset", "empty", "blank"])
+def test_an_example_does_not_start_without_a_secret(example: str, secret: str | None) -> None:
+    """Without FILTER_SECRET the example exits 2 with a message instead of answering unsigned requests."""
+    env = {k: v for k, v in os.environ.items() if k != "FILTER_SECRET"}
+    if secret is not None:
+        env["FILTER_SECRET"] = secret
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLES / example), "--host", "127.0.0.1", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,  # an example that starts serves until killed: the test fails here
+        check=False,
+    )
+    assert run.returncode == 2
+    assert "set FILTER_SECRET to the endpoint's whsec_ secret" in run.stderr
+
+
+@pytest.mark.parametrize(("example", "empty"), [("aiohttp-allowlist/filter.py", " "), ("wsgi-tagger/filter.py", [])])
+def test_make_app_needs_a_secret(example: str, empty: object) -> None:
+    """make_app refuses to build a filter that would answer unsigned requests."""
+    with pytest.raises(ValueError, match="no secret given"):
+        load(example).make_app(empty)

@@ -8,12 +8,13 @@ Subscribe it to ``rcpt`` and ``eom`` (with ``include_body = true``):
   ``X-Spam-Flag: YES`` and ``X-Spam-Words`` and, with three hits or more,
   the message is quarantined.
 
-When the environment variable FILTER_SECRET holds the endpoint's ``whsec_``
-secret (two, space-separated, during a key rotation), every request must carry a
-valid Standard Webhooks signature over a ``webhook-timestamp`` at most five
-minutes away from this machine's clock, and a webhook-id is accepted once;
-anything else (unsigned, badly signed, or an old request replayed) gets a 401,
-which the bridge counts as a failure of the endpoint (its ``on_error`` applies).
+The environment variable FILTER_SECRET must hold the endpoint's ``whsec_`` secret
+(two, space-separated, during a key rotation); without it the filter does not start.
+Every request must carry a valid Standard Webhooks signature over a
+``webhook-timestamp`` at most five minutes away from this machine's clock, and a
+webhook-id is accepted once; anything else (unsigned, badly signed, or an old request
+replayed) gets a 401, which the bridge counts as a failure of the endpoint (its
+``on_error`` applies).
 
 Run: ``FILTER_SECRET=whsec_... python filter.py --port 8080`` and point an endpoint at
 ``http://127.0.0.1:8080/milter``.
@@ -22,7 +23,6 @@ Run: ``FILTER_SECRET=whsec_... python filter.py --port 8080`` and point an endpo
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
 from aiohttp import web
@@ -55,17 +55,24 @@ def decide(request: sdk.Request) -> sdk.Decision:
     return sdk.continue_()
 
 
-def make_app(secret: str | None = None) -> web.Application:
-    """The filter on ``POST /milter``; ``secret`` (``whsec_...``, space-separated for several) turns on verification."""
-    return sdk.make_app(decide, secrets=secret.split() if secret else None, path="/milter")
+def make_app(secret: str) -> web.Application:
+    """The filter on ``POST /milter``, verifying with ``secret`` (``whsec_...``, space-separated for several)."""
+    secrets = secret.split()
+    if not secrets:
+        raise ValueError("no secret given: every request must be verified")
+    return sdk.make_app(decide, secrets=secrets, path="/milter")
 
 
-if __name__ == "__main__":
+def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
     args = parser.parse_args()
-    secret = os.environ.get("FILTER_SECRET")
-    if not secret:
-        logging.warning("FILTER_SECRET is not set: requests are answered without checking their signature")
+    secret = os.environ.get("FILTER_SECRET", "")
+    if not secret.split():
+        parser.error("set FILTER_SECRET to the endpoint's whsec_ secret (two, space-separated, during a rotation)")
     web.run_app(make_app(secret), host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,11 +5,15 @@ Subscribe it to ``eom`` with ``include_body = true``. For every message it
 * checks SPF (pyspf) for the client address, the MAIL FROM domain and the HELO name;
 * verifies every DKIM-Signature (dkimpy) over the headers and body the bridge sends;
 * evaluates DMARC: the From: domain's ``_dmarc`` TXT policy and whether a passing SPF or
-  DKIM result is aligned with the From: domain;
+  DKIM result is aligned with the From: domain (relaxed alignment needs a Public Suffix
+  List, ``PUBLIC_SUFFIX_LIST``; without one it is as strict as ``s``);
 * adds ``Authentication-Results`` (RFC 8601) under this filter's authserv-id at the top of
   the header block, and removes any such header that claims the same authserv-id;
 * rejects with 550 5.7.1 when DMARC fails for a domain publishing ``p=reject`` and
-  quarantines when it publishes ``p=quarantine``.
+  quarantines when it publishes ``p=quarantine``;
+* rejects with 550 5.7.1, whatever the policies, a message whose From: names no single
+  domain (no From: header or several, addresses in several domains), since DMARC could
+  not be applied to it (RFC 7489 §6.6.1).
 
 DNS goes through a :class:`Resolver`: :class:`DnsPythonResolver` asks the system's
 resolvers, :class:`StaticResolver` answers from a dict (tests, a lab).
@@ -22,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import contextvars
-import email.utils
+import email.policy
 import os
 import re
 import socket
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from email import errors
+from email.headerregistry import Address
 from typing import Final, Protocol
 
 import dkim
@@ -153,21 +159,89 @@ class DmarcResult:
     policy: str | None = None
 
 
-def organizational_domain(domain: str) -> str:
-    """The registrable domain, approximated by the last two labels.
+class PublicSuffixList:
+    """The Public Suffix List (``public_suffix_list.dat`` of https://publicsuffix.org/), for
+    the organizational domain of RFC 7489 §3.2.
 
-    DMARC defines it with the Public Suffix List; for names under multi-label suffixes
-    (``example.co.uk``) use a PSL library here in production.
+    Both sections of the list count (ICANN and private), so ``a.github.io`` and
+    ``b.github.io`` are different organizations. Rules in Unicode also match their A-label
+    (``xn--``) form.
     """
-    return ".".join(domain.lower().rstrip(".").split(".")[-2:])
+
+    def __init__(self, text: str) -> None:
+        self._rules: set[str] = set()
+        self._exceptions: set[str] = set()
+        for line in text.splitlines():
+            fields = line.split(maxsplit=1)  # a rule ends at the first white space
+            if not fields or fields[0].startswith("//"):
+                continue
+            rule = fields[0].lower()
+            target = self._exceptions if rule.startswith("!") else self._rules
+            rule = rule.removeprefix("!")
+            target.add(rule)
+            target.add(".".join(_a_label(label) for label in rule.split(".")))
+
+    @classmethod
+    def from_file(cls, path: str) -> PublicSuffixList:
+        with open(path, encoding="utf-8") as file:
+            return cls(file.read())
+
+    def organizational_domain(self, domain: str) -> str | None:
+        """The public suffix of ``domain`` plus one label; None when ``domain`` is itself a public suffix."""
+        labels = domain.lower().rstrip(".").split(".")
+        suffix = 1  # the implicit rule "*": an unlisted top-level domain
+        for start in range(len(labels)):  # the longest candidate first
+            candidate = ".".join(labels[start:])
+            if candidate in self._exceptions:
+                suffix = len(labels) - start - 1
+                break
+            if candidate in self._rules or ".".join(["*", *labels[start + 1 :]]) in self._rules:
+                suffix = len(labels) - start
+                break
+        if len(labels) <= suffix:
+            return None
+        return ".".join(labels[-suffix - 1 :])
 
 
-def aligned(domain: str, from_domain: str, mode: str) -> bool:
-    """DMARC identifier alignment: ``s`` needs the same name, ``r`` the same organizational domain."""
+def _a_label(label: str) -> str:
+    return label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
+
+
+def aligned(domain: str, from_domain: str, mode: str, psl: PublicSuffixList | None = None) -> bool:
+    """DMARC identifier alignment: ``s`` needs the same name, ``r`` the same organizational domain.
+
+    Without a Public Suffix List the organizational domain is unknown (``evil.co.uk`` and
+    ``bank.co.uk`` share their last two labels but not their owner), so ``r`` needs the same
+    name too.
+    """
     domain, from_domain = domain.lower().rstrip("."), from_domain.lower().rstrip(".")
-    if mode == "s":
-        return domain == from_domain
-    return organizational_domain(domain) == organizational_domain(from_domain)
+    if domain == from_domain:
+        return True
+    if mode == "s" or psl is None:
+        return False
+    org = psl.organizational_domain(from_domain)
+    return org is not None and org == psl.organizational_domain(domain)
+
+
+#: Without a Public Suffix List, policy discovery looks at ancestors of the From: domain
+#: with at most this many labels (it bounds the DNS questions a long name causes).
+MAX_POLICY_LABELS: Final = 5
+
+
+def policy_domains(from_domain: str, psl: PublicSuffixList | None = None) -> list[str]:
+    """The names whose ``_dmarc`` record may apply to ``from_domain``, in the order to ask.
+
+    The From: domain first. Then, with a Public Suffix List, its organizational domain
+    (RFC 7489 §6.6.3); without one, its ancestors from the closest one down to two labels,
+    those of at most :data:`MAX_POLICY_LABELS` labels (the first record found applies).
+    """
+    from_domain = from_domain.lower().rstrip(".")
+    if psl is not None:
+        org = psl.organizational_domain(from_domain)
+        return [from_domain] if org is None or org == from_domain else [from_domain, org]
+    labels = from_domain.split(".")
+    first = max(1, len(labels) - MAX_POLICY_LABELS)
+    return [from_domain, *(".".join(labels[start:]) for start in range(first, len(labels) - 1))]
 
 
 _PLAIN: Final = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.@]+")
@@ -245,37 +319,69 @@ def _dmarc_record(resolver: Resolver, domain: str) -> dict[str, str] | None:
 
 
 def check_dmarc(
-    resolver: Resolver, from_domain: str | None, spf_result: SpfResult, dkim_results: Sequence[DkimResult]
+    resolver: Resolver,
+    from_domain: str | None,
+    spf_result: SpfResult,
+    dkim_results: Sequence[DkimResult],
+    psl: PublicSuffixList | None = None,
 ) -> DmarcResult:
     """DMARC (RFC 7489): the From: domain's policy and whether SPF or DKIM passed aligned."""
     if not from_domain:
         return DmarcResult("permerror", None)
+    tags, inherited = None, False
     try:
-        tags = _dmarc_record(resolver, from_domain)
-        inherited = False
-        org = organizational_domain(from_domain)
-        if tags is None and org != from_domain:
-            tags, inherited = _dmarc_record(resolver, org), True
+        for name in policy_domains(from_domain, psl):
+            tags = _dmarc_record(resolver, name)
+            if tags is not None:
+                break
+            inherited = True
     except DNSTempError:
         return DmarcResult("temperror", from_domain)
     if tags is None:
         return DmarcResult("none", from_domain)
     policy = tags.get("sp", tags.get("p")) if inherited else tags.get("p")
-    spf_ok = spf_result.result == "pass" and aligned(spf_result.domain, from_domain, tags.get("aspf", "r"))
+    spf_ok = spf_result.result == "pass" and aligned(spf_result.domain, from_domain, tags.get("aspf", "r"), psl)
     dkim_ok = any(
-        r.result == "pass" and r.domain is not None and aligned(r.domain, from_domain, tags.get("adkim", "r"))
+        r.result == "pass" and r.domain is not None and aligned(r.domain, from_domain, tags.get("adkim", "r"), psl)
         for r in dkim_results
     )
     return DmarcResult("pass" if spf_ok or dkim_ok else "fail", from_domain, policy)
 
 
-def from_domain_of(message: sdk.Message) -> str | None:
-    """The domain of the single From: address, or None when there is not exactly one."""
-    values = [h.value for h in message.headers if h.name.lower() == "from"]
-    addresses = [addr for _, addr in email.utils.getaddresses(values) if "@" in addr]
-    if len(values) != 1 or len(addresses) != 1:
-        return None
-    return addresses[0].rpartition("@")[2].lower() or None
+class AuthorError(Exception):
+    """The message names no single author domain; ``str(error)`` is the SMTP reply text."""
+
+
+def author_domain(headers: Sequence[sdk.Header]) -> str:
+    """The domain of the From: address or addresses (the Author Domain, RFC 7489 §3.1.1).
+
+    Raises :class:`AuthorError` when DMARC cannot be applied to one domain (§6.6.1): no
+    From: header or several, one that does not parse, an address without a domain, or
+    addresses in different domains. Several addresses in one domain give that domain.
+    """
+    values = [h.value for h in headers if h.name.lower() == "from"]
+    if not values:
+        raise AuthorError("Message rejected: it has no From: header")
+    if len(values) > 1:
+        raise AuthorError(f"Message rejected: it has {len(values)} From: headers")
+    addresses: Sequence[Address] = ()
+    try:
+        parsed = _FROM_PARSER("From", re.sub(r"[\r\n]", "", values[0]).strip())
+        addresses = parsed.addresses
+        broken = any(isinstance(defect, errors.InvalidHeaderDefect) for defect in parsed.defects)
+    except Exception:  # the stdlib parser raises assorted errors on malformed input
+        broken = True
+    if broken or not addresses:
+        raise AuthorError("Message rejected: its From: header does not parse")
+    domains = {address.domain.lower().rstrip(".") for address in addresses}
+    if "" in domains:
+        raise AuthorError("Message rejected: its From: header has an address without a domain")
+    if len(domains) > 1:
+        raise AuthorError("Message rejected: its From: header has addresses in several domains")
+    return domains.pop()
+
+
+_FROM_PARSER: Final = email.policy.default.header_factory
 
 
 def rebuild_message(message: sdk.Message, body: bytes) -> bytes:
@@ -312,14 +418,20 @@ def _claims(value: str, authserv_id: str) -> bool:
 class AuthenticationFilter:
     """The handler: verifies at ``eom`` and answers with the header and, for DMARC, a verdict."""
 
-    def __init__(self, resolver: Resolver, authserv_id: str) -> None:
+    def __init__(self, resolver: Resolver, authserv_id: str, psl: PublicSuffixList | None = None) -> None:
         self.resolver = resolver
         self.authserv_id = authserv_id
+        #: Without it relaxed alignment needs the same name (see :func:`aligned`).
+        self.psl = psl
 
     def __call__(self, request: sdk.Request) -> sdk.Decision | None:
         if not isinstance(request, sdk.EomRequest):
             return None
         message, session = request.message, request.session
+        try:
+            from_domain = author_domain(message.headers)
+        except AuthorError as exc:
+            return sdk.reject(550, "5.7.1", str(exc), reason=f"dmarc=permerror ({exc})")
         if message.body is None:
             dkim_results = [DkimResult("temperror")]  # no include_body: nothing to verify
         elif message.body.truncated:
@@ -329,7 +441,7 @@ class AuthenticationFilter:
         spf_result = check_spf(
             self.resolver, session.client.address, message.mail_from.address, session.helo or "", self.authserv_id
         )
-        dmarc = check_dmarc(self.resolver, from_domain_of(message), spf_result, dkim_results)
+        dmarc = check_dmarc(self.resolver, from_domain, spf_result, dkim_results, self.psl)
         modifications = list(self._forged(message.headers))
         modifications.append(
             sdk.insert_header(0, HEADER, format_results(self.authserv_id, dkim_results, spf_result, dmarc))
@@ -353,9 +465,11 @@ class AuthenticationFilter:
                     yield sdk.delete_header(HEADER, index)
 
 
-def make_app(resolver: Resolver, authserv_id: str, secrets: Sequence[str] | None) -> web.Application:
+def make_app(
+    resolver: Resolver, authserv_id: str, secrets: Sequence[str] | None, psl: PublicSuffixList | None = None
+) -> web.Application:
     """The filter as an aiohttp application answering ``POST /``."""
-    return sdk.make_app(AuthenticationFilter(resolver, authserv_id), secrets=secrets)
+    return sdk.make_app(AuthenticationFilter(resolver, authserv_id, psl), secrets=secrets)
 
 
 def main() -> None:
@@ -367,7 +481,13 @@ def main() -> None:
     if not secrets:
         parser.error("set FILTER_SECRET to the endpoint's whsec_ secret (two, space-separated, during a rotation)")
     authserv_id = os.environ.get("AUTHSERV_ID") or socket.gethostname()
-    web.run_app(make_app(DnsPythonResolver(), authserv_id, secrets), host=args.host, port=args.port)
+    psl = None
+    if psl_path := os.environ.get("PUBLIC_SUFFIX_LIST"):
+        try:
+            psl = PublicSuffixList.from_file(psl_path)
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error(f"PUBLIC_SUFFIX_LIST: {exc}")
+    web.run_app(make_app(DnsPythonResolver(), authserv_id, secrets, psl), host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ const http = require("node:http");
 const TOLERANCE_SECONDS = 5 * 60;
 // Request bodies above this size are refused with 413 (an eom request without the body is small).
 const MAX_BODY_BYTES = 16 * 1024 * 1024;
+// Webhook-ids remembered for replay refusal (about 100 bytes each), as in milterbridge.sdk's Verifier.
+const MAX_IDS = 100000;
 
 class Unauthorized extends Error {}
 
@@ -34,9 +36,17 @@ function parseSecrets(text) {
 }
 
 // Remembers accepted webhook-ids while their timestamp is fresh, so a captured request cannot be replayed.
+// At most `maxIds` are kept: when full, the id accepted first is dropped (its timestamp is
+// among the closest to going stale), so a flood of requests costs bounded memory.
 class ReplayGuard {
-  constructor() {
+  constructor(maxIds = MAX_IDS) {
+    if (!(Number.isInteger(maxIds) && maxIds >= 1)) throw new RangeError("maxIds must be a positive integer");
+    this.maxIds = maxIds;
     this.expiry = new Map(); // webhook-id -> Unix seconds after which the timestamp check refuses it anyway
+  }
+
+  get size() {
+    return this.expiry.size;
   }
 
   admit(id, timestamp, now) {
@@ -46,6 +56,9 @@ class ReplayGuard {
     }
     if (this.expiry.has(id)) {
       throw new Unauthorized(`webhook-id ${JSON.stringify(id)} was already received (a replay)`);
+    }
+    while (this.expiry.size >= this.maxIds) {
+      this.expiry.delete(this.expiry.keys().next().value);
     }
     this.expiry.set(id, timestamp + TOLERANCE_SECONDS);
   }
@@ -172,4 +185,8 @@ function main() {
   }
 }
 
-main();
+if (require.main === module) {
+  main();
+}
+
+module.exports = { ReplayGuard, Unauthorized, TOLERANCE_SECONDS, MAX_IDS };

@@ -5,17 +5,16 @@ number of recipients, and adds an archive copy recipient with
 ``NOTIFY=NEVER`` for mail from the domain ARCHIVE_DOMAIN. Any other event:
 continue.
 
-With FILTER_SECRET holding the endpoint's ``whsec_`` secret (two, space-separated,
-during a key rotation), a request that is unsigned, badly signed, stale or
-replayed gets a 401 and the bridge applies the endpoint's ``on_error``. Serve
-``make_app(secrets)`` with any WSGI server; for a try:
+FILTER_SECRET must hold the endpoint's ``whsec_`` secret (two, space-separated,
+during a key rotation); without it the filter does not start. A request that is
+unsigned, badly signed, stale or replayed gets a 401 and the bridge applies the
+endpoint's ``on_error``. Serve ``make_app(secrets)`` with any WSGI server; for a try:
 ``FILTER_SECRET=whsec_... python filter.py --port 8081`` (wsgiref).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
@@ -49,8 +48,10 @@ def _headers(environ: dict[str, Any]) -> dict[str, str]:
     return {key[5:].replace("_", "-").lower(): value for key, value in environ.items() if key.startswith("HTTP_")}
 
 
-def make_app(secrets: Sequence[str] | None) -> WsgiApp:
-    """The filter as a WSGI application; ``secrets=None`` answers without checking signatures."""
+def make_app(secrets: Sequence[str]) -> WsgiApp:
+    """The filter as a WSGI application verifying every request with ``secrets`` (``whsec_...``)."""
+    if not secrets:
+        raise ValueError("no secret given: every request must be verified")
     filter_ = sdk.Filter(decide, secrets=secrets)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -69,13 +70,17 @@ def make_app(secrets: Sequence[str] | None) -> WsgiApp:
     return app
 
 
-if __name__ == "__main__":
+def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8081")))
     args = parser.parse_args()
-    secret = os.environ.get("FILTER_SECRET", "").split()
-    if not secret:
-        logging.warning("FILTER_SECRET is not set: requests are answered without checking their signature")
-    with make_server(args.host, args.port, make_app(secret or None)) as server:
+    secrets = os.environ.get("FILTER_SECRET", "").split()
+    if not secrets:
+        parser.error("set FILTER_SECRET to the endpoint's whsec_ secret (two, space-separated, during a rotation)")
+    with make_server(args.host, args.port, make_app(secrets)) as server:
         server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

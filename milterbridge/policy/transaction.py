@@ -231,6 +231,11 @@ class PolicyState:
         """Forget message-scoped state (after end-of-message or abort); idempotent."""
         self._ledger.reset_message()
 
+    def done(self) -> set[str]:
+        """Endpoints done with the current message (or with the whole connection)."""
+        ledger = self._ledger
+        return ledger.connection.done | ledger.message.done
+
     def skip(self, event: Event, names: Iterable[str]) -> None:
         """Endpoints whose ``when`` excludes them from the connection (``event`` connect or helo)
         or the current message (any later event): done with it, their part counting as ``continue``."""

@@ -19,6 +19,7 @@ replay, and the bridge applies the endpoint's ``on_error`` to that call.
 from __future__ import annotations
 
 import heapq
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Final
@@ -48,7 +49,7 @@ def _header(headers: Mapping[str, str], name: str) -> str:
 class Verifier:
     """Checks Standard Webhooks v1 signatures and refuses replays; see the module docstring."""
 
-    __slots__ = ("_expiry", "_max_ids", "_seen", "_signer", "_tolerance")
+    __slots__ = ("_expiry", "_lock", "_max_ids", "_seen", "_signer", "_tolerance")
 
     def __init__(
         self, secrets: Sequence[str], tolerance: float = DEFAULT_TOLERANCE, *, max_ids: int = DEFAULT_MAX_IDS
@@ -65,6 +66,8 @@ class Verifier:
         self._seen: dict[str, float] = {}
         #: (expiry, webhook-id), a min-heap over ``_seen``.
         self._expiry: list[tuple[float, str]] = []
+        #: The replay memory is shared by the threads of a threaded WSGI server.
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Verifier({self._signer!r}, tolerance={self._tolerance})"
@@ -87,10 +90,11 @@ class Verifier:
             raise SignatureError(f"the webhook-timestamp is more than {self._tolerance:g} s from now")
         if not self._signer.verify(msg_id, ts, body, signature, tolerance=None):
             raise SignatureError("no valid signature by a known secret")
-        self._forget_expired(current)
-        if msg_id in self._seen:
-            raise SignatureError(f"webhook-id {msg_id!r} was already received (a replay)")
-        self._remember(msg_id, ts + self._tolerance)
+        with self._lock:
+            self._forget_expired(current)
+            if msg_id in self._seen:
+                raise SignatureError(f"webhook-id {msg_id!r} was already received (a replay)")
+            self._remember(msg_id, ts + self._tolerance)
         return msg_id
 
     def _forget_expired(self, now: float) -> None:

@@ -34,7 +34,7 @@ import base64
 import functools
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Protocol, Self
@@ -43,7 +43,7 @@ from yarl import URL
 
 import milterbridge
 from milterbridge.body import SpoolError
-from milterbridge.config import HTTP_TOKEN, RESERVED_HEADERS, EndpointSettings, TlsSettings
+from milterbridge.config import HTTP_TOKEN, REDACTED, RESERVED_HEADERS, EndpointSettings, TlsSettings
 from milterbridge.webhook.errors import (
     STATUS_BODY_BYTES,
     AttemptOutcome,
@@ -155,13 +155,28 @@ def _header_line(name: str, value: str) -> bytes:
     return line.encode("latin-1")
 
 
+#: Header values shorter than this are not scrubbed from quoted error bodies (too common to hide).
+_MIN_SCRUBBED: Final = 4
+
+
+def _scrubbed(text: str, values: Iterable[str]) -> str:
+    """``text`` with every header value we sent (and its credentials part) replaced: an error page
+    that echoes the request's headers must not put a token into the log."""
+    for value in values:
+        text = text.replace(value, REDACTED)
+        _, _, credentials = value.partition(" ")  # "Bearer <token>", "Basic <base64>"
+        if len(credentials) >= _MIN_SCRUBBED:
+            text = text.replace(credentials, REDACTED)
+    return text
+
+
 class PreparedEndpoint:
     """What is precomputed for one endpoint: the request head, origin, signer and redacted URL.
 
     Build it with ``prepare_endpoint``; it does not change afterwards.
     """
 
-    __slots__ = ("head", "name", "origin", "safe_url", "settings", "signer")
+    __slots__ = ("head", "name", "origin", "safe_url", "sent_values", "settings", "signer")
 
     def __init__(self, settings: EndpointSettings, tls: ssl.SSLContext | None) -> None:
         self.settings = settings
@@ -187,6 +202,10 @@ class PreparedEndpoint:
             credentials = f"{url.user or ''}:{url.password or ''}".encode()
             extra.append(("Authorization", "Basic " + base64.b64encode(credentials).decode("ascii")))
         lines.extend(_header_line(name, value) for name, value in extra)
+        #: Header values this endpoint is sent (tokens, credentials): never quoted back in a log.
+        self.sent_values = tuple(
+            sorted({value for _, value in extra if len(value) >= _MIN_SCRUBBED}, key=len, reverse=True)
+        )
         #: The request head up to the per-attempt headers (webhook-*, Content-Length).
         self.head = b"".join(lines)
 
@@ -381,7 +400,7 @@ class WebhookClient:
             )
         answer = f"answered {status}"
         if response.body:
-            answer = f"{answer}: {body_preview(response.body, STATUS_BODY_BYTES)}"
+            answer = f"{answer}: {_scrubbed(body_preview(response.body, STATUS_BODY_BYTES), ep.sent_values)}"
         raise WebhookStatusError(
             answer,
             status=status,

@@ -9,15 +9,15 @@ import pytest
 
 from milterbridge.client import Envelope
 from milterbridge.conditional import ConditionalHandler
-from milterbridge.config import Config
+from milterbridge.config import Config, ServerSettings
 from milterbridge.dispatch import ConnectionHandler, Dispatcher
 from milterbridge.milter.constants import Event, MacroStage
 from milterbridge.milter.messages import Accept, Continue
 from milterbridge.milter.negotiation import Requirements
 from milterbridge.milter.session import MilterSession
 from milterbridge.policy.conditions import parse_condition
-from milterbridge.policy.model import Mode
-from milterbridge.snapshot import Snapshot, _with_condition_macros
+from milterbridge.policy.model import Mode, OnOversize
+from milterbridge.snapshot import Snapshot, with_condition_macros
 from milterbridge.webhook.client import WebhookClient
 from tests.engine.conftest import MESSAGE, Engine
 
@@ -186,8 +186,10 @@ async def test_recipient_domains_per_recipient_at_rcpt(engine: Engine, caplog: p
     assert engine.events("partner") == ["rcpt", "eom"]
     assert skipped_count(engine, "partner", "recipient_domains") == 3  # the recipient, then the message
     lines = message_lines(caplog)
-    assert "skipped" not in lines[0]
+    assert "skipped" not in lines[0]  # called for the message (one recipient matched) ...
+    assert lines[0]["skipped_recipients"] == {"partner": 1}  # ... but not for the other one
     assert lines[1]["skipped"] == {"partner": "recipient_domains"}
+    assert lines[1]["skipped_recipients"] == {"partner": 1}
 
 
 @pytest.mark.asyncio
@@ -217,5 +219,20 @@ def test_handler_and_negotiation_without_when_are_unchanged(engine: Engine) -> N
 
 
 def test_the_macros_a_condition_needs_are_requested() -> None:
-    needed = _with_condition_macros(Requirements(macros={}), [when(daemon="smtpd", authenticated=False)])
+    needed = with_condition_macros(Requirements(macros={}), [when(daemon="smtpd", authenticated=False)])
     assert needed.macros == {MacroStage.CONNECT: (b"{daemon_name}",), MacroStage.ENVFROM: (b"{auth_authen}",)}
+
+
+@pytest.mark.asyncio
+async def test_recipients_not_kept_over_a_limit_do_not_skip_an_endpoint(engine: Engine) -> None:
+    """With on_oversize = continue, recipients over max_recipients go on without being kept: a
+    recipient_domains endpoint cannot know whom the message reaches, so it is called, not skipped."""
+    await engine.start(
+        engine.endpoint("partner", when=when(recipient_domains=["example.com"])),
+        server=ServerSettings(max_recipients=1, on_oversize=OnOversize.CONTINUE),
+    )
+    client = await engine.client()
+    result = await client.send_message(Envelope(recipients=(b"<a@example.net>", b"<b@example.com>")), MESSAGE)
+    assert result.eom is not None
+    assert engine.events("partner") == ["eom"]
+    assert skipped_count(engine, "partner", "recipient_domains") == 0

@@ -1,8 +1,9 @@
 """examples/authentication-results through the bridge and the real Postfix, DNS answered by the test.
 
 The filter runs in this process with a ``StaticResolver`` holding the SPF, DKIM and DMARC
-records of four test domains; the DKIM key is generated here and the messages are signed
-with dkimpy, so nothing leaves the loopback interface.
+records of the test domains; the DKIM key is generated here and the messages are signed
+with dkimpy, so nothing leaves the loopback interface. The tests without Postfix check the
+Public Suffix List and alignment helpers alone.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def dkim_key() -> tuple[bytes, str]:
 @pytest.fixture(scope="module")
 def records(dkim_key: tuple[bytes, str]) -> dict[tuple[str, str], list[str]]:
     """signed.example passes SPF; strict.example (p=reject), lax.example (p=none) and held.example
-    (p=quarantine, no DKIM key) fail it."""
+    (p=quarantine, no DKIM key) fail it. evil.co.uk passes SPF and DKIM for itself; bank.co.uk
+    (p=reject) passes neither, and its subdomain x.bank.co.uk publishes no policy of its own."""
     _, key_record = dkim_key
     return {
         ("signed.example", "TXT"): [CLIENT_SPF],
@@ -91,12 +93,37 @@ def records(dkim_key: tuple[bytes, str]) -> dict[tuple[str, str], list[str]]:
         ("_dmarc.lax.example", "TXT"): ["v=DMARC1; p=none"],
         ("held.example", "TXT"): ["v=spf1 -all"],
         ("_dmarc.held.example", "TXT"): ["v=DMARC1; p=quarantine"],
+        ("evil.co.uk", "TXT"): [CLIENT_SPF],
+        (f"{SELECTOR}._domainkey.evil.co.uk", "TXT"): [key_record],
+        ("_dmarc.evil.co.uk", "TXT"): ["v=DMARC1; p=none"],
+        (f"{SELECTOR}._domainkey.mail.bank.co.uk", "TXT"): [key_record],
+        (f"{SELECTOR}._domainkey.bank.co.uk", "TXT"): [key_record],
+        ("bank.co.uk", "TXT"): ["v=spf1 -all"],
+        ("_dmarc.bank.co.uk", "TXT"): ["v=DMARC1; p=reject"],
     }
+
+
+#: The part of the Public Suffix List that the test domains fall under.
+PSL_TEXT = "// ===BEGIN ICANN DOMAINS===\nuk\nco.uk\nexample\n"
 
 
 @pytest_asyncio.fixture
 async def filter_url(example: ModuleType, records: dict[tuple[str, str], list[str]]) -> AsyncIterator[str]:
-    app = example.make_app(example.StaticResolver(records), AUTHSERV_ID, [SECRET])
+    """The filter without a Public Suffix List (the default)."""
+    async for url in serve(example.make_app(example.StaticResolver(records), AUTHSERV_ID, [SECRET])):
+        yield url
+
+
+@pytest_asyncio.fixture
+async def psl_filter_url(example: ModuleType, records: dict[tuple[str, str], list[str]]) -> AsyncIterator[str]:
+    """The filter with a Public Suffix List (``PSL_TEXT``)."""
+    psl = example.PublicSuffixList(PSL_TEXT)
+    async for url in serve(example.make_app(example.StaticResolver(records), AUTHSERV_ID, [SECRET], psl)):
+        yield url
+
+
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    """Serves ``app`` on a free loopback port and yields its URL."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -105,11 +132,17 @@ async def filter_url(example: ModuleType, records: dict[tuple[str, str], list[st
     await runner.cleanup()
 
 
-def signed(dkim_key: tuple[bytes, str], domain: str, *, headers: list[tuple[str, str]] | None = None) -> bytes:
-    """A message from ``alice@domain`` with a DKIM signature by ``domain``'s key above it."""
+def signed(
+    dkim_key: tuple[bytes, str],
+    domain: str,
+    *,
+    author: str | None = None,
+    headers: list[tuple[str, str]] | None = None,
+) -> bytes:
+    """A message from ``author`` (``alice@domain``) with a DKIM signature by ``domain``'s key above it."""
     dkim = importlib.import_module("dkim")
     message = make_message(
-        mail_from=f"Alice <alice@{domain}>",
+        mail_from=author or f"Alice <alice@{domain}>",
         to=["bob@example.net"],
         subject=f"signed by {domain}",
         body="A signed body.\r\nSecond line.\r\n",
@@ -214,3 +247,193 @@ async def test_failure_under_p_quarantine_is_held(
     assert entry.sender == "alice@held.example"
     assert await blocking(mta.wait_for_queue_idle) == [entry]
     assert mta.maildir_messages() == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("message", "text"),
+    [
+        pytest.param(
+            make_message(mail_from="alice@strict.example", headers=[("From", "mallory@signed.example")]),
+            "5.7.1 Message rejected: it has 2 From: headers",
+            id="two-from-headers",
+        ),
+        pytest.param(
+            make_message(mail_from="alice@strict.example, mallory@signed.example"),
+            "5.7.1 Message rejected: its From: header has addresses in several domains",
+            id="two-domains-in-from",
+        ),
+        pytest.param(
+            make_message(mail_from="alice@strict.example <mallory@signed.example>"),
+            "5.7.1 Message rejected: its From: header does not parse",
+            id="unparsable-from",
+        ),
+    ],
+)
+async def test_a_message_without_one_author_domain_is_refused(
+    mta: PostfixInstance, bridges: BridgeRunner, filter_url: str, message: bytes, text: str
+) -> None:
+    """RFC 7489 §6.6.1: a From: that names no single domain cannot slip past strict.example's p=reject.
+
+    The envelope sender passes SPF for signed.example, so a DMARC check of that domain alone
+    would pass. (A message without From: cannot be sent here: Postfix adds one for a local
+    client; ``test_author_domain`` covers it.)
+    """
+    await start(bridges, filter_url)
+
+    result = await smtp(mta, "bounce@signed.example", ["bob@example.net"], message)
+
+    reply = result.transaction.end_of_data
+    assert reply is not None
+    assert (reply.code, reply.text) == (550, text)
+    assert await blocking(mta.wait_for_queue_idle) == []
+    assert mta.maildir_messages() == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("author_domain", ["bank.co.uk", "x.bank.co.uk"])
+async def test_a_neighbour_under_a_public_suffix_does_not_align(
+    mta: PostfixInstance,
+    bridges: BridgeRunner,
+    filter_url: str,
+    dkim_key: tuple[bytes, str],
+    author_domain: str,
+) -> None:
+    """evil.co.uk passes SPF and DKIM, but evil.co.uk is not bank.co.uk: the p=reject of bank.co.uk applies.
+
+    x.bank.co.uk publishes no policy; without a Public Suffix List the filter finds that of
+    its parent bank.co.uk.
+    """
+    await start(bridges, filter_url)
+    message = signed(dkim_key, "evil.co.uk", author=f"Alice <alice@{author_domain}>")
+
+    result = await smtp(mta, "bounce@evil.co.uk", ["bob@example.net"], message)
+
+    reply = result.transaction.end_of_data
+    assert reply is not None
+    assert (reply.code, reply.text) == (550, "5.7.1 Message rejected: DMARC policy of " + author_domain)
+    assert mta.maildir_messages() == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("signer", "with_list"),
+    [
+        pytest.param("mail.bank.co.uk", True, id="same-org-with-list"),
+        pytest.param("bank.co.uk", False, id="same-name-without-list"),
+    ],
+)
+async def test_relaxed_alignment(
+    mta: PostfixInstance,
+    bridges: BridgeRunner,
+    dkim_key: tuple[bytes, str],
+    filter_url: str,
+    psl_filter_url: str,
+    signer: str,
+    with_list: bool,
+) -> None:
+    """A signature by bank.co.uk's own subdomain aligns with bank.co.uk given the list; the same name always does."""
+    await start(bridges, psl_filter_url if with_list else filter_url)
+    message = signed(dkim_key, signer, author="Alice <alice@bank.co.uk>")
+
+    result = await smtp(mta, "bounce@evil.co.uk", ["bob@example.net"], message)
+
+    assert result.accepted, result.replies
+    [(_, raw)] = await blocking(mta.wait_for_delivery, 1)
+    [header] = results_of(raw)
+    assert f"dkim=pass header.d={signer} " in header
+    assert header.endswith("; dmarc=pass (p=reject) header.from=bank.co.uk")
+
+
+@pytest.mark.asyncio
+async def test_without_the_list_a_subdomain_signature_does_not_align(
+    mta: PostfixInstance, bridges: BridgeRunner, filter_url: str, dkim_key: tuple[bytes, str]
+) -> None:
+    """Without a Public Suffix List relaxed alignment needs the same name: mail.bank.co.uk's signature fails it."""
+    await start(bridges, filter_url)
+    message = signed(dkim_key, "mail.bank.co.uk", author="Alice <alice@bank.co.uk>")
+
+    result = await smtp(mta, "bounce@evil.co.uk", ["bob@example.net"], message)
+
+    reply = result.transaction.end_of_data
+    assert reply is not None
+    assert (reply.code, reply.text) == (550, "5.7.1 Message rejected: DMARC policy of bank.co.uk")
+
+
+def test_public_suffix_list_rules(example: ModuleType) -> None:
+    """Plain, wildcard and exception rules, in Unicode and A-label form, as publicsuffix.org defines them."""
+    psl = example.PublicSuffixList("// comment\nuk\nco.uk\n*.ck\n!www.ck\n\u0430\u043a.\u0440\u0444\ngithub.io\n")
+    org = psl.organizational_domain
+    assert org("mail.bank.co.uk") == org("bank.co.uk") == "bank.co.uk"
+    assert org("co.uk") is None
+    assert org("a.b.ck") == "a.b.ck"
+    assert org("b.ck") is None
+    assert org("x.www.ck") == "www.ck"
+    assert org("y.x.xn--80au.xn--p1ai") == "x.xn--80au.xn--p1ai"
+    assert org("y.x.ак.рф") == "x.ак.рф"
+    assert org("a.github.io") != org("b.github.io")
+    assert org("mail.example.com") == "example.com"  # the implicit rule "*"
+
+
+def test_alignment_needs_the_list_for_relaxed_mode(example: ModuleType) -> None:
+    """evil.co.uk never aligns with bank.co.uk; a subdomain aligns in relaxed mode only given the list."""
+    psl = example.PublicSuffixList(PSL_TEXT)
+    for mode in ("r", "s"):
+        assert not example.aligned("evil.co.uk", "bank.co.uk", mode)
+        assert not example.aligned("evil.co.uk", "bank.co.uk", mode, psl)
+        assert example.aligned("Bank.CO.uk.", "bank.co.uk", mode)
+    assert not example.aligned("mail.bank.co.uk", "bank.co.uk", "r")
+    assert example.aligned("mail.bank.co.uk", "bank.co.uk", "r", psl)
+    assert not example.aligned("mail.bank.co.uk", "bank.co.uk", "s", psl)
+
+
+def test_policy_discovery_is_bounded(example: ModuleType) -> None:
+    """Without the list the ancestors are asked, at most MAX_POLICY_LABELS labels long; with it, the org domain."""
+    assert example.policy_domains("x.bank.co.uk") == ["x.bank.co.uk", "bank.co.uk", "co.uk"]
+    long_name = ".".join(f"l{i}" for i in range(30)) + ".example"
+    asked = example.policy_domains(long_name)
+    assert asked[0] == long_name
+    assert [name.count(".") + 1 for name in asked[1:]] == list(range(example.MAX_POLICY_LABELS, 1, -1))
+    psl = example.PublicSuffixList(PSL_TEXT)
+    assert example.policy_domains("x.y.bank.co.uk", psl) == ["x.y.bank.co.uk", "bank.co.uk"]
+    assert example.policy_domains("bank.co.uk", psl) == ["bank.co.uk"]
+
+
+def header(name: str, value: str) -> object:
+    from milterbridge import sdk
+
+    return sdk.Header(name=name, name_bytes=name.encode(), value=value, value_bytes=value.encode())
+
+
+@pytest.mark.parametrize(
+    ("headers", "domain"),
+    [
+        pytest.param([("From", " Alice <alice@Bank.example>")], "bank.example", id="one-address"),
+        pytest.param([("from", " a@bank.example,\n\tb@bank.example")], "bank.example", id="one-domain-folded"),
+    ],
+)
+def test_author_domain(example: ModuleType, headers: list[tuple[str, str]], domain: str) -> None:
+    """One From: header whose addresses share a domain gives that domain, in lower case."""
+    assert example.author_domain([header(*h) for h in headers]) == domain
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        pytest.param([("Subject", " hi")], "it has no From: header", id="no-from"),
+        pytest.param([("From", " a@bank.example"), ("FROM", " a@bank.example")], "it has 2 From: headers", id="two"),
+        pytest.param(
+            [("From", " a@bank.example, b@evil.example")],
+            "its From: header has addresses in several domains",
+            id="two-domains",
+        ),
+        pytest.param([("From", " undisclosed")], "its From: header does not parse", id="no-domain"),
+        pytest.param([("From", " <>")], "its From: header does not parse", id="null"),
+        pytest.param([("From", " a@bank.example)<b@evil.example>")], "its From: header does not parse", id="garbled"),
+    ],
+)
+def test_author_domain_refusals(example: ModuleType, headers: list[tuple[str, str]], reason: str) -> None:
+    """No single author domain: AuthorError, whose text is the SMTP reply."""
+    with pytest.raises(example.AuthorError) as caught:
+        example.author_domain([header(*h) for h in headers])
+    assert str(caught.value) == "Message rejected: " + reason

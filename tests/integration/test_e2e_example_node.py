@@ -2,7 +2,8 @@
 
 The Postfix tests send real mail through a bridge that signs its requests to the filter;
 the others post to the filter directly, signed by the reference ``standardwebhooks``
-library, to show it refuses what is not authentic. Without node the tests skip, except
+library, to show it refuses what is not authentic, or load the file as a module into
+node to drive its replay guard alone. Without node the tests skip, except
 under CI=true (``tests.conftest.missing_prerequisite``).
 """
 
@@ -41,12 +42,18 @@ STARTUP_SECONDS = 10.0
 
 
 @pytest.fixture
-def node_filter() -> Iterator[str]:
-    """The filter's URL; the filter runs with FILTER_SECRET=SECRET on a free loopback port."""
-    node = shutil.which("node") or shutil.which("nodejs")
-    if node is None:
+def node() -> str:
+    """The node executable."""
+    found = shutil.which("node") or shutil.which("nodejs")
+    if found is None:
         missing_prerequisite("node (Debian package nodejs; scripts/install-test-tools installs it)")
-    assert node is not None  # missing_prerequisite skipped or failed the test
+    assert found is not None  # missing_prerequisite skipped or failed the test
+    return found
+
+
+@pytest.fixture
+def node_filter(node: str) -> Iterator[str]:
+    """The filter's URL; the filter runs with FILTER_SECRET=SECRET on a free loopback port."""
     env = {
         "PATH": os.environ.get("PATH", ""),
         "FILTER_SECRET": SECRET,
@@ -146,6 +153,63 @@ def test_a_replayed_request_gets_401(node_filter: str) -> None:
     assert post(node_filter, EOM_BODY, headers)[0] == 200
     assert post(node_filter, EOM_BODY, headers)[0] == 401
     assert post(node_filter, EOM_BODY, signed(EOM_BODY, msg_id="msg_fresh"))[0] == 200
+
+
+#: Drives filter.js's ReplayGuard with a cap of 3 ids and prints what it kept, as JSON.
+GUARD_SCRIPT = r"""
+const { ReplayGuard, TOLERANCE_SECONDS, Unauthorized } = require(process.argv[1]);
+const refused = (guard, id, ts, now) => {
+  try {
+    guard.admit(id, ts, now);
+    return false;
+  } catch (error) {
+    if (error instanceof Unauthorized) return true;
+    throw error;
+  }
+};
+const now = 1700000000;
+const later = now + TOLERANCE_SECONDS + 1;
+const guard = new ReplayGuard(3);
+const sizes = [];
+for (let i = 0; i < 10; i++) {
+  guard.admit(`id${i}`, now, now);
+  sizes.push(guard.size);
+}
+const result = {
+  sizes,
+  newestRefused: refused(guard, "id9", now, now),
+  oldestAdmitted: !refused(guard, "id0", now, now),
+};
+guard.admit("late", later, later);
+result.afterExpiry = guard.size;
+const unbounded = new ReplayGuard();
+for (let i = 0; i < 1000; i++) unbounded.admit(`x${i}`, now, now);
+result.defaultKept = unbounded.size;
+unbounded.admit("late", later, later);
+result.defaultAfterExpiry = unbounded.size;
+console.log(JSON.stringify(result));
+"""
+
+
+def test_the_replay_guard_is_bounded(node: str) -> None:
+    """At most maxIds webhook-ids are kept (the first accepted goes first); stale ones are dropped."""
+    run = subprocess.run(
+        [node, "-e", GUARD_SCRIPT, str(FILTER)],
+        env={"PATH": os.environ.get("PATH", "")},
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_SECONDS,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == {
+        "sizes": [1, 2, 3, 3, 3, 3, 3, 3, 3, 3],
+        "newestRefused": True,  # still remembered: a replay
+        "oldestAdmitted": True,  # dropped to make room, so no longer known
+        "afterExpiry": 1,  # the stale ids went, only "late" is left
+        "defaultKept": 1000,
+        "defaultAfterExpiry": 1,
+    }
 
 
 def _endpoint(url: str, secret: str) -> EndpointSettings:

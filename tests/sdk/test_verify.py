@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -122,3 +123,36 @@ def test_bad_configuration_is_refused_without_showing_the_secret() -> None:
     with pytest.raises(ValueError, match="must be positive"):
         Verifier([OLD], tolerance=0)
     assert OLD.removeprefix("whsec_") not in repr(Verifier([OLD]))
+
+
+def test_one_verifier_shared_by_threads_admits_each_id_once() -> None:
+    """Under a threaded server, one request (the same id sent from eight threads at once) passes exactly once."""
+    secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    verifier = Verifier([secret], max_ids=1000)
+    signer = Signer([secret])
+    now = int(time.time())
+    requests = []
+    for n in range(200):
+        body = f'{{"n": {n}}}'.encode()
+        headers = {"webhook-id": f"evt_{n}", "webhook-timestamp": str(now)}
+        headers["webhook-signature"] = signer.sign(f"evt_{n}", now, body)
+        requests.append((headers, body))
+    admitted: list[str] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        for headers, body in requests:
+            try:
+                admitted.append(verifier.verify(headers, body))
+            except SignatureError:
+                pass
+            except BaseException as exc:  # an IndexError from a raced heap would land here
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(admitted) == len(set(admitted)) == 200
