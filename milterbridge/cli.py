@@ -179,10 +179,18 @@ def check_config(path: str | None) -> int:
     print(f"  admin: {config.admin.listen}")
     for ep in config.endpoints:
         events = ", ".join(sorted(ep.events))
-        print(
+        line = (
             f"  endpoint {ep.name}: {redact_url(ep.url)} {ep.mode} on_error={ep.on_error} "
             f"timeout={ep.timeout}s events=[{events}]"
         )
+        if ep.timeouts:
+            line += " timeouts={" + ", ".join(f"{event}: {seconds}s" for event, seconds in ep.timeouts) + "}"
+        if ep.max_concurrency:
+            line += f" max_concurrency={ep.max_concurrency}"
+        if ep.when is not None:
+            # Which keys decide whether it is called at all (an endpoint that never gets mail: look here).
+            line += " when=[" + ", ".join(key.value for key in ep.when.keys) + "]"
+        print(line)
     if all(ep.mode != "enforce" for ep in config.endpoints):
         print("  no enforcing endpoint (server.allow_no_endpoints = true): every message is accepted unchanged")
     for warning in config_warnings(config):

@@ -93,6 +93,23 @@ def good_config(tmp_path: Path) -> Path:
     )
 
 
+def test_check_config_summary_names_budgets_caps_and_conditions(tmp_path):
+    """An endpoint's per-event budgets, its concurrency cap and the keys of its when are in the summary."""
+    endpoint = {
+        **POLICY,
+        "events": ["rcpt", "eom"],
+        "timeouts": {"rcpt": 2.0, "eom": 20.0},
+        "max_concurrency": 4,
+        "when": {"authenticated": True, "recipient_domains": ["example.com"]},
+    }
+    result = cli("check-config", "--config", str(write_config(tmp_path, endpoints=[endpoint])))
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("  endpoint policy")]
+    assert "timeouts={rcpt: 2.0s, eom: 20.0s}" in line
+    assert "max_concurrency=4" in line
+    assert "when=[authenticated, recipient_domains]" in line
+
+
 def test_check_config_good_file_prints_a_summary(tmp_path):
     """A valid file exits 0 with a summary of listeners and endpoints, and never prints a secret."""
     result = cli("check-config", "--config", str(good_config(tmp_path)), env={"OPS_TOKEN": TOKEN})
