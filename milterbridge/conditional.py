@@ -6,10 +6,11 @@ runs the plain :class:`~milterbridge.dispatch.ConnectionHandler` and pays nothin
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from milterbridge.connection import HandlerResult
 from milterbridge.dispatch import ConnectionHandler, Dispatcher
+from milterbridge.endpoint import Endpoint
 from milterbridge.milter.constants import Event
 from milterbridge.milter.context import Limit, MessageContext
 from milterbridge.milter.messages import (
@@ -143,14 +144,11 @@ class ConditionalHandler(ConnectionHandler):
             for name, reason in skipped.items():
                 self.metrics.endpoint_skipped(name, reason)
 
-    def _notify(self, event: Event, msg: MessageContext | None) -> None:
+    def _notified(self, event: Event) -> Sequence[Endpoint]:
+        """Subscribers, less those excluded from the connection (close) or the message (abort)."""
         skipped = self._connection_skipped if event is Event.CLOSE else self._message_skipped
-        if not skipped:
-            super()._notify(event, msg)
-            return
-        subscribers = [ep for ep in self.snapshot.subscribers(event) if ep.name not in skipped]
-        if subscribers:
-            self.calls.notify(event, subscribers, self.builder.request(event.value, {}, msg))
+        subscribers = self.snapshot.subscribers(event)
+        return [ep for ep in subscribers if ep.name not in skipped] if skipped else subscribers
 
     def _new_session(self) -> None:
         super()._new_session()

@@ -23,14 +23,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from milterbridge import payload as pl
-from milterbridge.background import SHUTDOWN_GRACE, BackgroundCalls
-from milterbridge.body import BodyBuffer, MessageBody, SpoolError
-from milterbridge.calls import ConnectionCalls
+from milterbridge.background import SHUTDOWN_GRACE, BackgroundCalls, DropCounter
+from milterbridge.body import BodyBuffer, MessageBody, SpoolError, SpoolObserver
+from milterbridge.calls import CallMetrics, ConnectionCalls
 from milterbridge.config import Config
 from milterbridge.connection import HandlerResult
-from milterbridge.endpoint import WebhookPoster
+from milterbridge.endpoint import Endpoint, WebhookPoster
 from milterbridge.message_log import (
     MessageLog,
+    MessageMetrics,
+    ModificationMetrics,
     log_connection_closed,
     log_connection_refused,
     log_dropped_modifications,
@@ -68,20 +70,10 @@ from milterbridge.snapshot import Snapshot
 log = logging.getLogger("milterbridge.dispatch")
 
 
-class Observer(Protocol):
-    """Metric hooks the dispatcher feeds (milterbridge.metrics.Metrics satisfies it)."""
+class Observer(CallMetrics, DropCounter, SpoolObserver, MessageMetrics, ModificationMetrics, Protocol):
+    """Every metric hook the dispatcher's parts feed (milterbridge.metrics.Metrics satisfies it)."""
 
-    def message(self, outcome: str) -> None: ...
-    def webhook(self, endpoint: str, event: str, outcome: str, seconds: float | None) -> None: ...
-    def decision(self, endpoint: str, event: str, action: str, mode: str) -> None: ...
-    def oversize(self, limit: str) -> None: ...
-    def bridge_fault(self, kind: str) -> None: ...
-    def background_dropped(self, endpoint: str) -> None: ...
     def endpoint_skipped(self, endpoint: str, reason: str) -> None: ...
-    def queue_wait(self, endpoint: str, seconds: float) -> None: ...
-    def modification_adjusted(self, endpoint: str, op: str, reason: str) -> None: ...
-    def spooled(self, nbytes: int, *, new_file: bool = True) -> None: ...
-    def unspooled(self, nbytes: int) -> None: ...
 
 
 class _NoMetrics:
@@ -138,7 +130,14 @@ class ConnectionHandler:
         self.metrics = dispatcher.metrics
         self.builder = pl.PayloadBuilder(session)
         self.message_log = MessageLog(self.builder.session_id, self.metrics)
-        self.calls = self._calls()
+        self.calls = ConnectionCalls(
+            dispatcher.client,
+            dispatcher.background,
+            self.metrics,
+            self.builder.session_id,
+            self.message_log,
+            self.snapshot.endpoints,
+        )
         self.policy = self.snapshot.idle_policy
         server = self.snapshot.config.server
         self.body = MessageBody(
@@ -340,9 +339,13 @@ class ConnectionHandler:
 
     def _notify(self, event: Event, msg: MessageContext | None) -> None:
         """Tell the endpoints subscribed to ``abort`` or ``close``, in the background."""
-        subscribers = self.snapshot.subscribers(event)
+        subscribers = self._notified(event)
         if subscribers:
             self.calls.notify(event, subscribers, self.builder.request(event.value, {}, msg))
+
+    def _notified(self, event: Event) -> Sequence[Endpoint]:
+        """The endpoints told about ``event`` (abort or close): every subscriber."""
+        return self.snapshot.subscribers(event)
 
     # --------------------------------------------------------------- lifecycle
 
@@ -358,29 +361,16 @@ class ConnectionHandler:
         if msg is not None:
             self._end(msg, reply, reason=reason)
 
-    def _calls(self) -> ConnectionCalls:
-        dispatcher = self.dispatcher
-        return ConnectionCalls(
-            dispatcher.client,
-            dispatcher.background,
-            self.metrics,
-            self.builder.session_id,
-            self.message_log,
-            self.snapshot.endpoints,
-        )
-
     def _new_session(self) -> None:
         """QUIT_NC: a new session on the same socket (message numbers start at 1 again)."""
         self._closed = False
         self.started = time.monotonic()
         self.builder = pl.PayloadBuilder(self.session)
         self.message_log = MessageLog(self.builder.session_id, self.metrics)
-        actions = self.calls.actions
-        self.calls = self._calls()
-        self.calls.actions = actions
+        self.calls.session_id, self.calls.message_log = self.builder.session_id, self.message_log
         self.policy = PolicyState(
             self.snapshot.policies,
-            actions=actions,
+            actions=self.calls.actions,
             skip_negotiated=self.policy.skip_negotiated,
             conditional=self.snapshot.conditional,
         )

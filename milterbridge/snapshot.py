@@ -38,11 +38,13 @@ class Snapshot:
         )
         self.policies = [ep.policy for ep in self.endpoints]
         subscribed = {e for ep in self.endpoints for e in ep.settings.events}
+        #: Whether any endpoint wants the message body (it is kept only then).
+        self.keep_body = any(ep.settings.include_body for ep in self.endpoints)
         self.requirements: Requirements = requirements(
             subscribed,
             {e for ep in self.endpoints if ep.settings.mode is Mode.ENFORCE for e in ep.settings.events},
             macros=(m.encode() for ep in self.endpoints for m in ep.settings.macros),
-            body=any(ep.settings.include_body for ep in self.endpoints),
+            body=self.keep_body,
         )
         #: Endpoint name -> its ``when``, for the endpoints that have one. Empty: no condition
         #: anywhere, and connections take the handler without condition checks.
@@ -52,8 +54,6 @@ class Snapshot:
         self.conditional = bool(self.conditions)
         if self.conditional:
             self.requirements = with_condition_macros(self.requirements, self.conditions.values())
-        #: Whether any endpoint wants the message body (it is kept only then).
-        self.keep_body = any(ep.settings.include_body for ep in self.endpoints)
         #: Commands whose event no endpoint subscribes to: no request is built for them.
         self.unsubscribed: frozenset[type[Command]] = frozenset(
             kind for kind, event in EVENT_OF.items() if event not in subscribed
