@@ -10,6 +10,7 @@ always base64. The spec (openapi/milterbridge.yaml) documents the rule.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
 import time
 from collections.abc import Iterator
@@ -122,10 +123,16 @@ def header_obj(name: bytes, value: bytes) -> JSON:
 
 
 def client_address(raw: bytes) -> bytes:
-    """Drop sendmail's ``IPv6:`` prefix (milter-protocol.md §9 item 10)."""
-    if raw[:5].lower() == b"ipv6:":
-        return raw[5:]
-    return raw
+    """The client address as Postfix sends it: without Sendmail's ``IPv6:`` prefix
+    (milter-protocol.md §9 item 10), and compressed (Sendmail sends ``IPv6:0:0:0:0:0:0:0:1``
+    for ``::1``)."""
+    if raw[:5].lower() != b"ipv6:":
+        return raw
+    bare = raw[5:]
+    try:
+        return ipaddress.IPv6Address(bare.decode("ascii")).compressed.encode()
+    except ValueError:  # not an address after all: keep what was sent
+        return bare
 
 
 #: (whole second, its "YYYY-MM-DDTHH:MM:SS" text): the formatting is done once per second.

@@ -185,6 +185,13 @@ async def test_event_data_and_accumulated_context(engine: Engine) -> None:
     ("family", "address", "expected"),
     [
         pytest.param(Family.INET6, b"IPv6:2001:db8::1", {"address": "2001:db8::1", "family": "inet6"}, id="inet6"),
+        pytest.param(
+            Family.INET6,
+            b"IPv6:2001:DB8:0:0:0:0:0:1",
+            {"address": "2001:db8::1", "family": "inet6"},
+            id="inet6-sendmail-uncompressed",
+        ),
+        pytest.param(Family.INET6, b"2001:db8::1", {"address": "2001:db8::1", "family": "inet6"}, id="inet6-postfix"),
         pytest.param(Family.UNIX, b"/run/sock", {"address": "/run/sock", "port": None, "family": "unix"}, id="unix"),
         pytest.param(Family.UNKNOWN, b"", {"address": None, "port": None, "family": "unknown"}, id="unknown"),
     ],

@@ -218,7 +218,8 @@ class RunningBridge:
 class BridgeRunner:
     """Starts bridges for one test and stops every one of them at the end."""
 
-    def __init__(self, postfix: PostfixInstance, listen: str) -> None:
+    def __init__(self, postfix: PostfixInstance | None, listen: str) -> None:
+        #: The MTA ``start`` points at the bridge; None for one that is pointed at ``listen`` already (Sendmail).
         self.postfix = postfix
         #: The run's fixed milter address; the default for ``start``.
         self.listen = listen
@@ -243,7 +244,7 @@ class BridgeRunner:
         await harness.start()
         bridge = RunningBridge(harness)
         self.started.append(bridge)
-        if point_postfix:
+        if point_postfix and self.postfix is not None:
             await blocking(configure_milter, self.postfix, bridge.address, default_action, **milter)
         return bridge
 

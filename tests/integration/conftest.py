@@ -15,12 +15,14 @@ Maildir) after the run for inspection; the summary prints its path.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
+import pytest_asyncio
 
 # The end-to-end suite's fixtures (a bridge runner and fake endpoints) live with their helpers.
-from .bridge import bridges, milter_listen, mta, webhooks
+from . import sendmail as sm
+from .bridge import BridgeRunner, bridges, milter_listen, mta, webhooks
 from .postfix import PostfixInstance, closed_port, installed_version, prerequisites_problem
 
 __all__ = ["bridges", "milter_listen", "mta", "webhooks"]
@@ -33,15 +35,18 @@ def _summary(config: pytest.Config) -> list[str]:
     return config.stash.setdefault(_SUMMARY, [])
 
 
-def _require_postfix(config: pytest.Config) -> None:
-    """Fail (in CI) or skip loudly (elsewhere) when a private Postfix cannot run here."""
-    problem = prerequisites_problem()
+def _require(config: pytest.Config, mta: str, problem: str | None) -> None:
+    """Fail (in CI) or skip loudly (elsewhere) when a private ``mta`` cannot run here."""
     if problem is None:
         return
     if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true, but the real-Postfix tests cannot run: {problem}", pytrace=False)
-    config.stash[_SKIPPED] = problem
-    pytest.skip(f"REAL-POSTFIX TESTS SKIPPED: {problem}")
+        pytest.fail(f"CI=true, but the real-{mta} tests cannot run: {problem}", pytrace=False)
+    config.stash[_SKIPPED] = f"{mta}: {problem}"
+    pytest.skip(f"REAL-{mta.upper()} TESTS SKIPPED: {problem}")
+
+
+def _require_postfix(config: pytest.Config) -> None:
+    _require(config, "Postfix", prerequisites_problem())
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +93,40 @@ def _settled_postlog(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("postfix").settle_logging()
 
 
+@pytest.fixture(scope="session")
+def sendmail_instance(pytestconfig: pytest.Config, milter_listen: str) -> Iterator[sm.SendmailInstance]:
+    """The run's private Sendmail, its filter pointed at the run's fixed bridge address (``milter_listen``)."""
+    _require(pytestconfig, "Sendmail", sm.prerequisites_problem())
+    keep = os.environ.get("MILTERBRIDGE_KEEP_POSTFIX", "") not in ("", "0")
+    port = int(milter_listen.rsplit(":", 1)[1])
+    with sm.SendmailInstance(milter_port=port, keep_files=keep) as instance:
+        ipv6 = f", [::1]:{instance.smtp6_port}" if instance.smtp6_port else ", no IPv6 loopback"
+        _summary(pytestconfig).append(
+            f"Sendmail version: {sm.installed_version()} (private instance on "
+            f"{instance.smtp_host}:{instance.smtp_port}{ipv6}; {instance.cf_header_lines()} H lines in its cf)"
+        )
+        if keep:
+            _summary(pytestconfig).append(f"Sendmail instance kept in {instance.base}")
+        yield instance
+
+
+@pytest.fixture
+def sendmail(sendmail_instance: sm.SendmailInstance) -> sm.SendmailInstance:
+    """The shared Sendmail with default settings, an empty queue and no delivered mail."""
+    sendmail_instance.reset()
+    return sendmail_instance
+
+
+@pytest_asyncio.fixture
+async def sendmail_bridges(sendmail: sm.SendmailInstance, milter_listen: str) -> AsyncIterator[BridgeRunner]:
+    """Start bridges with ``await sendmail_bridges.start(...)``: Sendmail's filter already points at them."""
+    runner = BridgeRunner(None, milter_listen)
+    try:
+        yield runner
+    finally:
+        await runner.aclose()
+
+
 @pytest.fixture
 def closed_milter_port() -> Iterator[int]:
     """A loopback port that refuses connections, to play a milter that is down."""
@@ -105,9 +144,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
     """Print the Postfix version and timings, or shout why the suite was skipped."""
     skipped = config.stash.get(_SKIPPED, None)
     if skipped is not None:
-        terminalreporter.write_sep("!", f"REAL-POSTFIX TESTS SKIPPED: {skipped}", yellow=True, bold=True)
+        terminalreporter.write_sep("!", f"REAL-MTA TESTS SKIPPED: {skipped}", yellow=True, bold=True)
     lines = config.stash.get(_SUMMARY, [])
     if lines:
-        terminalreporter.write_sep("-", "real Postfix")
+        terminalreporter.write_sep("-", "real MTAs")
         for line in lines:
             terminalreporter.write_line(line)
