@@ -65,7 +65,7 @@ class BenchHandler:
             return _EOM
         return _CONTINUE
 
-    def message_ended(self, message: MessageContext) -> None:
+    def message_ended(self, message: MessageContext, *, mta_gave_up: bool = False) -> None:
         return None
 
     def connection_lost(self) -> None:

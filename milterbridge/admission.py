@@ -83,7 +83,7 @@ class OverflowHandler:
             return None
         return (OVERFLOW_REPLY,)
 
-    def message_ended(self, message: MessageContext) -> None:
+    def message_ended(self, message: MessageContext, *, mta_gave_up: bool = False) -> None:
         return None
 
     def connection_lost(self) -> None:

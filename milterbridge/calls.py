@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from milterbridge import payload as pl
@@ -66,6 +66,9 @@ class ConnectionCalls:
         self.message_log = message_log
         #: What the MTA lets us do, once negotiated (decisions needing more are invalid).
         self.actions = ALL_ACTIONS
+        #: Event -> the longest budget a call the MTA waits for may have at the connected MTA
+        #: (``ReplyLimits.budget_caps``); a shorter endpoint budget is kept.
+        self.budget_caps: Mapping[Event, float] = {}
 
     async def decide(
         self, event: Event, policies: Sequence[EndpointPolicy], request: pl.JSON, body: BodyBuffer | None = None
@@ -79,12 +82,13 @@ class ConnectionCalls:
         for policy in policies:
             endpoint = self.endpoints[policy.index]
             calls.append((endpoint, _encoded(request, endpoint, body, stream=True)))
+        cap = self.budget_caps.get(event)
         if len(calls) == 1:
             endpoint, prepared = calls[0]
-            return {endpoint.name: await self._call(event, endpoint, prepared)}
+            return {endpoint.name: await self._call(event, endpoint, prepared, cap=cap)}
         # return_exceptions: a bridge fault in one call must not leave the others running on.
         results = await asyncio.gather(
-            *(self._call(event, ep, prepared) for ep, prepared in calls), return_exceptions=True
+            *(self._call(event, ep, prepared, cap=cap) for ep, prepared in calls), return_exceptions=True
         )
         outcomes: dict[str, Outcome] = {}
         for (endpoint, _), result in zip(calls, results, strict=True):
@@ -109,10 +113,22 @@ class ConnectionCalls:
             if self.background.has_room(endpoint.settings):
                 self._spawn(event, endpoint, _encoded(request, endpoint))
 
-    async def _call(self, event: Event, endpoint: Endpoint, prepared: Prepared, *, record: bool = True) -> Outcome:
+    async def _call(
+        self, event: Event, endpoint: Endpoint, prepared: Prepared, *, record: bool = True, cap: float | None = None
+    ) -> Outcome:
         webhook_id, body = prepared
+        budget = endpoint.timeouts[event]
+        if cap is not None and cap < budget:
+            budget = cap
         result = await call_endpoint(
-            self.client, endpoint, webhook_id, body, event=event, allowed_actions=self.actions, observer=self.metrics
+            self.client,
+            endpoint,
+            webhook_id,
+            body,
+            event=event,
+            allowed_actions=self.actions,
+            observer=self.metrics,
+            budget=budget,
         )
         outcome = result.outcome
         event_name = event.value

@@ -159,7 +159,7 @@ def check_config(path: str | None) -> int:
     """Validate a config as ``serve`` would; exit 1 naming the key and reason, 0 with a summary and warnings."""
     from milterbridge.app import load_checked
     from milterbridge.config import ConfigError
-    from milterbridge.serving import config_warnings
+    from milterbridge.serving import config_warnings, mta_summary
     from milterbridge.webhook.errors import redact_url
 
     path = path or os.environ.get("MILTERBRIDGE_CONFIG") or None
@@ -177,6 +177,8 @@ def check_config(path: str | None) -> int:
     print("config ok")
     print(f"  listen: {', '.join(config.server.listen)}")
     print(f"  admin: {config.admin.listen}")
+    for line in mta_summary(config):
+        print(f"  {line}")
     for ep in config.endpoints:
         events = ", ".join(sorted(ep.events))
         line = (

@@ -74,10 +74,10 @@ class ConditionalHandler(ConnectionHandler):
             self._settle_recipients(self.session.message)
         return super().handle(command)
 
-    def message_ended(self, msg: MessageContext) -> None:
+    def message_ended(self, msg: MessageContext, *, mta_gave_up: bool = False) -> None:
         if self._recipients_open:
             self._settle_recipients(msg)
-        super().message_ended(msg)
+        super().message_ended(msg, mta_gave_up=mta_gave_up)
 
     def _check_connection(self) -> None:
         connection = self.session.connection

@@ -35,9 +35,11 @@ from urllib.parse import urlsplit
 
 from milterbridge.milter.address import is_loopback_host
 from milterbridge.milter.constants import Event
+from milterbridge.milter.mta import ANSWERED_BEFORE_EOM, POSTFIX_LIMITS, Mta, ReplyLimits, sendmail_limits
 from milterbridge.policy.conditions import KNOWN_AT, unknown_at
 from milterbridge.settings import (
     HTTP_TOKEN,
+    MTA_AUTO,
     REDACTED,
     RESERVED_HEADERS,
     AdminSettings,
@@ -46,6 +48,7 @@ from milterbridge.settings import (
     InvalidValue,
     Key,
     LogSettings,
+    SendmailSettings,
     ServerSettings,
     TlsSettings,
     declared_keys,
@@ -59,12 +62,12 @@ __all__ = [
     "load_config",
     "ENV_PREFIX",
     "CONFIG_ENV",
-    "POSTFIX_COMMAND_TIMEOUT",
     # from settings.py
     "Config",
     "ServerSettings",
     "AdminSettings",
     "LogSettings",
+    "SendmailSettings",
     "EndpointSettings",
     "TlsSettings",
     "HTTP_TOKEN",
@@ -74,11 +77,12 @@ __all__ = [
 
 ENV_PREFIX = "MILTERBRIDGE_"
 CONFIG_ENV = "MILTERBRIDGE_CONFIG"
-#: Postfix's milter_command_timeout default: the longest wait for a reply before end-of-message.
-POSTFIX_COMMAND_TIMEOUT = 30.0
-#: Events answered before end-of-message, where Postfix's milter_command_timeout applies.
-_PRE_EOM = frozenset(Event) - {Event.EOM, Event.ABORT, Event.CLOSE}
-_SECTIONS: Mapping[str, type] = {"server": ServerSettings, "admin": AdminSettings, "log": LogSettings}
+_SECTIONS: Mapping[str, type] = {
+    "server": ServerSettings,
+    "admin": AdminSettings,
+    "log": LogSettings,
+    "sendmail": SendmailSettings,
+}
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
 
 
@@ -105,6 +109,8 @@ class _Context:
     #: What ``Config.inline_secrets`` and ``Config.secret_files`` report.
     inline_secrets: list[str] = field(default_factory=list)
     secret_files: list[str] = field(default_factory=list)
+    #: What the MTAs the config serves wait for (``enforced_mtas``): endpoint budgets must fit.
+    limits: tuple[ReplyLimits, ...] = ()
 
     def error(self, key: str, message: str) -> ConfigError:
         probe = key
@@ -302,31 +308,85 @@ def _check_when(settings: EndpointSettings, prefix: str, ctx: _Context) -> None:
         )
 
 
-def _check_budgets(settings: EndpointSettings, prefix: str, ctx: _Context) -> None:
-    """Each event's budget (its ``timeouts`` entry, else ``timeout``) fits what Postfix waits for it."""
+def reply_limits(sendmail: SendmailSettings) -> dict[Mta, ReplyLimits]:
+    """How long each MTA waits for the bridge, from ``[sendmail]`` and Postfix's defaults."""
+    return {Mta.POSTFIX: POSTFIX_LIMITS, Mta.SENDMAIL: sendmail_limits(sendmail.timeouts)}
+
+
+def enforced_mtas(server: ServerSettings) -> tuple[Mta, ...]:
+    """The MTAs whose limits a config must keep: the one named, or Postfix under ``auto``.
+
+    Under ``auto`` a budget over Sendmail's limits only warns (``serving.config_warnings``):
+    at a Sendmail connection it is cut to fit (``ReplyLimits.budget_caps``).
+    """
+    return (Mta.POSTFIX,) if server.mta == MTA_AUTO else (Mta(server.mta),)
+
+
+def budget_problems(settings: EndpointSettings, prefix: str, limits: ReplyLimits) -> list[tuple[str, str]]:
+    """(key, message) for each budget of the endpoint (a ``timeouts`` entry, else ``timeout``)
+    that is too long for what ``limits``' MTA waits."""
+    problems: list[tuple[str, str]] = []
     overridden = dict(settings.timeouts)
-    early = sorted(e.value for e in settings.events & _PRE_EOM if e not in overridden)
-    if early:
-        _check_pre_eom(f"{prefix}.timeout", settings.timeout, early, ctx)
-    for event, seconds in overridden.items():
+    early = sorted(e.value for e in settings.events & ANSWERED_BEFORE_EOM if e not in overridden)
+    budgets: list[tuple[str, float, list[str]]] = [(f"{prefix}.timeout", settings.timeout, early)] if early else []
+    budgets += [
+        (f"{prefix}.timeouts.{event.value}", seconds, [event.value])
+        for event, seconds in overridden.items()
+        if event in ANSWERED_BEFORE_EOM
+    ]
+    for key, seconds, events in budgets:
+        if seconds >= limits.before_eom:
+            problems.append((key, _too_long_before_eom(seconds, events, limits)))
+    eom = overridden.get(Event.EOM, settings.timeout) if Event.EOM in settings.events else None
+    if eom is not None and limits.eom_total is not None and eom >= limits.eom_total:
+        key = f"{prefix}.timeouts.eom" if Event.EOM in overridden else f"{prefix}.timeout"
+        problems.append(
+            (
+                key,
+                f"{eom:g} seconds is too long for eom: Sendmail waits at most E ({limits.eom_total:g}s, "
+                f"[sendmail] timeouts) for the whole end-of-message, keep-alives or not; "
+                f"use less than {limits.eom_total:g}",
+            )
+        )
+    return problems
+
+
+def _too_long_before_eom(seconds: float, events: list[str], limits: ReplyLimits) -> str:
+    what = f"{seconds:g} seconds is too long for events before end-of-message ({', '.join(events)})"
+    if limits.mta is Mta.POSTFIX:
+        return (
+            f"{what}: Postfix waits at most milter_command_timeout (30s by default) for those replies and "
+            f"keep-alives exist only at end-of-message; use less than {limits.before_eom:g}"
+        )
+    return (
+        f"{what}: Sendmail waits at most R ({limits.before_eom:g}s, [sendmail] timeouts) for each reply and "
+        f"keep-alives exist only at end-of-message; use less than {limits.before_eom:g}"
+    )
+
+
+def progress_problem(server: ServerSettings, limits: ReplyLimits) -> str | None:
+    """Why ``progress_interval`` is too long for ``limits``' MTA to keep waiting at end-of-message, or None."""
+    if server.progress_interval < limits.keepalive:
+        return None
+    wait = "milter_content_timeout" if limits.mta is Mta.POSTFIX else "R, [sendmail] timeouts"
+    return (
+        f"{server.progress_interval:g} seconds is too long: {limits.mta.value.capitalize()} waits at most "
+        f"{limits.keepalive:g}s ({wait}) between keep-alives at end-of-message; use less than {limits.keepalive:g}"
+    )
+
+
+def _check_budgets(settings: EndpointSettings, prefix: str, ctx: _Context) -> None:
+    """Each event's budget fits what the MTAs the config serves wait for it (see ``enforced_mtas``)."""
+    for event in dict(settings.timeouts):
         if event not in settings.events:
             subscribed = ", ".join(sorted(e.value for e in settings.events))
             raise ctx.error(
                 f"{prefix}.timeouts.{event.value}",
                 f"the endpoint is not called at {event.value} (events: {subscribed})",
             )
-        if event in _PRE_EOM:
-            _check_pre_eom(f"{prefix}.timeouts.{event.value}", seconds, [event.value], ctx)
-
-
-def _check_pre_eom(key: str, seconds: float, events: list[str], ctx: _Context) -> None:
-    if seconds >= POSTFIX_COMMAND_TIMEOUT:
-        raise ctx.error(
-            key,
-            f"{seconds:g} seconds is too long for events before end-of-message ({', '.join(events)}): "
-            f"Postfix waits at most milter_command_timeout (30s by default) for those replies and keep-alives "
-            f"exist only at end-of-message; use less than {POSTFIX_COMMAND_TIMEOUT:g}",
-        )
+    for limits in ctx.limits:
+        for key, message in budget_problems(settings, prefix, limits):
+            raise ctx.error(key, message)
 
 
 def _env_value(text: str) -> Any:
@@ -409,8 +469,14 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] 
     _apply_env(data, ctx)
     for name in data:
         if name not in (*_SECTIONS, "endpoints"):
-            raise ctx.error(name, "unknown section (known: server, admin, log, endpoints)")
+            raise ctx.error(name, f"unknown section (known: {', '.join(_SECTIONS)}, endpoints)")
     sections = {name: cls(**_section(data.get(name, {}), cls, name, ctx)) for name, cls in _SECTIONS.items()}
+    limits = reply_limits(sections["sendmail"])
+    ctx.limits = tuple(limits[mta] for mta in enforced_mtas(sections["server"]))
+    for each in ctx.limits:
+        problem = progress_problem(sections["server"], each)
+        if problem is not None:
+            raise ctx.error("server.progress_interval", problem)
     raw_endpoints = data.get("endpoints", [])
     if not isinstance(raw_endpoints, list):
         raise ctx.error("endpoints", f"expected an array of tables ([[endpoints]]), got {type_name(raw_endpoints)}")
@@ -425,6 +491,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] 
         server=sections["server"],
         admin=sections["admin"],
         log=sections["log"],
+        sendmail=sections["sendmail"],
         endpoints=endpoints,
         source=source,
         inline_secrets=tuple(ctx.inline_secrets),

@@ -73,10 +73,11 @@ class Handler(TypingProtocol):
         """
         ...
 
-    def message_ended(self, message: MessageContext) -> None:
+    def message_ended(self, message: MessageContext, *, mta_gave_up: bool = False) -> None:
         """``message`` ended without end-of-message (ABORT, a new MAIL or HELO, QUIT, QUIT_NC, EOF).
 
         Called before the command that ended it is handled; never answered on the wire.
+        ``mta_gave_up``: the MTA closed the connection while it waited for our reply (its timeout).
         """
         ...
 
@@ -302,13 +303,16 @@ class MilterConnection(asyncio.Protocol):
         if self._sock is not None:
             self._sock.detach()
             self._sock = None
+        # The MTA hung up while a reply was due: it stopped waiting (we never close mid-reply
+        # but at the drain deadline).
+        mta_gave_up = not self._closed and self.session.pending is not None
         self._closed = True
         self._deadlines.cancel()
         if self._busy is not None:
             self._busy.cancel()
             self._busy = None
         if self.session.state is not State.CLOSED:
-            self._end_session()
+            self._end_session(mta_gave_up)
         try:
             self.handler.connection_lost()
         except Exception:
@@ -362,13 +366,13 @@ class MilterConnection(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
-    def _message_ended(self, event: MessageEnded) -> None:
+    def _message_ended(self, event: MessageEnded, mta_gave_up: bool = False) -> None:
         try:
-            self.handler.message_ended(event.message)
+            self.handler.message_ended(event.message, mta_gave_up=mta_gave_up)
         except Exception:
             log.exception("handler failed on a message that ended without end-of-message")
 
-    def _end_session(self) -> None:
+    def _end_session(self, mta_gave_up: bool) -> None:
         """The peer is gone: a message still open ends, and the handler hears of it."""
         try:
             self.session.receive_eof()
@@ -377,7 +381,7 @@ class MilterConnection(asyncio.Protocol):
         # After EOF the session has nothing left to return but the end of an open message.
         with contextlib.suppress(MilterError):
             while type(event := self.session.next_event()) is MessageEnded:
-                self._message_ended(event)
+                self._message_ended(event, mta_gave_up)
 
     def _negotiate(self, handler: Handler, offer: Negotiate) -> bool:
         try:

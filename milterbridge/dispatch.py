@@ -60,12 +60,13 @@ from milterbridge.milter.messages import (
     Reply,
     TempFail,
 )
+from milterbridge.milter.mta import Mta, capped
 from milterbridge.milter.session import EVENT_OF, MilterSession
 from milterbridge.policy.merge import Verdict
 from milterbridge.policy.model import EndpointPolicy, Outcome
 from milterbridge.policy.transaction import EventResult, PolicyState
 from milterbridge.replies import REFUSED_OVER_LIMIT, TOO_MANY_RECIPIENTS, over_limit_reply
-from milterbridge.snapshot import Snapshot
+from milterbridge.snapshot import MtaProfile, Snapshot
 
 log = logging.getLogger("milterbridge.dispatch")
 
@@ -152,6 +153,10 @@ class ConnectionHandler:
         )
         self.started = time.monotonic()
         self._closed = False
+        #: The connected MTA's profile, told from the connect macros when first needed.
+        self._profile: MtaProfile | None = None
+        #: The event whose answer the MTA waits for while the endpoints decide, and since when.
+        self._asked: tuple[Event, float] | None = None
         session.set_unsubscribed(self.snapshot.unsubscribed)
 
     # ------------------------------------------------------ connection.Handler
@@ -196,11 +201,13 @@ class ConnectionHandler:
             self.body.start()  # MAIL was not seen (negotiated away)
         return self._decide(EVENT_OF[kind], command, msg)
 
-    def message_ended(self, msg: MessageContext) -> None:
-        """The client ended ``msg`` without its end-of-message answer (abort, new MAIL, QUIT, EOF)."""
+    def message_ended(self, msg: MessageContext, *, mta_gave_up: bool = False) -> None:
+        """``msg`` ended without its end-of-message answer: the client ended it (abort, new MAIL,
+        QUIT, EOF), or the MTA stopped waiting for an answer and closed the connection."""
         self.policy.reset_message()
         self.body.drop()
-        self._end(msg, None, reason="ended by the client before end-of-message")
+        reason = self._gave_up() if mta_gave_up else "ended by the client before end-of-message"
+        self._end(msg, None, reason=reason)
         if not self.message_log.was_accepted(msg):
             self._notify(Event.ABORT, msg)  # an accepted message was delivered: no abort
 
@@ -229,10 +236,13 @@ class ConnectionHandler:
         return self._decide_async(event, targets, request)
 
     async def _decide_async(self, event: Event, targets: Sequence[EndpointPolicy], request: pl.JSON) -> Sequence[Reply]:
+        self._ask(event)
         try:
             outcomes = await self.calls.decide(event, targets, request)
         except Exception as exc:
             return self._bridge_fault(event, exc)
+        finally:
+            self._asked = None
         return self._apply(event, outcomes)
 
     def _apply(self, event: Event, outcomes: Mapping[str, Outcome]) -> Sequence[Reply]:
@@ -320,20 +330,65 @@ class ConnectionHandler:
     async def _eom_async(
         self, msg: MessageContext, targets: Sequence[EndpointPolicy], request: pl.JSON
     ) -> Sequence[Reply | Modification]:
+        self._ask(Event.EOM)
         try:
             outcomes = await self.calls.decide(Event.EOM, targets, request, self.body.buffer)
         except Exception as exc:
             return self._bridge_fault(Event.EOM, exc)
+        finally:
+            self._asked = None
         return self._finish(msg, outcomes)
 
     def _finish(self, msg: MessageContext, outcomes: Mapping[str, Outcome]) -> Sequence[Reply | Modification]:
-        result = self.policy.finish_eom(outcomes, msg.headers)
+        result = self.policy.finish_eom(outcomes, msg.headers, self._mta().numbering)
         log_dropped_modifications(self.builder.session_id, result.dropped, result.adjusted, self.metrics)
         quarantined = result.quarantine is not None
         reason = _reason(result.winner)
         self._end(msg, result.reply, reason=reason, quarantined=quarantined, modifications=len(result.applied))
         self.body.drop()
         return result.messages
+
+    # --------------------------------------------------------------------- MTA
+
+    def _mta(self) -> MtaProfile:
+        """The connected MTA's profile (``Snapshot.mta_profile``), told on first use."""
+        profile = self._profile
+        if profile is None:
+            profile = self._profile = self.snapshot.mta_profile(self.session.connection)
+            self.calls.budget_caps = profile.caps
+        return profile
+
+    def _ask(self, event: Event) -> None:
+        """The endpoints are asked for ``event``'s answer, which the MTA waits for (capped to its waits)."""
+        self._mta()
+        self._asked = (event, time.monotonic())
+
+    def _gave_up(self) -> str:
+        """Why a message ended when the MTA closed the connection while it waited for an answer."""
+        limits = self._mta().limits
+        asked = self._asked
+        if asked is None:
+            return "the MTA closed the connection while it waited for an answer"
+        event, since = asked
+        waited = time.monotonic() - since
+        if limits.mta is Mta.SENDMAIL:
+            eom = event is Event.EOM
+            name, limit = ("E", limits.eom_total) if eom else ("R", limits.before_eom)
+            assert limit is not None
+            if waited < capped(limit):
+                why = f"sooner than its {name} limit in [sendmail] timeouts ({limit:g}s): match that to the filter's T="
+            else:
+                why = f"its {name} limit is {limit:g}s" + (
+                    " for the whole end-of-message, keep-alives or not" if eom else ""
+                )
+        elif event is Event.EOM:
+            why = "milter_content_timeout: no keep-alive came in time"
+        else:
+            why = "milter_command_timeout, 30s by default"
+        return (
+            f"{limits.mta.value.capitalize()} stopped waiting for the {event.value} answer after {waited:.1f}s "
+            f"and closed the connection ({why}); its own failure action applies"
+        )
 
     # ---------------------------------------------------------------- webhooks
 

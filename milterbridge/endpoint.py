@@ -169,10 +169,12 @@ async def call_endpoint(
     event: Event,
     allowed_actions: Action,
     observer: CallObserver,
+    budget: float | None = None,
 ) -> CallResult:
     """Post ``body`` (the encoded request) to ``endpoint`` and turn the answer into an outcome.
 
-    The call has the event's budget (``endpoint.timeouts``), a wait for a call slot included.
+    The call has the event's budget (``endpoint.timeouts``, or ``budget`` when given), a wait
+    for a call slot included.
     ``allowed_actions`` is what the MTA granted at negotiation. Counts the call with
     ``observer.webhook``, a decision with ``observer.decision`` and, with a cap, the wait for a
     slot with ``observer.queue_wait``; see the module docstring for what the breaker is told.
@@ -182,7 +184,8 @@ async def call_endpoint(
     settings = endpoint.settings
     breaker = endpoint.breaker
     started = time.monotonic()
-    budget = endpoint.timeouts[event]
+    if budget is None:
+        budget = endpoint.timeouts[event]
     outcome: Outcome
     response: WebhookResponse | None = None
     ticket = breaker.allow()

@@ -2,7 +2,8 @@
 
 ``load_serving_config`` is what a bridge may start or reload with: a loaded config
 (``config.load_config``) in which some endpoint enforces. ``config_warnings`` lists what
-loads but weakens security; ``serve`` logs them and ``check-config`` prints them.
+loads but weakens security or may not fit an MTA's timeouts; ``serve`` logs them and
+``check-config`` prints them, with ``mta_summary``.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from milterbridge.config import ConfigError, load_config
+from milterbridge.config import ConfigError, budget_problems, load_config, progress_problem, reply_limits
 from milterbridge.milter.constants import Event
+from milterbridge.milter.mta import Mta
 from milterbridge.policy.model import Mode
-from milterbridge.settings import Config
+from milterbridge.settings import MTA_AUTO, Config
 
-__all__ = ["check_enforcing", "config_warnings", "load_serving_config"]
+__all__ = ["check_enforcing", "config_warnings", "load_serving_config", "mta_summary"]
 
 _NOTIFICATIONS = frozenset({Event.ABORT, Event.CLOSE})
 
@@ -106,4 +108,43 @@ def config_warnings(config: Config) -> list[str]:
         for ep in config.endpoints
         if not ep.tls.verify
     ]
+    if config.server.mta == MTA_AUTO:
+        warnings += _sendmail_warnings(config)
     return warnings
+
+
+def _sendmail_warnings(config: Config) -> list[str]:
+    """Under ``mta = "auto"``: what Sendmail would not wait for (the config keeps Postfix's limits)."""
+    limits = reply_limits(config.sendmail)[Mta.SENDMAIL]
+    hint = 'set [server] mta = "postfix" if no Sendmail connects, or match [sendmail] timeouts to its T='
+    out = []
+    for ep in config.endpoints:
+        for key, message in budget_problems(ep, f"endpoints.{ep.name}", limits):
+            out.append(f"{key}: {message}; at a Sendmail connection the calls are cut to fit; {hint}")
+    problem = progress_problem(config.server, limits)
+    if problem is not None:
+        out.append(f"server.progress_interval: {problem}; {hint}")
+    return out
+
+
+def mta_summary(config: Config) -> list[str]:
+    """What the bridge follows for each MTA it may serve, for ``check-config``."""
+    limits = reply_limits(config.sendmail)
+    mta = config.server.mta
+    lines = [f"mta: {mta}" + (" (told apart per connection by the v macro)" if mta == MTA_AUTO else "")]
+    if mta in (MTA_AUTO, Mta.POSTFIX):
+        lines.append(
+            "  postfix: each answer before end-of-message within milter_command_timeout (30s by default); "
+            f"end-of-message kept alive every {config.server.progress_interval:g}s "
+            "(milter_content_timeout, 300s by default, restarts with each)"
+        )
+    if mta in (MTA_AUTO, Mta.SENDMAIL):
+        sendmail = limits[Mta.SENDMAIL]
+        caps = sendmail.budget_caps()
+        lines.append(
+            f"  sendmail ({sendmail.source}): each answer within R {sendmail.before_eom:g}s, the whole "
+            f"end-of-message within E {sendmail.eom_total:g}s, keep-alives or not; calls capped at "
+            f"{caps[Event.MAIL]:g}s before and {caps[Event.EOM]:g}s at end-of-message; "
+            f"header inserts counted after the cf's {config.sendmail.header_lines} H lines"
+        )
+    return lines

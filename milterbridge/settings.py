@@ -28,6 +28,7 @@ from yarl import URL
 
 from milterbridge.milter.address import parse_listen_address, split_host_port
 from milterbridge.milter.constants import Event
+from milterbridge.milter.mta import STOCK_CF_HEADER_LINES, Mta, SendmailTimeouts
 from milterbridge.policy.conditions import Condition, ConditionError, parse_condition
 from milterbridge.policy.model import ALL_OPS, Mode, ModOp, OnError, OnOversize
 
@@ -425,6 +426,18 @@ def _when(value: Any) -> Condition:
         raise InvalidValue(str(exc), exc.key) from None
 
 
+#: ``[server] mta``: one MTA, or told apart per connection.
+MTA_AUTO: Final = "auto"
+
+
+@_check("string (Sendmail's T= syntax)")
+def _sendmail_timeouts(value: Any) -> SendmailTimeouts:
+    try:
+        return SendmailTimeouts.parse(_text(value))
+    except ValueError as exc:
+        raise InvalidValue(f"{exc} (copy the T= value of your INPUT_MAIL_FILTER line)") from None
+
+
 @_check("table")
 def _table(value: Any) -> dict[str, Any]:
     """A table of its own, such as tls: the loader reads it by its own keys."""
@@ -569,6 +582,26 @@ class ServerSettings:
     allow_no_endpoints: bool = setting(
         False, _boolean, "Serve a config without an enforcing endpoint, where every message passes unfiltered."
     )
+    mta: str = setting(
+        MTA_AUTO,
+        _choice((MTA_AUTO, *Mta)),
+        "The MTA that connects (postfix, sendmail), or auto: told apart per connection by its v macro.",
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendmailSettings:
+    """What the bridge must know of a Sendmail's configuration ([sendmail])."""
+
+    timeouts: SendmailTimeouts = setting(
+        SendmailTimeouts(),
+        _sendmail_timeouts,
+        "The T= of the INPUT_MAIL_FILTER line for the bridge: how long Sendmail waits for it.",
+        shown='`"S:10s;R:10s;E:5m"` (Sendmail\'s defaults)',
+    )
+    header_lines: int = setting(
+        STOCK_CF_HEADER_LINES, _integer(1), "How many H lines sendmail.cf has (grep -c '^H' sendmail.cf)."
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -592,6 +625,7 @@ class Config:
     server: ServerSettings = ServerSettings()
     admin: AdminSettings = AdminSettings()
     log: LogSettings = LogSettings()
+    sendmail: SendmailSettings = SendmailSettings()
     endpoints: tuple[EndpointSettings, ...] = ()
     #: Path of the TOML file loaded; None when built from defaults and environment only
     #: (the CLI runs the demo then).

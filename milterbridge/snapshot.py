@@ -9,20 +9,41 @@ its breaker across a reload (``endpoint.build_endpoints``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
-from milterbridge.config import Config
+from milterbridge.config import Config, reply_limits
 from milterbridge.endpoint import Endpoint, build_endpoints
 from milterbridge.milter.constants import Action, Event
+from milterbridge.milter.context import ConnectionContext
 from milterbridge.milter.messages import Command, Negotiate, NegotiateReply
+from milterbridge.milter.mta import Mta, ReplyLimits, identify
 from milterbridge.milter.negotiation import Negotiated, Requirements, negotiate, requirements
 from milterbridge.milter.session import EVENT_OF
+from milterbridge.policy.apply import POSTFIX_NUMBERING, HeaderNumbering, sendmail_numbering
 from milterbridge.policy.conditions import Condition
 from milterbridge.policy.model import Mode, OnOversize
 from milterbridge.policy.transaction import PolicyState
+from milterbridge.settings import MTA_AUTO
+
+log = logging.getLogger("milterbridge.dispatch")
 
 #: Distinct MTA offers whose answer is kept (Postfix always sends the same one).
 _MAX_CACHED_OFFERS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class MtaProfile:
+    """What the bridge follows at a connection from one MTA: its header numbering and waits."""
+
+    numbering: HeaderNumbering
+    limits: ReplyLimits
+    #: ``limits.budget_caps()``, computed once.
+    caps: Mapping[Event, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "caps", self.limits.budget_caps())
 
 
 class Snapshot:
@@ -64,6 +85,14 @@ class Snapshot:
         #: A placeholder policy until a connection has negotiated (it is never asked to decide).
         self.idle_policy = PolicyState(self.policies, actions=Action.NONE, skip_negotiated=False)
         self._negotiations: dict[tuple[int, int, int], tuple[Negotiated, NegotiateReply]] = {}
+        limits = reply_limits(config.sendmail)
+        self.profiles: Mapping[Mta, MtaProfile] = {
+            Mta.POSTFIX: MtaProfile(POSTFIX_NUMBERING, limits[Mta.POSTFIX]),
+            Mta.SENDMAIL: MtaProfile(sendmail_numbering(config.sendmail.header_lines), limits[Mta.SENDMAIL]),
+        }
+        #: The MTA ``[server] mta`` names; None for ``auto`` (told per connection).
+        self.mta: Mta | None = None if config.server.mta == MTA_AUTO else Mta(config.server.mta)
+        self._unidentified_logged = False
 
     def subscribers(self, event: Event) -> Sequence[Endpoint]:
         """Every endpoint subscribed to ``event`` (both modes; used for the notifications)."""
@@ -84,6 +113,24 @@ class Snapshot:
         if len(self._negotiations) < _MAX_CACHED_OFFERS:
             self._negotiations[key] = (got, reply)
         return got, reply, True
+
+    def mta_profile(self, connection: ConnectionContext) -> MtaProfile:
+        """The profile for a connection: the configured MTA's, else the one its ``v`` macro names.
+
+        An MTA that cannot be told is taken for Postfix (said once per config, at warning).
+        """
+        mta = self.mta or identify(connection.macros.get(b"v"))
+        if mta is None:
+            mta = Mta.POSTFIX
+            if not self._unidentified_logged:
+                self._unidentified_logged = True
+                version = connection.macros.get(b"v")
+                log.warning(
+                    "cannot tell the MTA from its v macro (%s); following Postfix's header numbering and "
+                    "timeouts; set [server] mta to say which MTA connects",
+                    repr(version.decode("utf-8", "replace")) if version is not None else "not sent",
+                )
+        return self.profiles[mta]
 
     def breaker_states(self) -> dict[str, str]:
         """Breaker state per endpoint name (``closed``, ``open``, ``half_open``), for metrics."""

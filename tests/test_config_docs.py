@@ -21,6 +21,7 @@ from milterbridge.settings import (
     EndpointSettings,
     Key,
     LogSettings,
+    SendmailSettings,
     ServerSettings,
     TlsSettings,
     declared_keys,
@@ -32,6 +33,7 @@ SECTIONS = {
     ServerSettings: ("## `[server]`", "[server]\n"),
     AdminSettings: ("## `[admin]`", "[admin]\n"),
     LogSettings: ("## `[log]`", "[log]\n"),
+    SendmailSettings: ("## `[sendmail]`", "[sendmail]\n"),
     EndpointSettings: ("## `[[endpoints]]`", '[[endpoints]]\nname = "policy"\nurl = "https://hooks.example/m"\n'),
     TlsSettings: ("## TLS", '[[endpoints]]\nname = "policy"\nurl = "https://hooks.example/m"\n[endpoints.tls]\n'),
 }
@@ -136,6 +138,7 @@ def test_documented_default_loads_as_the_default(tmp_path, cls, key):
         ServerSettings: config.server,
         AdminSettings: config.admin,
         LogSettings: config.log,
+        SendmailSettings: config.sendmail,
         EndpointSettings: config.endpoints[0] if config.endpoints else None,
         TlsSettings: config.endpoints[0].tls if config.endpoints else None,
     }[cls]

@@ -56,7 +56,7 @@ class Recorder:
         await asyncio.sleep(self.slow_eom)
         return replies
 
-    def message_ended(self, message: MessageContext) -> None:
+    def message_ended(self, message: MessageContext, *, mta_gave_up: bool = False) -> None:
         return None
 
     def connection_lost(self) -> None:
@@ -79,7 +79,7 @@ class Journal:
             return None
         return [m.Accept()] if isinstance(command, m.EndOfMessage) else [m.Continue()]
 
-    def message_ended(self, message: MessageContext) -> None:
+    def message_ended(self, message: MessageContext, *, mta_gave_up: bool = False) -> None:
         self.seen.append(f"ended {message.mail_from.decode()}")
 
     def connection_lost(self) -> None:

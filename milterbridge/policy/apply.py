@@ -1,4 +1,4 @@
-"""Turning the endpoints' modification ops into milter modifications, in Postfix's numbering.
+"""Turning the endpoints' modification ops into milter modifications, in the MTA's numbering.
 
 :func:`plan_modifications` takes the ops of every endpoint (in config order)
 and the headers exactly as the endpoints received them, and returns the
@@ -18,7 +18,7 @@ What the endpoints' ops mean (the "intended result"), and how conflicts go:
   does not exist becomes an add (libmilter's ``smfi_chgheader`` convention,
   and what Postfix does with it), reported in :attr:`ModificationPlan.adjusted`.
 * insert ``N`` puts the header right after the N-th received header (whether
-  or not that one is deleted), 0 at the very top (above Postfix's own
+  or not that one is deleted), 0 at the very top (above the MTA's own
   Received); inserts at the same place keep their listed order; an index past
   the end means the end of the received headers (before any added header).
 * adds (and changes turned into adds) go at the end, in listed order.
@@ -27,12 +27,15 @@ What the endpoints' ops mean (the "intended result"), and how conflicts go:
 * An op whose action the MTA did not grant is dropped (the parser normally
   refuses the whole response first).
 
-Postfix numbering (milter-protocol.md §6.1): CHGHEADER counts visible headers
-of that name, and a delete shifts later ones of the same name, so deletes and
-changes go highest position first with their original index. INSHEADER counts
-every header including Postfix's hidden Received (``received_offset``) and the
-headers inserted before it in the same answer, so each insert's index is the
-number of headers that will precede it at the time it is applied.
+MTA numbering (milter-protocol.md §6.1): CHGHEADER counts visible headers of
+that name, and a delete shifts later ones of the same name, so deletes and
+changes go highest position first with their original index (Postfix and
+Sendmail alike). INSHEADER counts the entries the MTA keeps above the message's
+headers (:class:`HeaderNumbering`: Postfix its hidden
+Received, Sendmail one per ``H`` line of its cf), the message's headers (for
+Sendmail deleted ones too) and the headers inserted before it in the same
+answer, so each insert's index is the number of entries that will precede it at
+the time it is applied.
 
 Values: header values go on the wire LF-folded as the endpoint sent them, with
 one space prepended unless they start with a space or a tab (we negotiate
@@ -136,8 +139,38 @@ class ModificationPlan:
     adjusted: tuple[AdjustedModification, ...] = ()
 
 
-#: Headers Postfix puts above the ones milters receive and counts for INSHEADER: its own Received.
-POSTFIX_RECEIVED_OFFSET: Final = 1
+@dataclass(frozen=True, slots=True)
+class HeaderNumbering:
+    """How an MTA numbers header positions in INSHEADER (milter/mta.py tells the MTAs apart).
+
+    ``above``: entries the MTA counts above the message's first header; an insert after the
+    message's N-th header is sent as ``above + N`` (plus earlier inserts). ``counts_deleted``:
+    whether a header deleted by the same answer still counts.
+    """
+
+    above: int
+    counts_deleted: bool
+
+    def __post_init__(self) -> None:
+        if self.above < 0:
+            raise ValueError("above must not be negative")
+
+
+#: Postfix counts its own Received header, not deleted headers.
+POSTFIX_NUMBERING: Final = HeaderNumbering(above=1, counts_deleted=False)
+
+
+def sendmail_numbering(cf_header_lines: int) -> HeaderNumbering:
+    """Sendmail's numbering with a ``.cf`` of ``cf_header_lines`` ``H`` lines (9 in a stock cf).
+
+    Sendmail's header list starts with one entry per ``H`` line; it inserts after the entry at
+    the wire index, counting from 0, so the message's N-th header is entry
+    ``cf_header_lines - 1 + N``; a deleted header keeps its entry.
+    """
+    if cf_header_lines < 1:
+        raise ValueError("a sendmail.cf has at least one H line (Received)")
+    return HeaderNumbering(above=cf_header_lines - 1, counts_deleted=True)
+
 
 _LONE_LF: Final = re.compile(rb"(?<!\r)\n")
 
@@ -170,7 +203,7 @@ class _Builder:
 
     headers: Sequence[tuple[bytes, bytes]]
     actions: Action
-    received_offset: int
+    numbering: HeaderNumbering
     applied: list[AppliedModification] = field(default_factory=list)
     dropped: list[DroppedModification] = field(default_factory=list)
     adjusted: list[AdjustedModification] = field(default_factory=list)
@@ -276,8 +309,8 @@ class _Builder:
         for gap, endpoint, ins in self.inserts:
             before = bisect.bisect_right(done_gaps, gap)  # inserts at or above this gap
             if gap > 0:
-                survivors = gap - bisect.bisect_right(deleted, gap)
-                before += self.received_offset + survivors
+                counted = gap if self.numbering.counts_deleted else gap - bisect.bisect_right(deleted, gap)
+                before += self.numbering.above + counted
             header_mods.append(InsertHeader(index=before, name=ins.name.encode(), value=wire_value(ins.value)))
             bisect.insort(done_gaps, gap)
             self.applied.append(AppliedModification(endpoint=endpoint, op=ins))
@@ -306,17 +339,16 @@ def plan_modifications(
     headers: Sequence[tuple[bytes, bytes]],
     *,
     actions: Action,
-    received_offset: int = POSTFIX_RECEIVED_OFFSET,
+    numbering: HeaderNumbering = POSTFIX_NUMBERING,
 ) -> ModificationPlan:
     """Plan the end-of-message modifications.
 
     ``ops`` holds ``(endpoint name, ops)`` in config order; ``headers`` the
     ``(name, value)`` pairs as the endpoints received them; ``actions`` the
-    action bits the MTA granted; ``received_offset`` the number of hidden
-    headers the MTA puts above the received ones (:data:`POSTFIX_RECEIVED_OFFSET`
-    for Postfix; 0 for an MTA without a hidden header).
+    action bits the MTA granted; ``numbering`` how the MTA counts positions for
+    INSHEADER (Postfix's by default).
     """
-    builder = _Builder(headers=headers, actions=actions, received_offset=received_offset)
+    builder = _Builder(headers=headers, actions=actions, numbering=numbering)
     for endpoint, endpoint_ops in ops:
         for op in endpoint_ops:
             builder.take(endpoint, op)

@@ -56,11 +56,12 @@ from milterbridge.milter.messages import (
 )
 
 from .apply import (
-    POSTFIX_RECEIVED_OFFSET,
+    POSTFIX_NUMBERING,
     AdjustedModification,
     AppliedModification,
     DroppedModification,
     DropReason,
+    HeaderNumbering,
     plan_modifications,
 )
 from .ledger import Ledger
@@ -151,8 +152,7 @@ class PolicyState:
     ``endpoints`` are all configured endpoints (observe ones are never asked
     for decisions and their outcomes are ignored, but they count for SKIP);
     ``actions`` the action bits the MTA granted; ``skip_negotiated`` whether
-    SMFIP_SKIP was agreed; ``received_offset`` the hidden headers the MTA
-    counts for INSHEADER (:data:`~.apply.POSTFIX_RECEIVED_OFFSET` for Postfix).
+    SMFIP_SKIP was agreed.
     What it remembers between events is kept in a :class:`~.ledger.Ledger`.
     """
 
@@ -162,18 +162,14 @@ class PolicyState:
         *,
         actions: Action,
         skip_negotiated: bool,
-        received_offset: int = POSTFIX_RECEIVED_OFFSET,
         conditional: bool = False,
     ) -> None:
         self.endpoints: tuple[EndpointPolicy, ...] = tuple(sorted(endpoints, key=lambda e: (e.index, e.name)))
         self._by_name = {ep.name: ep for ep in self.endpoints}
         if len(self._by_name) != len(self.endpoints):
             raise PolicyUsageError("endpoint names must be unique")
-        if received_offset < 0:
-            raise PolicyUsageError("received_offset must not be negative")
         self.actions = actions
         self.skip_negotiated = skip_negotiated
-        self.received_offset = received_offset
         self._enforcing = tuple(ep for ep in self.endpoints if ep.enforcing)
         self._ledger = Ledger()
         #: Some endpoint has a ``when``: only then are skipped ones looked for among observers and at rcpt.
@@ -301,12 +297,16 @@ class PolicyState:
         )
 
     def finish_eom(
-        self, outcomes: Mapping[str, Decision | Failure], headers: Sequence[tuple[bytes, bytes]]
+        self,
+        outcomes: Mapping[str, Decision | Failure],
+        headers: Sequence[tuple[bytes, bytes]],
+        numbering: HeaderNumbering = POSTFIX_NUMBERING,
     ) -> EomResult:
         """The end-of-message answer: modifications, quarantine and final reply, in order.
 
         ``headers`` are the message's headers exactly as the endpoints received
-        them (``message.headers``). Resets the message state afterwards.
+        them (``message.headers``); ``numbering`` how the connected MTA counts
+        header positions. Resets the message state afterwards.
         """
         verdicts, ignored, dropped = self._resolve(Event.EOM, outcomes)
         ledger = self._ledger
@@ -320,7 +320,7 @@ class PolicyState:
             messages: tuple[Reply | Modification, ...] = (reply,)
         else:
             ops = ledger.modifications(self.endpoints, verdicts)
-            plan = plan_modifications(ops, headers, actions=self.actions, received_offset=self.received_offset)
+            plan = plan_modifications(ops, headers, actions=self.actions, numbering=numbering)
             applied = plan.applied
             adjusted = plan.adjusted
             mods: list[Reply | Modification] = list(plan.messages)

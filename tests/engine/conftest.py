@@ -27,7 +27,7 @@ from typing import Any
 import pytest_asyncio
 
 from milterbridge.client import Envelope, MilterClient, TransactionResult
-from milterbridge.config import Config, EndpointSettings, ServerSettings
+from milterbridge.config import Config, EndpointSettings, SendmailSettings, ServerSettings
 from milterbridge.metrics import Metrics
 from milterbridge.milter.constants import ALL_ACTIONS, ALL_PROTOCOL
 from milterbridge.server import MilterServer
@@ -70,13 +70,15 @@ class Engine:
         *endpoints: EndpointSettings,
         server: ServerSettings | None = None,
         progress_interval: float | None = None,
+        sendmail: SendmailSettings | None = None,
     ) -> Engine:
         """Start the bridge for ``endpoints``, its milter listener on 127.0.0.1:0 (whatever ``server.listen`` says)."""
         assert self.harness is None, "the engine starts one bridge"
         settings = dataclasses.replace(server or ServerSettings(), listen=LOOPBACK)
         if progress_interval is not None:
             settings = dataclasses.replace(settings, progress_interval=progress_interval)
-        self.harness = BridgeHarness(Config(server=settings, endpoints=tuple(endpoints)), metrics=self.metrics)
+        config = Config(server=settings, endpoints=tuple(endpoints), sendmail=sendmail or SendmailSettings())
+        self.harness = BridgeHarness(config, metrics=self.metrics)
         await self.harness.start()
         return self
 

@@ -30,7 +30,7 @@ class StaticHandler:
             return (Accept(),)
         return (Continue(),)
 
-    def message_ended(self, message: MessageContext) -> None:
+    def message_ended(self, message: MessageContext, *, mta_gave_up: bool = False) -> None:
         return None
 
     def connection_lost(self) -> None:

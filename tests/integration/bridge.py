@@ -44,7 +44,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from milterbridge.config import Config, EndpointSettings, ServerSettings
+from milterbridge.config import Config, EndpointSettings, SendmailSettings, ServerSettings
 from milterbridge.metrics import Metrics
 from milterbridge.server import MilterServer
 from tests.fakes.webhooks import FakeWebhooks
@@ -230,17 +230,20 @@ class BridgeRunner:
         *endpoints: EndpointSettings,
         listen: Sequence[str] | None = None,
         server: Mapping[str, Any] | None = None,
+        sendmail: SendmailSettings | None = None,
         point_postfix: bool = True,
         default_action: str = "tempfail",
         **milter: Any,
     ) -> RunningBridge:
         """Start a bridge for ``endpoints``; point Postfix's ``smtpd_milters`` at it unless told not to.
 
-        ``server`` overrides ``ServerSettings`` fields (``listen`` is taken from ``listen``);
+        ``server`` overrides ``ServerSettings`` fields (``listen`` is taken from ``listen``), ``sendmail``
+        is the config's ``[sendmail]``;
         ``default_action`` and ``milter`` go to ``PostfixInstance.set_milter``.
         """
         settings = ServerSettings(**{**(server or {}), "listen": tuple(listen or (self.listen,))})
-        harness = BridgeHarness(Config(server=settings, endpoints=tuple(endpoints)))
+        config = Config(server=settings, endpoints=tuple(endpoints), sendmail=sendmail or SendmailSettings())
+        harness = BridgeHarness(config)
         await harness.start()
         bridge = RunningBridge(harness)
         self.started.append(bridge)

@@ -1,11 +1,14 @@
-"""End-of-message modifications: order, values, and header indexes in Postfix's numbering.
+"""End-of-message modifications: order, values, and header indexes in each MTA's numbering.
 
 ``PostfixHeaders`` is a tiny model of how Postfix's cleanup edits the queued
 header list (milter-protocol.md §6.1): CHGHEADER counts visible headers of a
 name and unlinks on delete, INSHEADER counts every header including Postfix's
-own hidden Received, ADDHEADER appends. ``intended`` is what the endpoints' ops
-mean on the list they received. Applying the plan through the model must give
-the intended list.
+own hidden Received, ADDHEADER appends. ``SendmailHeaders`` models Sendmail's
+list (sendmail-e2e.md, measured with Sendmail 8.17): one entry per ``H`` line of
+the cf first (only Received shows), a deleted header keeps its entry, and
+INSHEADER inserts after the entry at the index. ``intended`` is what the
+endpoints' ops mean on the list they received. Applying the plan through either
+model must give the intended list.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from hypothesis import strategies as st
 from milterbridge.milter import messages as m
 from milterbridge.milter.constants import ALL_ACTIONS, CHUNK_SIZE, Action
 from milterbridge.policy.apply import (
+    POSTFIX_NUMBERING,
     AdjustedModification,
     AdjustReason,
     DropReason,
+    HeaderNumbering,
     crlf_body,
     plan_modifications,
+    sendmail_numbering,
     wire_value,
 )
 from milterbridge.policy.model import (
@@ -104,8 +110,56 @@ def intended(headers: Sequence[Header], ops: Sequence[tuple[str, Sequence[AnyOp]
 
 
 def through_postfix(headers, ops, received_offset=1, actions=ALL_ACTIONS):
-    plan = plan_modifications(ops, headers, actions=actions, received_offset=received_offset)
+    numbering = HeaderNumbering(above=received_offset, counts_deleted=False)
+    plan = plan_modifications(ops, headers, actions=actions, numbering=numbering)
     model = PostfixHeaders(headers, received_offset)
+    for mod in plan.messages:
+        model.apply(mod)
+    return plan, model.result()
+
+
+class SendmailHeaders:
+    """Sendmail's header list under milter edits: ``cf_lines`` entries from the cf's H lines first.
+
+    Of those only Received (the second, after Return-Path) is ever shown here; the others stay
+    invisible, as Return-Path, Resent-* and Full-Name do for a message that does not trigger
+    them. A deleted header keeps its entry (its value is gone). INSHEADER index i inserts after
+    entry i (0-based).
+    """
+
+    def __init__(self, headers: Sequence[Header], cf_lines: int) -> None:
+        #: (name, value, visible, user): user headers are the message's and the milter's
+        self.items: list[tuple[bytes, bytes, bool, bool]] = [
+            (b"Return-Path", b"", False, False),
+            (*HIDDEN, True, False),
+        ]
+        self.items += [(b"X-Default", b"", False, False)] * (cf_lines - 2)
+        self.items += [(name, value, True, True) for name, value in headers]
+
+    def apply(self, mod: m.Modification) -> None:
+        match mod:
+            case m.ChangeHeader(index=index, name=name, value=value):
+                index = max(index, 1)
+                same = [i for i, (n, _v, _vis, user) in enumerate(self.items) if user and n.lower() == name.lower()]
+                if index <= len(same):
+                    pos = same[index - 1]
+                    self.items[pos] = (name, value, bool(value), True)
+                elif value:
+                    self.items.append((name, value, True, True))
+            case m.InsertHeader(index=index, name=name, value=value):
+                self.items.insert(min(index + 1, len(self.items)), (name, value, True, True))
+            case m.AddHeader(name=name, value=value):
+                self.items.append((name, value, True, True))
+            case _:
+                pass
+
+    def result(self) -> list[Header]:
+        return [(n, v) for n, v, visible, _user in self.items if visible]
+
+
+def through_sendmail(headers, ops, cf_lines=9):
+    plan = plan_modifications(ops, headers, actions=ALL_ACTIONS, numbering=sendmail_numbering(cf_lines))
+    model = SendmailHeaders(headers, cf_lines)
     for mod in plan.messages:
         model.apply(mod)
     return plan, model.result()
@@ -415,3 +469,30 @@ def test_plan_through_postfix_equals_intended(headers, ops, received_offset):
     kinds = [type(msg) for msg in plan.messages]
     # Changes first, then inserts, then adds (design §3.3).
     assert kinds == sorted(kinds, key=[m.ChangeHeader, m.InsertHeader, m.AddHeader].index)
+
+
+@settings(max_examples=400, deadline=None)
+@given(headers=HEADER_LISTS, ops=ENDPOINT_OPS, cf_lines=st.sampled_from([2, 9, 11]))
+def test_plan_through_sendmail_equals_intended(headers, ops, cf_lines):
+    """Applying the plan in Sendmail's numbering through the Sendmail model gives the same intended list."""
+    _plan, result = through_sendmail(headers, ops, cf_lines)
+    assert result == intended(headers, ops)
+
+
+def test_sendmail_numbering_counts_cf_lines_and_deleted_headers():
+    """With a stock cf an insert after the message's 2nd header goes to entry 10; a deleted 1st header still counts."""
+    ops: list[AnyOp] = [DeleteHeaderOp(name="From", index=1), InsertHeaderOp(index=2, name="A", value="v")]
+    postfix_plan, _ = through_postfix(HEADERS, [("a", ops)])
+    sendmail_plan, result = through_sendmail(HEADERS, [("a", ops)])
+    assert postfix_plan.messages[-1] == m.InsertHeader(index=2, name=b"A", value=b" v")  # Received + X-Spam
+    assert sendmail_plan.messages[-1] == m.InsertHeader(index=10, name=b"A", value=b" v")  # 8 + From + X-Spam
+    assert result == intended(HEADERS, [("a", ops)])
+
+
+def test_numbering_refuses_impossible_values():
+    with pytest.raises(ValueError, match="negative"):
+        HeaderNumbering(above=-1, counts_deleted=False)
+    with pytest.raises(ValueError, match="at least one H line"):
+        sendmail_numbering(0)
+    assert sendmail_numbering(9) == HeaderNumbering(above=8, counts_deleted=True)
+    assert HeaderNumbering(above=1, counts_deleted=False) == POSTFIX_NUMBERING
