@@ -4,6 +4,7 @@
     python -m bench.costs --messages 300  # a quick look
     python -m bench.costs --instructions  # the milter side in instructions (valgrind), about a minute
     python -m bench.costs --bridge-instructions  # the whole bridge process in instructions, about 80 s
+    python -m bench.costs --bridge-instructions --messages-per-connection 1  # one message per session
 
 1. **milter side**: the bridge's own Python work per message, without sockets or HTTP:
    ``MilterConnection``, the session, the dispatcher, the policy and the payload, fed the
@@ -249,6 +250,7 @@ def milter_side_instructions(profile: Profile) -> float:
     for messages in CALLGRIND_RUNS:
         argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m"]
         argv += ["bench.costs", "--milter-only", "--no-pin", "--profile", profile.key, "--messages", str(messages)]
+        argv += ["--messages-per-connection", str(max(profile.messages_per_connection, 1))]
         proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv[:2])} ... failed:\n{proc.stderr[-2000:]}")
@@ -318,6 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", default="a", choices=sorted(k for k, p in PROFILES.items() if p.kind == "sweep"))
     parser.add_argument("--messages", type=int, default=5000, help="messages (and calls) per part (default 5000)")
     parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument(
+        "--messages-per-connection",
+        type=int,
+        default=None,
+        help="messages on each milter connection (default: the profile's, 5); 1 is what Postfix mostly does",
+    )
     parser.add_argument("--milter-only", action="store_true", help="measure the milter side only")
     parser.add_argument(
         "--instructions",
@@ -331,14 +339,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
+    if args.messages_per_connection is not None:
+        if args.messages_per_connection < 1:
+            parser.error("--messages-per-connection must be at least 1")
+        profile = profile.scaled(messages_per_connection=args.messages_per_connection)
+    per_connection = f"; {profile.messages_per_connection} per connection"
     if args.bridge_instructions:
         count = bridge_instructions(profile)
-        print(f"profile ({profile.key}) {profile.title}; core: {milterbridge.CORE.build}")
+        print(f"profile ({profile.key}) {profile.title}{per_connection}; core: {milterbridge.CORE.build}")
         print(f"  milterbridge serve under the load generator: {count:,.0f} instructions per message (callgrind)")
         return 0
     if args.instructions:
         count = milter_side_instructions(profile)
-        print(f"profile ({profile.key}) {profile.title}; core: {milterbridge.CORE.build}")
+        print(f"profile ({profile.key}) {profile.title}{per_connection}; core: {milterbridge.CORE.build}")
         print(f"  milter side, no sockets, instant webhooks: {count:,.0f} instructions per message (callgrind)")
         return 0
     layout = procs.CoreLayout.choose(pin=not args.no_pin)
@@ -346,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.sched_setaffinity(0, layout.loadgen)
     milter_us, eom_body = eventloop.run(milter_side(profile, args.messages))
     if args.milter_only:
-        print(f"profile ({profile.key}) {profile.title}; {_environment()}")
+        print(f"profile ({profile.key}) {profile.title}{per_connection}; {_environment()}")
         print(f"  milter side, no sockets, instant webhooks: {milter_us:7.1f} µs CPU per message")
         return 0
     port = procs.free_port(HOST)
@@ -363,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             url = f"http://{HOST}:{port}{HOOK_PATH}"
             webhook_us = eventloop.run(webhook_calls(url, eom_body, args.messages))
             aiohttp_us = eventloop.run(aiohttp_calls(url, eom_body, args.messages))
-    print(f"profile ({profile.key}) {profile.title}; {_environment()}")
+    print(f"profile ({profile.key}) {profile.title}{per_connection}; {_environment()}")
     print(f"  milter side, no sockets, instant webhooks: {milter_us:7.1f} µs CPU per message")
     print(f"  one WebhookClient.post of the eom request: {webhook_us:7.1f} µs CPU per call ({len(eom_body)} bytes)")
     print(f"  the same request with bare aiohttp:        {aiohttp_us:7.1f} µs CPU per call")

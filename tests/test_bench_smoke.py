@@ -322,3 +322,30 @@ def test_callgrind_total_is_read_from_valgrinds_summary():
         costs.parse_callgrind_total("valgrind: command not found")
     # milter_side replays a warm-up of up to 300 messages before the measured ones.
     assert (costs.replayed(100), costs.replayed(600)) == (200, 900)
+
+
+def test_postfix_level_bench_runs_and_checks_deliveries():
+    """``python -m bench.postfix`` sends through a private Postfix with no milter and with the bridge,
+    checks that every message was delivered (with the bridge's header), and reports each part's CPU."""
+    from tests.integration.postfix import prerequisites_problem
+
+    problem = prerequisites_problem()
+    if problem is not None:
+        missing_prerequisite(f"a private Postfix: {problem}")
+    args = ("--rounds", "1", "--messages", "40", "--sessions", "4", "--targets", "none,bridge")
+    out = _module("bench.postfix", *args, "--per-session", "1,many")
+    rows = re.findall(r"^(1|many)\s+(none|bridge)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(\S+)$", out, re.MULTILINE)
+    assert [(per, target) for per, target, *_ in rows] == [
+        ("1", "none"),
+        ("1", "bridge"),
+        ("many", "none"),
+        ("many", "bridge"),
+    ], out
+    for _per, target, rate, machine, _postfix, milter, endpoint in rows:
+        assert int(rate) > 0
+        assert int(machine) > 0
+        if target == "none":
+            assert (milter, endpoint) == ("—", "—")
+        else:
+            assert int(milter) > 0
+            assert int(endpoint) >= 0

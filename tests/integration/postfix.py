@@ -534,7 +534,7 @@ class PostfixInstance:
             deadline = time.monotonic() + 5.0
             while time.monotonic() < deadline and self._master_alive():
                 time.sleep(0.01)
-        elif pid is None and self._instance_pids():
+        elif pid is None and self.instance_pids():
             self._postfix_cmd("postfix", "stop", check=False)
         # Anything that outlived master (or a master that ignored SIGTERM) is killed outright.
         self._kill_leftovers()
@@ -551,7 +551,7 @@ class PostfixInstance:
             return False
         return _proc_alive(pid)
 
-    def _instance_pids(self) -> list[int]:
+    def instance_pids(self) -> list[int]:
         """PIDs of processes that belong to this instance: master and its children."""
         marker = f"MAIL_CONFIG={self.config_dir}".encode()
         master = self._master_pid()
@@ -575,17 +575,17 @@ class PostfixInstance:
         # Children get master's SIGTERM and usually exit within milliseconds: give them a
         # moment before signalling them ourselves.
         deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and self._instance_pids():
+        while time.monotonic() < deadline and self.instance_pids():
             time.sleep(0.01)
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = self._instance_pids()
+            pids = self.instance_pids()
             if not pids:
                 return
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
             deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline and self._instance_pids():
+            while time.monotonic() < deadline and self.instance_pids():
                 time.sleep(0.05)
 
     # ----------------------------------------------------------------- commands
