@@ -29,7 +29,7 @@ from typing import Any
 from milterbridge import CORE, __version__
 from milterbridge.admin import AdminServer
 from milterbridge.background import SHUTDOWN_GRACE
-from milterbridge.config import Config, ConfigError, load_config
+from milterbridge.config import Config, ConfigError, check_waits, load_config
 from milterbridge.connection import ConnectionSettings
 from milterbridge.demo import DEMO_ADMIN, DEMO_MILTER, DemoFilter, banner, demo_config
 from milterbridge.dispatch import Dispatcher
@@ -62,10 +62,14 @@ def merge_reload(running: Config, new: Config) -> tuple[Config, bool]:
 
     ``allow_no_endpoints`` is about the endpoints, so it follows ``new`` too. The flag says
     whether ``new`` changed anything else in ``[server]`` or ``[admin]`` (that needs a restart).
+    Raises ConfigError when ``new``'s budgets do not fit the MTA waits of the ``[server]`` that
+    stays (``config.check_waits``): ``new`` was checked against its own.
     """
     server = dataclasses.replace(running.server, allow_no_endpoints=new.server.allow_no_endpoints)
     ignored = new.server != server or new.admin != running.admin
-    return dataclasses.replace(new, server=server, admin=running.admin), ignored
+    merged = dataclasses.replace(new, server=server, admin=running.admin)
+    check_waits(merged)
+    return merged, ignored
 
 
 def warn_about(config: Config) -> None:
@@ -182,9 +186,9 @@ class Bridge:
             return self.refuse_reload("there is no config file (the demo runs)")
         try:
             new = load_serving_config(self.config_path)
+            config, ignored = merge_reload(self.config, new)
         except (ConfigError, OSError) as exc:
             return self.refuse_reload(exc)
-        config, ignored = merge_reload(self.config, new)
         try:
             # Builds the new endpoints (reads TLS files, decodes secrets); on error the running ones stay.
             self.dispatcher.reload(config)

@@ -335,17 +335,17 @@ def budget_problems(settings: EndpointSettings, prefix: str, limits: ReplyLimits
         if event in ANSWERED_BEFORE_EOM
     ]
     for key, seconds, events in budgets:
-        if seconds >= limits.before_eom:
+        if not limits.fits(seconds, limits.before_eom):
             problems.append((key, _too_long_before_eom(seconds, events, limits)))
     eom = overridden.get(Event.EOM, settings.timeout) if Event.EOM in settings.events else None
-    if eom is not None and limits.eom_total is not None and eom >= limits.eom_total:
+    if eom is not None and limits.eom_total is not None and not limits.fits(eom, limits.eom_total):
         key = f"{prefix}.timeouts.eom" if Event.EOM in overridden else f"{prefix}.timeout"
         problems.append(
             (
                 key,
                 f"{eom:g} seconds is too long for eom: Sendmail waits at most E ({limits.eom_total:g}s, "
-                f"[sendmail] timeouts) for the whole end-of-message, keep-alives or not; "
-                f"use less than {limits.eom_total:g}",
+                f"[sendmail] timeouts) for the whole end-of-message, keep-alives or not, and counts it in "
+                f"whole seconds; use at most {limits.longest(limits.eom_total):g}",
             )
         )
     return problems
@@ -353,6 +353,7 @@ def budget_problems(settings: EndpointSettings, prefix: str, limits: ReplyLimits
 
 def _too_long_before_eom(seconds: float, events: list[str], limits: ReplyLimits) -> str:
     what = f"{seconds:g} seconds is too long for events before end-of-message ({', '.join(events)})"
+    assert limits.before_eom is not None
     if limits.mta is Mta.POSTFIX:
         return (
             f"{what}: Postfix waits at most milter_command_timeout (30s by default) for those replies and "
@@ -360,19 +361,41 @@ def _too_long_before_eom(seconds: float, events: list[str], limits: ReplyLimits)
         )
     return (
         f"{what}: Sendmail waits at most R ({limits.before_eom:g}s, [sendmail] timeouts) for each reply and "
-        f"keep-alives exist only at end-of-message; use less than {limits.before_eom:g}"
+        f"counts it in whole seconds, and keep-alives exist only at end-of-message; "
+        f"use at most {limits.longest(limits.before_eom):g}"
     )
 
 
 def progress_problem(server: ServerSettings, limits: ReplyLimits) -> str | None:
     """Why ``progress_interval`` is too long for ``limits``' MTA to keep waiting at end-of-message, or None."""
-    if server.progress_interval < limits.keepalive:
+    if limits.keepalive is None or limits.fits(server.progress_interval, limits.keepalive):
         return None
-    wait = "milter_content_timeout" if limits.mta is Mta.POSTFIX else "R, [sendmail] timeouts"
+    if limits.mta is Mta.POSTFIX:
+        wait, advice = "milter_content_timeout", f"use less than {limits.keepalive:g}"
+    else:
+        longest = limits.longest(limits.keepalive)
+        wait, advice = "R, [sendmail] timeouts", f"counted in whole seconds; use at most {longest:g}"
     return (
         f"{server.progress_interval:g} seconds is too long: {limits.mta.value.capitalize()} waits at most "
-        f"{limits.keepalive:g}s ({wait}) between keep-alives at end-of-message; use less than {limits.keepalive:g}"
+        f"{limits.keepalive:g}s ({wait}) between keep-alives at end-of-message, {advice}"
     )
+
+
+def check_waits(config: Config) -> None:
+    """Every budget and ``progress_interval`` fit what the MTAs of ``config.server.mta`` wait
+    (``enforced_mtas``). The loader checks this as it reads; a reload checks its merged config.
+
+    Raises:
+        ConfigError: naming the first key that does not fit.
+    """
+    limits = reply_limits(config.sendmail)
+    for mta in enforced_mtas(config.server):
+        problem = progress_problem(config.server, limits[mta])
+        if problem is not None:
+            raise ConfigError("server.progress_interval", problem)
+        for ep in config.endpoints:
+            for key, message in budget_problems(ep, f"endpoints.{ep.name}", limits[mta]):
+                raise ConfigError(key, message)
 
 
 def _check_budgets(settings: EndpointSettings, prefix: str, ctx: _Context) -> None:

@@ -60,7 +60,6 @@ from milterbridge.milter.messages import (
     Reply,
     TempFail,
 )
-from milterbridge.milter.mta import Mta, capped
 from milterbridge.milter.session import EVENT_OF, MilterSession
 from milterbridge.policy.merge import Verdict
 from milterbridge.policy.model import EndpointPolicy, Outcome
@@ -236,7 +235,9 @@ class ConnectionHandler:
         return self._decide_async(event, targets, request)
 
     async def _decide_async(self, event: Event, targets: Sequence[EndpointPolicy], request: pl.JSON) -> Sequence[Reply]:
-        self._ask(event)
+        if self._profile is None:
+            self._mta()  # the budgets are cut to the MTA's waits from the first call on
+        self._asked = (event, time.monotonic())
         try:
             outcomes = await self.calls.decide(event, targets, request)
         except Exception as exc:
@@ -330,7 +331,9 @@ class ConnectionHandler:
     async def _eom_async(
         self, msg: MessageContext, targets: Sequence[EndpointPolicy], request: pl.JSON
     ) -> Sequence[Reply | Modification]:
-        self._ask(Event.EOM)
+        if self._profile is None:
+            self._mta()
+        self._asked = (Event.EOM, time.monotonic())
         try:
             outcomes = await self.calls.decide(Event.EOM, targets, request, self.body.buffer)
         except Exception as exc:
@@ -340,7 +343,7 @@ class ConnectionHandler:
         return self._finish(msg, outcomes)
 
     def _finish(self, msg: MessageContext, outcomes: Mapping[str, Outcome]) -> Sequence[Reply | Modification]:
-        result = self.policy.finish_eom(outcomes, msg.headers, self._mta().numbering)
+        result = self.policy.finish_eom(outcomes, msg.headers, (self._profile or self._mta()).numbering)
         log_dropped_modifications(self.builder.session_id, result.dropped, result.adjusted, self.metrics)
         quarantined = result.quarantine is not None
         reason = _reason(result.winner)
@@ -358,11 +361,6 @@ class ConnectionHandler:
             self.calls.budget_caps = profile.caps
         return profile
 
-    def _ask(self, event: Event) -> None:
-        """The endpoints are asked for ``event``'s answer, which the MTA waits for (capped to its waits)."""
-        self._mta()
-        self._asked = (event, time.monotonic())
-
     def _gave_up(self) -> str:
         """Why a message ended when the MTA closed the connection while it waited for an answer."""
         limits = self._mta().limits
@@ -371,23 +369,9 @@ class ConnectionHandler:
             return "the MTA closed the connection while it waited for an answer"
         event, since = asked
         waited = time.monotonic() - since
-        if limits.mta is Mta.SENDMAIL:
-            eom = event is Event.EOM
-            name, limit = ("E", limits.eom_total) if eom else ("R", limits.before_eom)
-            assert limit is not None
-            if waited < capped(limit):
-                why = f"sooner than its {name} limit in [sendmail] timeouts ({limit:g}s): match that to the filter's T="
-            else:
-                why = f"its {name} limit is {limit:g}s" + (
-                    " for the whole end-of-message, keep-alives or not" if eom else ""
-                )
-        elif event is Event.EOM:
-            why = "milter_content_timeout: no keep-alive came in time"
-        else:
-            why = "milter_command_timeout, 30s by default"
         return (
             f"{limits.mta.value.capitalize()} stopped waiting for the {event.value} answer after {waited:.1f}s "
-            f"and closed the connection ({why}); its own failure action applies"
+            f"and closed the connection ({limits.why_gave_up(event, waited)}); its own failure action applies"
         )
 
     # ---------------------------------------------------------------- webhooks

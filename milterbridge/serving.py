@@ -141,10 +141,17 @@ def mta_summary(config: Config) -> list[str]:
     if mta in (MTA_AUTO, Mta.SENDMAIL):
         sendmail = limits[Mta.SENDMAIL]
         caps = sendmail.budget_caps()
+        reply = f"each answer within R {sendmail.before_eom:g}s" if sendmail.before_eom else "no R limit"
+        whole = (
+            f"the whole end-of-message within E {sendmail.eom_total:g}s, keep-alives or not"
+            if sendmail.eom_total
+            else "no E limit"
+        )
+        places = ((Event.MAIL, "before"), (Event.EOM, "at"))
+        cut = [f"{caps[event]:g}s {where}" for event, where in places if event in caps]
+        capped = f"calls capped at {' and '.join(cut)} end-of-message" if cut else "calls not capped"
         lines.append(
-            f"  sendmail ({sendmail.source}): each answer within R {sendmail.before_eom:g}s, the whole "
-            f"end-of-message within E {sendmail.eom_total:g}s, keep-alives or not; calls capped at "
-            f"{caps[Event.MAIL]:g}s before and {caps[Event.EOM]:g}s at end-of-message; "
+            f"  sendmail ({sendmail.source}): {reply}, {whole}; {capped}; "
             f"header inserts counted after the cf's {config.sendmail.header_lines} H lines"
         )
     return lines

@@ -92,7 +92,8 @@ class Snapshot:
         }
         #: The MTA ``[server] mta`` names; None for ``auto`` (told per connection).
         self.mta: Mta | None = None if config.server.mta == MTA_AUTO else Mta(config.server.mta)
-        self._unidentified_logged = False
+        #: One warning per config about an MTA that the v macro does not name as expected.
+        self._mta_logged = False
 
     def subscribers(self, event: Event) -> Sequence[Endpoint]:
         """Every endpoint subscribed to ``event`` (both modes; used for the notifications)."""
@@ -117,24 +118,38 @@ class Snapshot:
     def mta_profile(self, connection: ConnectionContext) -> MtaProfile:
         """The profile for a connection: the configured MTA's, else the one its ``v`` macro names.
 
-        An MTA that cannot be told is taken for Postfix (said once per config, at warning).
+        An MTA that cannot be told is taken for Postfix, and a configured MTA that the ``v`` macro
+        contradicts is kept; either is said once per config, at warning.
         """
-        mta = self.mta or identify(connection.macros.get(b"v"))
-        if mta is None:
-            mta = Mta.POSTFIX
-            if not self._unidentified_logged:
-                self._unidentified_logged = True
-                version = connection.macros.get(b"v")
-                log.warning(
-                    "cannot tell the MTA from its v macro (%s); following Postfix's header numbering and "
-                    "timeouts; set [server] mta to say which MTA connects",
-                    repr(version.decode("utf-8", "replace")) if version is not None else "not sent",
-                )
-        return self.profiles[mta]
+        version = connection.macros.get(b"v")
+        told = identify(version)
+        mta = self.mta or told
+        if not self._mta_logged and (mta is None or (told is not None and told is not mta)):
+            self._mta_logged = True
+            _warn_about_mta(mta, told, version)
+        return self.profiles[mta or Mta.POSTFIX]
 
     def breaker_states(self) -> dict[str, str]:
         """Breaker state per endpoint name (``closed``, ``open``, ``half_open``), for metrics."""
         return {ep.name: str(ep.breaker.state) for ep in self.endpoints}
+
+
+def _warn_about_mta(mta: Mta | None, told: Mta | None, version: bytes | None) -> None:
+    shown = repr(version.decode("utf-8", "replace")) if version is not None else "not sent"
+    if mta is None:
+        log.warning(
+            "cannot tell the MTA from its v macro (%s); following Postfix's header numbering and timeouts; "
+            "set [server] mta to say which MTA connects",
+            shown,
+        )
+    elif told is not None:
+        log.warning(
+            "[server] mta is %s, but the v macro (%s) names %s: header inserts and timeouts follow %s",
+            mta.value,
+            shown,
+            told.value,
+            mta.value,
+        )
 
 
 def with_condition_macros(needed: Requirements, conditions: Iterable[Condition]) -> Requirements:

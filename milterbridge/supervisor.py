@@ -153,11 +153,12 @@ def supervise(config: Config, path: str, workers: int) -> int:
         nonlocal accepted
         try:
             new = load_checked(path)
+            merged, _ = merge_reload(accepted, new)
         except (ConfigError, OSError, ValueError) as exc:
             log.error("config reload refused, keeping the running config: %s", exc)  # noqa: TRY400 - no traceback needed
             signal_workers(REFUSED_SIGNAL)
             return
-        accepted, _ = merge_reload(accepted, new)
+        accepted = merged
         configure_logging(accepted.log.level)
         log.info(
             "config accepted, reloading the workers", extra={"fields": {"endpoints": [e.name for e in new.endpoints]}}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from milterbridge.app import merge_reload
 from milterbridge.cli import main
 from milterbridge.config import Config, ConfigError, load_config
 from milterbridge.milter.constants import Event
@@ -152,7 +153,7 @@ SENDMAIL = '[server]\nmta = "sendmail"\n[sendmail]\ntimeouts = "R:10s;E:2m"\n'
         pytest.param(
             "events = ['rcpt', 'eom']\ntimeouts = { rcpt = 12 }\n",
             "endpoints.policy.timeouts.rcpt",
-            "use less than 10",
+            "counts it in whole seconds, and keep-alives exist only at end-of-message; use at most 8",
             id="timeouts-rcpt",
         ),
         pytest.param(
@@ -164,7 +165,7 @@ SENDMAIL = '[server]\nmta = "sendmail"\n[sendmail]\ntimeouts = "R:10s;E:2m"\n'
         pytest.param(
             "events = ['rcpt', 'eom']\ntimeouts = { eom = 200 }\n",
             "endpoints.policy.timeouts.eom",
-            "use less than 120",
+            "use at most 118",
             id="eom-timeouts",
         ),
     ],
@@ -213,7 +214,7 @@ def test_summary_names_each_mtas_waits(tmp_path: Path) -> None:
     assert auto[1].startswith("  postfix: each answer before end-of-message within milter_command_timeout (30s")
     assert auto[2] == (
         "  sendmail (T=C:5m;S:10s;R:10s;E:5m): each answer within R 10s, the whole end-of-message within E 300s, "
-        "keep-alives or not; calls capped at 9s before and 299s at end-of-message; header inserts counted after "
+        "keep-alives or not; calls capped at 8s before and 298s at end-of-message; header inserts counted after "
         "the cf's 9 H lines"
     )
     assert [line.split(":")[0] for line in mta_summary(_load(tmp_path, SENDMAIL + ENDPOINT))] == [
@@ -229,3 +230,26 @@ def test_check_config_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["check-config", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "\n  mta: sendmail\n    sendmail (T=C:5m;S:10s;R:10s;E:2m): each answer within R 10s" in out
+
+
+def test_zero_in_sendmails_t_is_no_limit(tmp_path: Path) -> None:
+    """R:0 and E:0 are Sendmail's "no limit": no budget is too long for them."""
+    text = '[server]\nmta = "sendmail"\n[sendmail]\ntimeouts = "R:0;E:0"\n' + ENDPOINT
+    config = _load(tmp_path, text + "events = ['rcpt', 'eom']\ntimeouts = { rcpt = 25, eom = 900 }\n")
+    assert config.sendmail.timeouts == SendmailTimeouts(reply=0, eom=0)
+    assert mta_summary(config)[1].startswith(
+        "  sendmail (T=C:5m;S:10s;R:0;E:0): no R limit, no E limit; calls not capped"
+    )
+
+
+def test_a_reload_is_checked_against_the_mta_that_stays(tmp_path: Path) -> None:
+    """[server] needs a restart, so a reload's budgets must fit the running mta, not the new file's."""
+    running = _load(tmp_path, '[server]\nmta = "sendmail"\n' + ENDPOINT + "events = ['rcpt']\ntimeout = 5\n")
+    new = _load(tmp_path, ENDPOINT + "events = ['rcpt']\ntimeout = 9\n")  # fine for auto: Postfix allows < 30
+    with pytest.raises(ConfigError) as info:
+        merge_reload(running, new)
+    assert info.value.key == "endpoints.policy.timeout"
+    assert "Sendmail waits at most R (10s" in str(info.value)
+    merged, ignored = merge_reload(running, _load(tmp_path, '[server]\nmta = "sendmail"\n' + ENDPOINT))
+    assert merged.server.mta == "sendmail"
+    assert not ignored

@@ -82,7 +82,7 @@ def sendmail_time(text: str) -> float:
 
 @dataclass(frozen=True, slots=True)
 class SendmailTimeouts:
-    """A filter's ``T=`` timeouts in seconds (Sendmail's defaults where the value leaves one out)."""
+    """A filter's ``T=`` timeouts in seconds (Sendmail's defaults where the value leaves one out; 0 is no limit)."""
 
     connect: float = 300.0
     send: float = 10.0
@@ -110,6 +110,13 @@ class SendmailTimeouts:
                 values[key] = sendmail_time(value.strip())
             except ValueError as exc:
                 raise ValueError(f"{key}: {exc}") from None
+        for key in ("R", "E"):
+            seconds = values.get(key, 0.0)
+            if 0 < seconds < SENDMAIL_SHORTEST:
+                raise ValueError(
+                    f"{key}: {seconds:g}s is too short: Sendmail counts whole seconds, so the bridge needs at "
+                    f"least {SENDMAIL_SHORTEST:g}s to answer in time (0 is no limit)"
+                )
         default = SendmailTimeouts()
         return cls(
             connect=values.get("C", default.connect),
@@ -124,6 +131,8 @@ class SendmailTimeouts:
 
 def _short(seconds: float) -> str:
     whole = int(seconds)
+    if whole == 0:
+        return "0"
     for unit, size in (("h", 3600), ("m", 60)):
         if whole and whole % size == 0:
             return f"{whole // size}{unit}"
@@ -134,30 +143,41 @@ def _short(seconds: float) -> str:
 
 #: Events the MTA waits for an answer to before end-of-message (abort and close are notifications).
 ANSWERED_BEFORE_EOM: Final = frozenset(Event) - {Event.EOM, Event.ABORT, Event.CLOSE}
-#: What the bridge keeps back from an MTA's limit for writing its answer.
-ANSWER_MARGIN: Final = 1.0
-
-
-def capped(limit: float) -> float:
-    """The longest budget that still leaves the bridge time to answer within ``limit``."""
-    return max(limit - ANSWER_MARGIN, limit / 2)
+#: Sendmail reads its clock in whole seconds and checks R and E against it, so a limit of N s
+#: may end after N - 1 s; the bridge keeps one more second back to write its answer.
+SENDMAIL_MARGIN: Final = 2.0
+#: The shortest R or E the bridge can answer within (a call then still gets a second).
+SENDMAIL_SHORTEST: Final = SENDMAIL_MARGIN + 1.0
 
 
 @dataclass(frozen=True, slots=True)
 class ReplyLimits:
-    """How long an MTA waits for the milter's replies, in seconds.
+    """How long an MTA waits for the milter's replies, in seconds; None where it sets no limit.
 
     ``before_eom``: each reply before end-of-message (no keep-alive exists there).
     ``keepalive``: at end-of-message, the wait each keep-alive (SMFIR_PROGRESS) restarts.
-    ``eom_total``: the whole end-of-message, keep-alives or not; None when there is no such limit.
+    ``eom_total``: the whole end-of-message, keep-alives or not.
+    ``margin``: what a budget must leave of a limit: Postfix's are kept exactly (a budget below
+    them), Sendmail's lose :data:`SENDMAIL_MARGIN` to its whole-second clock and the answer.
     ``source`` names the MTA's settings, for messages.
     """
 
     mta: Mta
-    before_eom: float
-    keepalive: float
+    before_eom: float | None
+    keepalive: float | None
     eom_total: float | None
+    margin: float
     source: str
+
+    def longest(self, limit: float) -> float:
+        """The longest budget that fits ``limit`` (Postfix: exclusive; Sendmail: inclusive)."""
+        return limit - self.margin
+
+    def fits(self, budget: float, limit: float | None) -> bool:
+        """Whether a call of ``budget`` seconds is answered within ``limit``."""
+        if limit is None:
+            return True
+        return budget < limit if self.margin == 0 else budget <= self.longest(limit)
 
     def budget_caps(self) -> dict[Event, float]:
         """Event -> the longest budget an endpoint call may have at that event at this MTA.
@@ -166,10 +186,36 @@ class ReplyLimits:
         """
         if self.mta is Mta.POSTFIX:
             return {}
-        caps = dict.fromkeys(ANSWERED_BEFORE_EOM, capped(self.before_eom))
+        caps: dict[Event, float] = {}
+        if self.before_eom is not None:
+            caps = dict.fromkeys(ANSWERED_BEFORE_EOM, self.longest(self.before_eom))
         if self.eom_total is not None:
-            caps[Event.EOM] = capped(self.eom_total)
+            caps[Event.EOM] = self.longest(self.eom_total)
         return caps
+
+    def why_gave_up(self, event: Event, waited: float) -> str:
+        """Why the MTA closed the connection ``waited`` seconds after asking for ``event``'s answer."""
+        name = self.mta.value.capitalize()
+        if self.mta is Mta.SENDMAIL:
+            letter, limit = ("E", self.eom_total) if event is Event.EOM else ("R", self.before_eom)
+            if limit is None:
+                return f"no {letter} limit is set in [sendmail] timeouts: {name} stopped for another reason"
+            if waited >= limit - 1:  # its whole-second clock may end a limit a second early
+                scope = " for the whole end-of-message, keep-alives or not" if event is Event.EOM else ""
+                return f"its {letter} limit is {limit:g}s{scope}"
+            cause = "a keep-alive came later than its R, or " if event is Event.EOM else ""
+            return (
+                f"sooner than its {letter} limit in [sendmail] timeouts ({limit:g}s): {cause}"
+                f"the filter's T= differs from [sendmail] timeouts"
+            )
+        if event is Event.EOM:
+            return "milter_content_timeout if no keep-alive came in time"
+        assert self.before_eom is not None
+        if waited >= self.before_eom - 1:
+            return f"milter_command_timeout, {self.before_eom:g}s by default"
+        return (
+            f"sooner than milter_command_timeout's default {self.before_eom:g}s: a shorter setting, or another reason"
+        )
 
 
 #: Postfix's defaults: milter_command_timeout 30s, milter_content_timeout 300s.
@@ -178,16 +224,18 @@ POSTFIX_LIMITS: Final = ReplyLimits(
     before_eom=30.0,
     keepalive=300.0,
     eom_total=None,
+    margin=0.0,
     source="milter_command_timeout 30s, milter_content_timeout 300s",
 )
 
 
 def sendmail_limits(timeouts: SendmailTimeouts) -> ReplyLimits:
-    """Sendmail's waits from a filter's ``T=``: R for each reply, E for the whole end-of-message."""
+    """Sendmail's waits from a filter's ``T=``: R for each reply, E for the whole end-of-message (0: none)."""
     return ReplyLimits(
         mta=Mta.SENDMAIL,
-        before_eom=timeouts.reply,
-        keepalive=timeouts.reply,
-        eom_total=timeouts.eom,
+        before_eom=timeouts.reply or None,
+        keepalive=timeouts.reply or None,
+        eom_total=timeouts.eom or None,
+        margin=SENDMAIL_MARGIN,
         source=f"T={timeouts}",
     )

@@ -260,14 +260,18 @@ class SendmailInstance:
         problem = prerequisites_problem()
         if problem is not None:
             raise SendmailHarnessError(problem)
-        if self._base is None:
-            # Beside the unpacked Sendmail, not in /tmp: Sendmail warns about a mailer program
-            # below a world-writable directory on every delivery.
-            self._base = Path(tempfile.mkdtemp(prefix="run-", dir=self.prefix.parent))
-            self._build_tree()
-            self._syslog = _Syslog(self.base / "log.sock", self.maillog)
-        self._write_cf()
-        self._start_daemon()
+        try:
+            if self._base is None:
+                # Beside the unpacked Sendmail, not in /tmp: Sendmail warns about a mailer program
+                # below a world-writable directory on every delivery.
+                self._base = Path(tempfile.mkdtemp(prefix="run-", dir=self.prefix.parent))
+                self._build_tree()
+                self._syslog = _Syslog(self.base / "log.sock", self.maillog)
+            self._write_cf()
+            self._start_daemon()
+        except BaseException:
+            self.stop()  # no run directory or syslog thread left behind
+            raise
         return self
 
     def stop(self) -> None:

@@ -770,3 +770,26 @@ async def test_ipv6_client_through_sendmail(
     assert eom.json["session"]["client"] == client
     [copy] = await _delivered(sendmail, 1)
     assert b"(localhost [IPv6:0:0:0:0:0:0:0:1])" in copy.raw
+
+
+@pytest.mark.asyncio
+async def test_mail_and_rcpt_macros_are_as_sendmail_sends_them(
+    sendmail: SendmailInstance, webhooks: FakeWebhooks, sendmail_bridges: BridgeRunner
+) -> None:
+    """The message macros docs/sendmail.md lists: the queue id from MAIL on, the sender's and each
+    recipient's address and mailer as Sendmail resolved them (here its test mailer, with no host)."""
+    await sendmail_bridges.start(webhooks.endpoint("policy", events=_events("mail", "rcpt", "eom")))
+
+    result = await _send(sendmail, RCPTS[:1])
+
+    assert result.accepted
+    [mail] = webhooks.requests_for(event="mail")
+    [rcpt] = webhooks.requests_for(event="rcpt")
+    [eom] = webhooks.requests_for(event="eom")
+    sender = {"{mail_addr}": SENDER, "{mail_host}": "", "{mail_mailer}": "capture"}
+    recipient = {"{rcpt_addr}": RCPTS[0], "{rcpt_host}": "", "{rcpt_mailer}": "capture"}
+    queue_id = mail.json["message"]["macros"]["i"]
+    assert queue_id == queue_id_of(result.transaction)
+    assert mail.json["message"]["macros"] == {"i": queue_id, **sender}
+    assert rcpt.json["message"]["macros"] == {"i": queue_id, **sender, **recipient}
+    assert eom.json["message"]["macros"] == {"i": queue_id, **sender, **recipient}
