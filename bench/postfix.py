@@ -105,16 +105,41 @@ def _cpu(pid: int | None) -> float | None:
     return procs.cpu_seconds(pid) if pid is not None else None
 
 
-def _postfix_cpu(postfix: PostfixInstance) -> float:
-    """CPU seconds of the instance's processes, and of those that exited (the master reaps them:
-    their time is in its cutime and cstime)."""
-    ticks = 0
-    for pid in postfix.instance_pids():
-        with contextlib.suppress(OSError):
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
-    return ticks / procs.CLOCK_TICKS_PER_SECOND
+def _own_and_reaped(pid: int) -> tuple[float, float]:
+    """(utime + stime, cutime + cstime) of ``pid`` in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    ticks = [int(f) for f in stat[stat.rindex(")") + 2 :].split()[11:15]]  # utime, stime, cutime, cstime
+    return (ticks[0] + ticks[1]) / procs.CLOCK_TICKS_PER_SECOND, (ticks[2] + ticks[3]) / procs.CLOCK_TICKS_PER_SECOND
+
+
+@dataclass(frozen=True, slots=True)
+class PostfixCpu:
+    """Each live Postfix process's own CPU, and what the master has from the children it reaped."""
+
+    own: dict[int, float]
+    reaped: float
+
+    @classmethod
+    def now(cls, postfix: PostfixInstance) -> PostfixCpu:
+        own: dict[int, float] = {}
+        reaped = 0.0
+        master = postfix.master_pid()
+        for pid in postfix.instance_pids():
+            with contextlib.suppress(OSError, ValueError):
+                own[pid], children = _own_and_reaped(pid)
+                if pid == master:
+                    reaped = children
+        return cls(own, reaped)
+
+    def since(self, before: PostfixCpu) -> float:
+        """CPU seconds Postfix used between ``before`` and this snapshot.
+
+        A process alive at both counts its difference; one that exited in between is in the
+        master's reaped time with its whole life, so what it had used before is taken off.
+        """
+        alive = sum(cpu - before.own.get(pid, 0.0) for pid, cpu in self.own.items())
+        exited = sum(cpu for pid, cpu in before.own.items() if pid not in self.own)
+        return alive + (self.reaped - before.reaped) - exited
 
 
 def one_run(postfix: PostfixInstance, target: str, per_session: str, args: argparse.Namespace, workdir: Path) -> Sample:
@@ -128,11 +153,11 @@ def one_run(postfix: PostfixInstance, target: str, per_session: str, args: argpa
         if per_session == "many":
             argv.append("-d")
         argv.append(f"{postfix.smtp_host}:{postfix.smtp_port}")
-        before = (machine_cpu_seconds(), _postfix_cpu(postfix), _cpu(pid), _cpu(endpoint_pid))
+        before = (machine_cpu_seconds(), PostfixCpu.now(postfix), _cpu(pid), _cpu(endpoint_pid))
         started = time.monotonic()
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
         seconds = time.monotonic() - started
-        after = (machine_cpu_seconds(), _postfix_cpu(postfix), _cpu(pid), _cpu(endpoint_pid))
+        after = (machine_cpu_seconds(), PostfixCpu.now(postfix), _cpu(pid), _cpu(endpoint_pid))
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr[-2000:]}")
         delivered = postfix.wait_for_delivery(args.messages, timeout=120.0)
@@ -148,7 +173,7 @@ def one_run(postfix: PostfixInstance, target: str, per_session: str, args: argpa
         messages=args.messages,
         seconds=seconds,
         machine_cpu=after[0] - before[0],
-        postfix_cpu=after[1] - before[1],
+        postfix_cpu=after[1].since(before[1]),
         milter_cpu=None if before[2] is None or after[2] is None else after[2] - before[2],
         endpoint_cpu=None if before[3] is None or after[3] is None else after[3] - before[3],
     )

@@ -527,7 +527,7 @@ class PostfixInstance:
     def _stop_master(self) -> None:
         # What "postfix stop" does (SIGTERM to master, which stops its children), minus the
         # script's one-second sleeps while it polls for master to go.
-        pid = self._master_pid()
+        pid = self.master_pid()
         if pid is not None and self._master_alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -539,14 +539,14 @@ class PostfixInstance:
         # Anything that outlived master (or a master that ignored SIGTERM) is killed outright.
         self._kill_leftovers()
 
-    def _master_pid(self) -> int | None:
+    def master_pid(self) -> int | None:
         try:
             return int((self.base / "spool" / "pid" / "master.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
 
     def _master_alive(self) -> bool:
-        pid = self._master_pid()
+        pid = self.master_pid()
         if pid is None:
             return False
         return _proc_alive(pid)
@@ -554,7 +554,7 @@ class PostfixInstance:
     def instance_pids(self) -> list[int]:
         """PIDs of processes that belong to this instance: master and its children."""
         marker = f"MAIL_CONFIG={self.config_dir}".encode()
-        master = self._master_pid()
+        master = self.master_pid()
         pids = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -694,7 +694,7 @@ class PostfixInstance:
         return True
 
     def _smtpd_pids(self) -> frozenset[int]:
-        master = self._master_pid()
+        master = self.master_pid()
         if master is None:
             return frozenset()
         found: list[int] = []
