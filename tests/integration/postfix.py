@@ -51,6 +51,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .maillog import MaillogReader
+
 __all__ = [
     "PostfixHarnessError",
     "PostfixUnavailableError",
@@ -257,7 +259,7 @@ MILTER_TIMEOUTS: Mapping[str, str] = {
 }
 
 
-class PostfixInstance:
+class PostfixInstance(MaillogReader):
     """A private Postfix with one SMTP listener on loopback; construct, then ``start()``.
 
     Nothing happens in ``__init__``. ``start()`` builds the directory tree and starts master
@@ -265,6 +267,8 @@ class PostfixInstance:
     this instance that outlives it, and removes the tree unless ``keep_files`` is set. Use it
     as a context manager to get both. ``params`` adds or overrides main.cf defaults.
     """
+
+    log_timeout_error = PostfixTimeoutError
 
     def __init__(
         self,
@@ -313,6 +317,9 @@ class PostfixInstance:
     def maillog(self) -> Path:
         """Postfix's log file for this instance."""
         return self.base / "maillog"
+
+    def _log_file(self) -> Path | None:
+        return None if self._base is None else self._base / "maillog"
 
     @property
     def smtp_host(self) -> str:
@@ -940,54 +947,6 @@ class PostfixInstance:
         self.reset_settings()
         self.delete_all()
         self.clear_maildir()
-
-    # ----------------------------------------------------------------- log
-
-    def log_text(self) -> str:
-        """The whole maillog of this instance."""
-        try:
-            return self.maillog.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last ``lines`` lines of the maillog."""
-        if self._base is None:
-            return ""
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def log_mark(self) -> int:
-        """An offset into the maillog; pass it to ``log_since`` to read only newer lines."""
-        try:
-            return self.maillog.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_since(self, mark: int) -> str:
-        """The maillog text written after ``mark`` (from ``log_mark``)."""
-        try:
-            with self.maillog.open("rb") as fh:
-                fh.seek(mark)
-                return fh.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def wait_for_log(self, pattern: str, *, since: int = 0, timeout: float = 5.0) -> re.Match[str]:
-        """Poll until a line after ``since`` matches the regex ``pattern``; return the match.
-
-        postlogd writes asynchronously, so a line may appear shortly after the SMTP reply.
-        """
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            match = regex.search(self.log_since(since))
-            if match is not None:
-                return match
-            if time.monotonic() > deadline:
-                raise PostfixTimeoutError(
-                    f"no maillog line matched {pattern!r} after {timeout}s:\n{self.log_since(since)[-4000:]}"
-                )
-            time.sleep(0.02)
 
     # ----------------------------------------------------------------- SMTP shortcuts
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from .maillog import MaillogReader
 from .postfix import (
     DEFAULT_HELO,
     SMTP_TIMEOUT,
@@ -203,8 +204,10 @@ class _Milter:
     host: str
 
 
-class SendmailInstance:
+class SendmailInstance(MaillogReader):
     """A private Sendmail 8 daemon on loopback, its milter pointed where ``set_milter`` says."""
+
+    log_timeout_error = SendmailHarnessError
 
     def __init__(self, *, milter_port: int | None = None, keep_files: bool = False) -> None:
         self.prefix = sendmail_prefix()
@@ -231,6 +234,9 @@ class SendmailInstance:
     @property
     def maillog(self) -> Path:
         return self.base / "maillog"
+
+    def _log_file(self) -> Path | None:
+        return None if self._base is None else self._base / "maillog"
 
     @property
     def queue_dir(self) -> Path:
@@ -539,40 +545,6 @@ class SendmailInstance:
         for path in self.queue_dir.iterdir():
             if path.is_file():
                 path.unlink()
-
-    # ----------------------------------------------------------------- log
-
-    def log_text(self) -> str:
-        try:
-            return self.maillog.read_text(errors="replace")
-        except (FileNotFoundError, SendmailHarnessError):
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def log_mark(self) -> int:
-        """An offset into the maillog; pass it to ``log_since`` to read only newer lines."""
-        return self.maillog.stat().st_size
-
-    def log_since(self, mark: int) -> str:
-        with self.maillog.open("rb") as fh:
-            fh.seek(mark)
-            return fh.read().decode(errors="replace")
-
-    def wait_for_log(self, pattern: str, *, since: int = 0, timeout: float = 5.0) -> re.Match[str]:
-        """Poll until a line after ``since`` matches the regex ``pattern``; return the match."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            match = regex.search(self.log_since(since))
-            if match is not None:
-                return match
-            if time.monotonic() > deadline:
-                raise SendmailHarnessError(
-                    f"no maillog line matched {pattern!r} after {timeout}s:\n{self.log_since(since)[-4000:]}"
-                )
-            time.sleep(0.02)
 
     # ----------------------------------------------------------------- SMTP
 
