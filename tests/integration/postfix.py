@@ -52,6 +52,7 @@ from types import TracebackType
 from typing import Any
 
 from .maillog import MaillogReader
+from .processes import kill_leftovers
 
 __all__ = [
     "PostfixHarnessError",
@@ -584,16 +585,7 @@ class PostfixInstance(MaillogReader):
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline and self.instance_pids():
             time.sleep(0.01)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = self.instance_pids()
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline and self.instance_pids():
-                time.sleep(0.05)
+        kill_leftovers(self.instance_pids)
 
     # ----------------------------------------------------------------- commands
 

@@ -53,6 +53,7 @@ from .postfix import (
     free_port,
     send_smtp,
 )
+from .processes import kill_leftovers
 
 __all__ = [
     "SendmailInstance",
@@ -435,16 +436,7 @@ class SendmailInstance(MaillogReader):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=5.0)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = self._instance_pids()
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline and self._instance_pids():
-                time.sleep(0.05)
+        kill_leftovers(self._instance_pids)
 
     # ----------------------------------------------------------------- configuration
 
