@@ -24,7 +24,7 @@ from milterbridge.milter.session import EVENT_OF
 from milterbridge.policy.apply import POSTFIX_NUMBERING, HeaderNumbering, sendmail_numbering
 from milterbridge.policy.conditions import Condition
 from milterbridge.policy.model import Mode, OnOversize
-from milterbridge.policy.transaction import PolicyState
+from milterbridge.policy.transaction import PolicyEndpoints, PolicyState
 from milterbridge.settings import MTA_AUTO
 
 log = logging.getLogger("milterbridge.dispatch")
@@ -57,7 +57,7 @@ class Snapshot:
         self.endpoints: tuple[Endpoint, ...] = build_endpoints(
             config.endpoints, previous.endpoints if previous is not None else ()
         )
-        self.policies = [ep.policy for ep in self.endpoints]
+        self.policies = PolicyEndpoints([ep.policy for ep in self.endpoints])
         subscribed = {e for ep in self.endpoints for e in ep.settings.events}
         #: Whether any endpoint wants the message body (it is kept only then).
         self.keep_body = any(ep.settings.include_body for ep in self.endpoints)

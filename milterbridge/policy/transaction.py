@@ -146,31 +146,46 @@ class EomResult:
     adjusted: tuple[AdjustedModification, ...] = ()
 
 
+class PolicyEndpoints:
+    """The configured endpoints as the policy looks at them: built once per config, shared by
+    every connection's :class:`PolicyState`.
+
+    ``endpoints`` in config order (``index``, then name); ``enforcing`` those that decide.
+    Raises PolicyUsageError when two endpoints have one name.
+    """
+
+    def __init__(self, endpoints: Sequence[EndpointPolicy]) -> None:
+        self.endpoints: tuple[EndpointPolicy, ...] = tuple(sorted(endpoints, key=lambda e: (e.index, e.name)))
+        self.by_name: dict[str, EndpointPolicy] = {ep.name: ep for ep in self.endpoints}
+        if len(self.by_name) != len(self.endpoints):
+            raise PolicyUsageError("endpoint names must be unique")
+        self.enforcing: tuple[EndpointPolicy, ...] = tuple(ep for ep in self.endpoints if ep.enforcing)
+
+
 class PolicyState:
     """Policy state of one milter connection.
 
     ``endpoints`` are all configured endpoints (observe ones are never asked
-    for decisions and their outcomes are ignored, but they count for SKIP);
-    ``actions`` the action bits the MTA granted; ``skip_negotiated`` whether
-    SMFIP_SKIP was agreed.
+    for decisions and their outcomes are ignored, but they count for SKIP),
+    best given as the config's shared :class:`PolicyEndpoints`; ``actions`` the
+    action bits the MTA granted; ``skip_negotiated`` whether SMFIP_SKIP was agreed.
     What it remembers between events is kept in a :class:`~.ledger.Ledger`.
     """
 
     def __init__(
         self,
-        endpoints: Sequence[EndpointPolicy],
+        endpoints: PolicyEndpoints | Sequence[EndpointPolicy],
         *,
         actions: Action,
         skip_negotiated: bool,
         conditional: bool = False,
     ) -> None:
-        self.endpoints: tuple[EndpointPolicy, ...] = tuple(sorted(endpoints, key=lambda e: (e.index, e.name)))
-        self._by_name = {ep.name: ep for ep in self.endpoints}
-        if len(self._by_name) != len(self.endpoints):
-            raise PolicyUsageError("endpoint names must be unique")
+        shared = endpoints if isinstance(endpoints, PolicyEndpoints) else PolicyEndpoints(endpoints)
+        self.endpoints = shared.endpoints
+        self._by_name = shared.by_name
+        self._enforcing = shared.enforcing
         self.actions = actions
         self.skip_negotiated = skip_negotiated
-        self._enforcing = tuple(ep for ep in self.endpoints if ep.enforcing)
         self._ledger = Ledger()
         #: Some endpoint has a ``when``: only then are skipped ones looked for among observers and at rcpt.
         self._conditional = conditional
