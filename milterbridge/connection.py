@@ -138,6 +138,10 @@ def _tune_tcp(sock: socket.socket) -> socket.socket | None:
     return _BorrowedSocket(sock.family, socket.SOCK_STREAM, 0, fileno=sock.fileno())
 
 
+def _never_passed(stage: str, idle_for: float) -> bool:
+    return False
+
+
 class _Deadlines:
     """A connection's deadlines.
 
@@ -180,10 +184,17 @@ class _Deadlines:
             self._lifetime_handle = self._loop.call_later(lifetime, self._passed, "lifetime", lifetime)
 
     def cancel(self) -> None:
+        """Stop for good (the connection is gone): no timer runs, and the connection is let go.
+
+        ``passed`` is the connection's bound method; dropping it breaks the reference cycle
+        connection -> deadlines -> connection, so the connection's objects are freed when it
+        closes instead of waiting for the cyclic garbage collector.
+        """
         if self._handle is not None:
             self._handle.cancel()
         if self._lifetime_handle is not None:
             self._lifetime_handle.cancel()
+        self._passed = _never_passed
 
     def _arm(self, delay: float) -> None:
         self._handle = self._loop.call_later(delay, self._check)

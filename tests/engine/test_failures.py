@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -311,3 +313,27 @@ async def test_a_bridge_fault_tempfails_and_is_not_the_endpoints_on_error(caplog
     lines = [r for r in caplog.records if r.getMessage() == "message tempfailed"]
     assert len(lines) == 1
     assert "bridge fault" in lines[0].fields["reason"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.asyncio
+async def test_a_closed_connection_is_freed_without_the_cycle_collector(engine: Engine) -> None:
+    """Nothing of a connection keeps a reference cycle: when it closes, reference counting frees
+    its connection, session and handler at once (the cyclic collector would cost every message)."""
+    await engine.start(engine.endpoint("policy"))
+    client = await engine.client()
+    result = await client.send_message(ENVELOPE, MESSAGE)
+    assert result.eom is not None
+    (conn,) = engine.server.state.connections
+    refs = [weakref.ref(conn), weakref.ref(conn.session), weakref.ref(conn.handler)]
+    del conn
+    gc.collect()
+    gc.disable()
+    try:
+        await client.quit()
+        for _ in range(200):
+            if all(ref() is None for ref in refs):
+                break
+            await asyncio.sleep(0.01)
+        assert [ref() is None for ref in refs] == [True, True, True]
+    finally:
+        gc.enable()
