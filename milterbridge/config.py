@@ -109,8 +109,6 @@ class _Context:
     #: What ``Config.inline_secrets`` and ``Config.secret_files`` report.
     inline_secrets: list[str] = field(default_factory=list)
     secret_files: list[str] = field(default_factory=list)
-    #: What the MTAs the config serves wait for (``enforced_mtas``): endpoint budgets must fit.
-    limits: tuple[ReplyLimits, ...] = ()
 
     def error(self, key: str, message: str) -> ConfigError:
         probe = key
@@ -289,7 +287,7 @@ def _endpoint(table: Any, index: int, ctx: _Context) -> EndpointSettings:
     if (parts.username or parts.password) and any(name.lower() == "authorization" for name, _ in settings.headers):
         # The HTTP client cannot send both, and refusing here beats failing every request.
         raise ctx.error(f"{prefix}.headers.Authorization", "cannot be combined with credentials in the url")
-    _check_budgets(settings, prefix, ctx)
+    _check_timeouts_events(settings, prefix, ctx)
     _check_when(settings, prefix, ctx)
     return settings
 
@@ -381,25 +379,31 @@ def progress_problem(server: ServerSettings, limits: ReplyLimits) -> str | None:
     )
 
 
-def check_waits(config: Config) -> None:
+def wait_problems(config: Config, limits: ReplyLimits) -> list[tuple[str, str]]:
+    """(key, message) for every endpoint budget, then ``progress_interval``, too long for ``limits``' MTA."""
+    problems = [p for ep in config.endpoints for p in budget_problems(ep, f"endpoints.{ep.name}", limits)]
+    progress = progress_problem(config.server, limits)
+    if progress is not None:
+        problems.append(("server.progress_interval", progress))
+    return problems
+
+
+def check_waits(config: Config, error: Callable[[str, str], ConfigError] = ConfigError) -> None:
     """Every budget and ``progress_interval`` fit what the MTAs of ``config.server.mta`` wait
-    (``enforced_mtas``). The loader checks this as it reads; a reload checks its merged config.
+    (``enforced_mtas``). The loader checks this once it has read the file (its ``error`` names
+    the environment variable that set a key); a reload checks its merged config.
 
     Raises:
         ConfigError: naming the first key that does not fit.
     """
     limits = reply_limits(config.sendmail)
     for mta in enforced_mtas(config.server):
-        problem = progress_problem(config.server, limits[mta])
-        if problem is not None:
-            raise ConfigError("server.progress_interval", problem)
-        for ep in config.endpoints:
-            for key, message in budget_problems(ep, f"endpoints.{ep.name}", limits[mta]):
-                raise ConfigError(key, message)
+        for key, message in wait_problems(config, limits[mta]):
+            raise error(key, message)
 
 
-def _check_budgets(settings: EndpointSettings, prefix: str, ctx: _Context) -> None:
-    """Each event's budget fits what the MTAs the config serves wait for it (see ``enforced_mtas``)."""
+def _check_timeouts_events(settings: EndpointSettings, prefix: str, ctx: _Context) -> None:
+    """Each ``timeouts`` entry names an event the endpoint is called at."""
     for event in dict(settings.timeouts):
         if event not in settings.events:
             subscribed = ", ".join(sorted(e.value for e in settings.events))
@@ -407,9 +411,6 @@ def _check_budgets(settings: EndpointSettings, prefix: str, ctx: _Context) -> No
                 f"{prefix}.timeouts.{event.value}",
                 f"the endpoint is not called at {event.value} (events: {subscribed})",
             )
-    for limits in ctx.limits:
-        for key, message in budget_problems(settings, prefix, limits):
-            raise ctx.error(key, message)
 
 
 def _env_value(text: str) -> Any:
@@ -494,12 +495,6 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] 
         if name not in (*_SECTIONS, "endpoints"):
             raise ctx.error(name, f"unknown section (known: {', '.join(_SECTIONS)}, endpoints)")
     sections = {name: cls(**_section(data.get(name, {}), cls, name, ctx)) for name, cls in _SECTIONS.items()}
-    limits = reply_limits(sections["sendmail"])
-    ctx.limits = tuple(limits[mta] for mta in enforced_mtas(sections["server"]))
-    for each in ctx.limits:
-        problem = progress_problem(sections["server"], each)
-        if problem is not None:
-            raise ctx.error("server.progress_interval", problem)
     raw_endpoints = data.get("endpoints", [])
     if not isinstance(raw_endpoints, list):
         raise ctx.error("endpoints", f"expected an array of tables ([[endpoints]]), got {type_name(raw_endpoints)}")
@@ -510,7 +505,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] 
             other = seen[ep.name.lower()]
             raise ctx.error(f"endpoints[{i}].name", f"{ep.name!r} is already used by endpoint {other!r}")
         seen[ep.name.lower()] = ep.name
-    return Config(
+    config = Config(
         server=sections["server"],
         admin=sections["admin"],
         log=sections["log"],
@@ -520,3 +515,5 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] 
         inline_secrets=tuple(ctx.inline_secrets),
         secret_files=tuple(ctx.secret_files),
     )
+    check_waits(config, ctx.error)
+    return config

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from milterbridge.config import ConfigError, budget_problems, load_config, progress_problem, reply_limits
+from milterbridge.config import ConfigError, load_config, reply_limits, wait_problems
 from milterbridge.milter.constants import Event
 from milterbridge.milter.mta import Mta
 from milterbridge.policy.model import Mode
@@ -118,12 +118,9 @@ def _sendmail_warnings(config: Config) -> list[str]:
     limits = reply_limits(config.sendmail)[Mta.SENDMAIL]
     hint = 'set [server] mta = "postfix" if no Sendmail connects, or match [sendmail] timeouts to its T='
     out = []
-    for ep in config.endpoints:
-        for key, message in budget_problems(ep, f"endpoints.{ep.name}", limits):
-            out.append(f"{key}: {message}; at a Sendmail connection the calls are cut to fit; {hint}")
-    problem = progress_problem(config.server, limits)
-    if problem is not None:
-        out.append(f"server.progress_interval: {problem}; {hint}")
+    for key, message in wait_problems(config, limits):
+        cut = "" if key == "server.progress_interval" else "; at a Sendmail connection the calls are cut to fit"
+        out.append(f"{key}: {message}{cut}; {hint}")
     return out
 
 
