@@ -195,3 +195,24 @@ async def test_when_sendmails_e_runs_out_the_log_says_so(
         "(sooner than its E limit in [sendmail] timeouts (300s): a keep-alive came later than its R, or the "
         "filter's T= differs from [sendmail] timeouts); its own failure action applies"
     )
+
+
+@pytest.mark.asyncio
+async def test_a_cut_budget_fails_closed_through_postfix_that_would_accept(
+    mta: PostfixInstance, webhooks: FakeWebhooks, bridges: BridgeRunner
+) -> None:
+    """A budget cut to an MTA's waits ends in the endpoint's on_error, never in a pass: here Postfix
+    (milter_default_action = accept) connects to a bridge told ``mta = "sendmail"`` with R:3s, so an
+    endpoint that never answers is cut to 1 s and the recipient gets the bridge's tempfail."""
+    webhooks.set_default(FakeResponse.never_answer(), event="rcpt")
+    await bridges.start(
+        webhooks.endpoint("silent", events=frozenset({Event.RCPT}), timeout=20.0),
+        server={"mta": "sendmail"},
+        sendmail=SendmailSettings(timeouts=SendmailTimeouts.parse("R:3s")),
+        default_action="accept",
+    )
+    result = await blocking(mta.send, SENDER, [RCPT], MESSAGE)
+    rcpt = next(r for r in result.replies if r.step == "rcpt")
+    assert rcpt.code == 451, result.replies
+    assert not result.accepted
+    assert mta.maildir_messages() == []
