@@ -128,6 +128,27 @@ class MessageLog:
             limit = Limit.MAX_RECIPIENTS  # refused at RCPT: the message went on without them
         if limit is not None:
             self._metrics.oversize(limit)
+        if log.isEnabledFor(logging.INFO):  # the line's fields are built only for a log that shows them
+            log.info(
+                "message %s",
+                outcome,
+                extra={"fields": self._fields(msg, outcome, reply, reason, modifications, message_id)},
+            )
+        self._calls = []
+        self._refused_recipients = 0
+        self.skipped = {}
+        self.skipped_recipients = {}
+
+    def _fields(
+        self,
+        msg: MessageContext,
+        outcome: str,
+        reply: Reply | None,
+        reason: str | None,
+        modifications: int,
+        message_id: str | None,
+    ) -> dict[str, Any]:
+        """The fields of a message's log line."""
         fields: dict[str, Any] = {
             "session": self.session_id,
             "message": message_id,
@@ -148,11 +169,7 @@ class MessageLog:
             fields["skipped"] = self.skipped
         if self.skipped_recipients:
             fields["skipped_recipients"] = self.skipped_recipients
-        log.info("message %s", outcome, extra={"fields": fields})
-        self._calls = []
-        self._refused_recipients = 0
-        self.skipped = {}
-        self.skipped_recipients = {}
+        return fields
 
 
 def log_call_failure(session_id: str, endpoint: str, event: str, failure: Failure, on_error: str) -> None:
@@ -224,6 +241,8 @@ def log_dropped_modifications(
 
 def log_connection_closed(session_id: str, connection: ConnectionContext, started: float) -> None:
     """The end of a milter connection (or of a session on it, at QUIT_NC)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
     fields = {
         "session": session_id,
         "client": client_address(connection.address).decode("utf-8", "replace") or None,

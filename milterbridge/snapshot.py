@@ -75,6 +75,9 @@ class Snapshot:
         self.conditional = bool(self.conditions)
         if self.conditional:
             self.requirements = with_condition_macros(self.requirements, self.conditions.values())
+        self._subscribers: dict[Event, tuple[Endpoint, ...]] = {
+            event: tuple(ep for ep in self.endpoints if event in ep.settings.events) for event in Event
+        }
         #: Commands whose event no endpoint subscribes to: no request is built for them.
         self.unsubscribed: frozenset[type[Command]] = frozenset(
             kind for kind, event in EVENT_OF.items() if event not in subscribed
@@ -97,7 +100,7 @@ class Snapshot:
 
     def subscribers(self, event: Event) -> Sequence[Endpoint]:
         """Every endpoint subscribed to ``event`` (both modes; used for the notifications)."""
-        return [ep for ep in self.endpoints if event in ep.settings.events]
+        return self._subscribers[event]
 
     def negotiate(self, offer: Negotiate) -> tuple[Negotiated, NegotiateReply, bool]:
         """Our answer to an offer, computed once per distinct offer.

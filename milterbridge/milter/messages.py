@@ -392,6 +392,15 @@ class NegotiateReply(Reply, code=b"O"):  # SMFIC_OPTNEG (answer)
     actions: Action
     protocol: Protocol
     macros: tuple[tuple[MacroStage, bytes], ...] = ()
+    #: The frame, encoded on first use: one reply answers every connection that makes the same offer.
+    _frame: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+    def to_frame(self) -> bytes:
+        frame = self._frame
+        if frame is None:
+            frame = Reply.to_frame(self)  # no zero-argument super() in a slotted dataclass
+            object.__setattr__(self, "_frame", frame)  # frozen: a cache, not a change of value
+        return frame
 
     def encode_payload(self) -> bytes:
         out = [_OPTNEG.pack(self.version, int(self.actions), int(self.protocol))]
