@@ -48,13 +48,12 @@ from milterbridge.milter.messages import (
     TempFail,
 )
 from milterbridge.milter.session import NEED_DATA, MessageEnded, MilterSession, SessionLimits, State
+from milterbridge.tcp import TCP_QUICKACK, quickack_socket
 
 log = logging.getLogger("milterbridge.connection")
 
 Replies = Sequence[Reply | Modification]
 HandlerResult = Replies | Awaitable[Replies] | None
-
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 class Handler(TypingProtocol):
@@ -106,36 +105,6 @@ class ConnectionSettings:
     pause_reading_bytes: int = 4 * 1024 * 1024
     #: Shared by all connections of the process (``[server] max_buffered_bytes``); None: no budget.
     budget: MemoryBudget | None = None
-
-
-class _BorrowedSocket(socket.socket):
-    """A socket object on a descriptor someone else owns: it never closes it, not even when
-    collected (a plain socket object would close the descriptor, by then maybe reused)."""
-
-    __slots__ = ()
-
-    def __del__(self) -> None:
-        self.detach()
-
-
-def _tune_tcp(sock: socket.socket) -> socket.socket | None:
-    """Set TCP_NODELAY on an accepted inet socket; a borrowed socket object for TCP_QUICKACK, if Linux has it.
-
-    Our back-to-back packets must not wait for an ACK (Nagle), and Postfix's must not wait
-    for our delayed ACK (postfix-e2e.md pitfall 7). Linux delays ACKs ("pingpong" mode) only
-    after we have sent data; TCP_QUICKACK leaves that mode, and until our next write every
-    read of a small pushed segment ACKs it at once. So the connection sets it on the first
-    read after each of its writes, not on every read.
-
-    uvloop's socket stand-in builds a socket object (and calls getsockname) for each
-    setsockopt, so the connection keeps one socket object on the descriptor, borrowed: the
-    transport closes the descriptor.
-    """
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if _TCP_QUICKACK is None:
-        return None
-    return _BorrowedSocket(sock.family, socket.SOCK_STREAM, 0, fileno=sock.fileno())
 
 
 def _never_passed(stage: str, idle_for: float) -> bool:
@@ -238,7 +207,7 @@ class MilterConnection(asyncio.Protocol):
         self._settings = settings
         self.peer = "?"
         self._sock: socket.socket | None = None
-        #: Set by each of our writes: the next read sets TCP_QUICKACK again (see _tune_tcp).
+        #: Set by each of our writes: the next read sets TCP_QUICKACK again (see milterbridge.tcp).
         self._quickack_due = True
         self._busy: asyncio.Task[None] | None = None
         self._paused = False
@@ -261,10 +230,10 @@ class MilterConnection(asyncio.Protocol):
         # uvloop's transports implement the interface without subclassing asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "unix")
-        sock = transport.get_extra_info("socket")
-        inet = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
-        admission = self._state.admit(peer[0] if inet and isinstance(peer, tuple) else None)
+        # An inet peer is (host, port[, flow, scope]); a unix socket's is a path, often empty.
+        inet = isinstance(peer, tuple)
+        self.peer = f"{peer[0]}:{peer[1]}" if inet else (peer or "unix")
+        admission = self._state.admit(peer[0] if inet else None)
         if admission is not SERVE and admission is not OVERFLOW:
             self._closed = True
             self._state.refuse(admission, self.peer)
@@ -277,7 +246,7 @@ class MilterConnection(asyncio.Protocol):
             self._settings = overflow_settings(self._settings)
             factory = OverflowHandler
         if inet:
-            self._sock = _tune_tcp(sock)
+            self._sock = quickack_socket(transport.get_extra_info("socket"))
         self.session = MilterSession(self._settings.limits, budget=self._settings.budget)
         # The deadlines first: should the handler factory fail, they still close the connection.
         self._deadlines = _Deadlines(self._settings, self.session, self._deadline_passed)
@@ -291,7 +260,7 @@ class MilterConnection(asyncio.Protocol):
             # (suppress() would build an object each time).
             self._quickack_due = False
             try:  # noqa: SIM105
-                self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)  # type: ignore[arg-type]
+                self._sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)  # type: ignore[arg-type]
             except OSError:
                 pass
         try:

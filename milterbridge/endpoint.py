@@ -208,16 +208,18 @@ async def call_endpoint(
                     allowed_ops=settings.allowed_ops,
                 )
                 label = _OK
-            except DecodeError as exc:
-                label, outcome = _INVALID_BODY, Failure(reason=f"invalid response body: {exc}")
-            except DecisionError as exc:
-                label, outcome = _INVALID_DECISION, Failure(reason=f"invalid decision: {exc}")
-        except WebhookError as exc:
-            if exc.endpoint_failure:
+            # Each clause names its exception differently: mypyc types a name by its first
+            # clause, and a later clause of another type reusing it fails at run time.
+            except DecodeError as bad_body:
+                label, outcome = _INVALID_BODY, Failure(reason=f"invalid response body: {bad_body}")
+            except DecisionError as bad_decision:
+                label, outcome = _INVALID_DECISION, Failure(reason=f"invalid decision: {bad_decision}")
+        except WebhookError as failed:
+            if failed.endpoint_failure:
                 breaker.record_failure(ticket)
             else:
                 breaker.release(ticket)
-            label, outcome = str(exc.outcome), Failure(reason=str(exc))
+            label, outcome = str(failed.outcome), Failure(reason=str(failed))
         except BaseException:
             breaker.release(ticket)  # cancelled, or the bridge's own fault: not the endpoint's
             raise

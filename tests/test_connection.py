@@ -19,6 +19,7 @@ from milterbridge.milter import messages as m
 from milterbridge.milter.context import MessageContext
 from milterbridge.milter.negotiation import Requirements, negotiate
 from milterbridge.milter.session import MilterSession
+from milterbridge.tcp import TCP_QUICKACK, BorrowedSocket
 from tests.conftest import running_server
 from tests.fakes.handlers import StaticHandler
 
@@ -378,13 +379,30 @@ async def test_closed_connections_never_close_a_reused_descriptor() -> None:
                 os.close(write)
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("listen", ["inet:127.0.0.1:0", "inet6:[::1]:0"])
+async def test_accepted_inet_sockets_send_without_delay(listen: str) -> None:
+    """TCP_NODELAY is on for an accepted connection (the event loop sets it; the bridge relies on
+    that), and the connection holds a socket object for TCP_QUICKACK where Linux has it."""
+    async with (
+        running_server(lambda s: StaticHandler(s), listen=(listen,)) as server,
+        await MilterClient.open(server.bound[0]) as client,
+    ):
+        await client.negotiate()
+        (conn,) = server.state.connections
+        sock = conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert conn.peer.startswith(("127.0.0.1:", "::1:"))
+        if TCP_QUICKACK is not None:
+            assert isinstance(conn._sock, BorrowedSocket)
+        await client.quit()
+
+
 def test_a_borrowed_socket_never_closes_its_descriptor() -> None:
     """Collected without a detach (its connection never saw connection_lost), even in a cycle."""
-    from milterbridge.connection import _BorrowedSocket
-
     owner, peer = socket.socketpair()
     with owner, peer:
-        borrowed = _BorrowedSocket(owner.family, socket.SOCK_STREAM, 0, fileno=owner.fileno())
+        borrowed = BorrowedSocket(owner.family, socket.SOCK_STREAM, 0, fileno=owner.fileno())
         borrowed.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         holder: dict[str, object] = {"sock": borrowed}
         holder["self"] = holder  # a reference cycle: collected by the cyclic GC

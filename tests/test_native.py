@@ -7,6 +7,7 @@ get the core's own tests here, in a subprocess.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.machinery
 import json
@@ -25,8 +26,15 @@ from milterbridge import _native
 from tests.conftest import missing_prerequisite
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-#: The core's own tests, run again on the Python sources.
-CORE_TESTS = ("tests/milter", "tests/policy", "tests/test_payload_ids.py", "tests/test_connection.py")
+#: The compiled modules' own tests, run again on the Python sources.
+CORE_TESTS = (
+    "tests/milter",
+    "tests/policy",
+    "tests/engine",
+    "tests/test_payload_ids.py",
+    "tests/test_connection.py",
+    "tests/test_endpoint.py",
+)
 
 PROBE = (
     "import json, milterbridge, importlib;"
@@ -207,3 +215,30 @@ def test_detect_a_build_without_its_sources_runs_compiled(tmp_path: Path) -> Non
     root = _tree(tmp_path)
     _native.source_path("milterbridge.milter.codec", root).unlink()
     assert _native.detect(root, environ={}) == _native.Core("compiled", "sources not installed, so not compared")
+
+
+def _reused_exception_names(tree: ast.AST) -> list[str]:
+    """``function: name`` for each name bound by ``except ... as name`` clauses of different types in one function."""
+    found = []
+    for function in ast.walk(tree):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        types: dict[str, set[str]] = {}
+        for node in ast.walk(function):
+            if isinstance(node, ast.ExceptHandler) and node.name is not None:
+                types.setdefault(node.name, set()).add(ast.unparse(node.type) if node.type else "BaseException")
+        found += [f"{function.name}: {name}" for name, kinds in types.items() if len(kinds) > 1]
+    return found
+
+
+def test_no_compiled_function_reuses_an_exception_name_for_another_type() -> None:
+    """mypyc types ``except A as exc`` by the first clause that binds ``exc``: a later ``except B as exc``
+    in the same function raises TypeError when a B arrives (a bridge fault instead of the endpoint's on_error)."""
+    reused = {
+        module: found
+        for module in _native.COMPILED_MODULES
+        if (found := _reused_exception_names(ast.parse(_native.source_path(module).read_text())))
+    }
+    assert not reused
+    sample = "def f():\n    try: pass\n    except ValueError as exc: pass\n    except OSError as exc: pass\n"
+    assert _reused_exception_names(ast.parse(sample)) == ["f: exc"]
