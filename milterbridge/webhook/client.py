@@ -327,12 +327,13 @@ class WebhookClient:
                     attempt_started = loop.time()
                     try:
                         status, data = await self._attempt(pool, ep, body, webhook_id)
-                    except WebhookError as exc:
+                    except WebhookError as failed:
                         now = loop.time()
-                        self._observe(ep, attempt, exc.outcome, now - attempt_started)
-                        if exc.retryable and attempt == 1 and ep.settings.retry and deadline - now > _MIN_RETRY_BUDGET:
+                        self._observe(ep, attempt, failed.outcome, now - attempt_started)
+                        retry = failed.retryable and attempt == 1 and ep.settings.retry
+                        if retry and deadline - now > _MIN_RETRY_BUDGET:
                             continue
-                        exc.attempts = attempt
+                        failed.attempts = attempt
                         raise
                     now = loop.time()
                     self._observe(ep, attempt, AttemptOutcome.OK, now - attempt_started)
@@ -372,13 +373,13 @@ class WebhookClient:
             )
         except HttpTooLargeError:
             raise _too_large(ep, ep.settings.max_response_bytes) from None
-        except HttpTlsError as exc:
-            raise WebhookTlsError(str(exc), endpoint=ep.name, url=ep.safe_url) from None
-        except (HttpConnectError, HttpDisconnectedError) as exc:
-            raise WebhookConnectionError(str(exc), endpoint=ep.name, url=ep.safe_url, retryable=True) from None
-        except HttpError as exc:
+        except HttpTlsError as tls_error:
+            raise WebhookTlsError(str(tls_error), endpoint=ep.name, url=ep.safe_url) from None
+        except (HttpConnectError, HttpDisconnectedError) as lost:
+            raise WebhookConnectionError(str(lost), endpoint=ep.name, url=ep.safe_url, retryable=True) from None
+        except HttpError as bad_answer:
             # A malformed or unsupported answer: retrying would most likely see it again.
-            raise WebhookConnectionError(str(exc), endpoint=ep.name, url=ep.safe_url) from None
+            raise WebhookConnectionError(str(bad_answer), endpoint=ep.name, url=ep.safe_url) from None
         except SpoolError:
             raise
         except OSError as exc:

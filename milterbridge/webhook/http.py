@@ -208,9 +208,9 @@ class _Connection(asyncio.Protocol):
         self.received += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
+        except httptools.HttpParserCallbackError as callback_error:
             # httptools reports an exception in a callback as this, the original as context.
-            if not isinstance(exc.__context__, _Stop):
+            if not isinstance(callback_error.__context__, _Stop):
                 self._fail(HttpProtocolError("response could not be handled"))
         except httptools.HttpParserUpgrade:
             self._fail(HttpProtocolError("the server switched protocols"))
@@ -474,10 +474,10 @@ class HttpPool:
                 ssl=origin.ssl,
                 server_hostname=origin.host if origin.ssl is not None else None,
             )
-        except ssl.SSLCertVerificationError as exc:
-            raise HttpTlsError(f"certificate verify failed: {exc.verify_message}") from None
-        except ssl.SSLError as exc:
-            raise HttpTlsError(f"TLS handshake failed: {exc.reason or type(exc).__name__}") from None
+        except ssl.SSLCertVerificationError as unverified:
+            raise HttpTlsError(f"certificate verify failed: {unverified.verify_message}") from None
+        except ssl.SSLError as tls_error:
+            raise HttpTlsError(f"TLS handshake failed: {tls_error.reason or type(tls_error).__name__}") from None
         except OSError as exc:
             raise HttpConnectError(f"cannot connect ({describe_os_error(exc)})") from None
         except BaseException:
