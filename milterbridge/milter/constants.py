@@ -43,6 +43,14 @@ class Action(enum.IntFlag):
     ADD_RCPT_PAR = 0x080  # SMFIF_ADDRCPT_PAR: '2' (v6)
     SETSYMLIST = 0x100  # SMFIF_SETSYMLIST: macro lists in the 'O' reply (v6)
 
+    def grants(self, needed: Action) -> bool:
+        """Whether every bit of ``needed`` is among these actions.
+
+        Computed on the plain ints: enum's ``&`` builds a new flag value in Python (thousands
+        of instructions), and the message path asks this several times per message.
+        """
+        return int(needed) & ~int(self) == 0
+
 
 #: ``SMFI_V1_ACTS``: what an MTA that offers 0 actions is taken to allow.
 V1_ACTIONS: Final = Action(0x0F)

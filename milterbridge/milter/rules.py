@@ -275,5 +275,5 @@ def check_modification(pending: type[Command], modification: Modification, actio
     """
     if pending is not EndOfMessage:
         raise LocalProtocolError(f"{type(modification).__name__} is legal only at end-of-message")
-    if not modification.action & actions:
+    if not actions.grants(modification.action):
         raise LocalProtocolError(f"{type(modification).__name__} needs action {modification.action!r}, not negotiated")

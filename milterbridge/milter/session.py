@@ -357,7 +357,7 @@ class MilterSession:
         assert isinstance(offer, Negotiate)
         if reply.version > offer.version:
             raise LocalProtocolError(f"version {reply.version} is above the MTA's {offer.version}")
-        if reply.actions & ~(offer.actions or V1_ACTIONS):
+        if not (offer.actions or V1_ACTIONS).grants(reply.actions):
             raise LocalProtocolError("actions outside the MTA's offer")
         self.version = reply.version
         self.actions = reply.actions

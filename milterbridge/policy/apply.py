@@ -231,7 +231,7 @@ class _Builder:
         self.dropped.append(DroppedModification(endpoint=endpoint, op=op, reason=reason))
 
     def take(self, endpoint: str, op: AnyOp) -> None:
-        if not required_action(op) & self.actions:
+        if not self.actions.grants(required_action(op)):
             self.drop(endpoint, op, DropReason.NOT_GRANTED)
             return
         match op:
@@ -274,7 +274,7 @@ class _Builder:
         if op.index > len(same_name):
             if isinstance(op, DeleteHeaderOp):
                 self.drop(endpoint, op, DropReason.NO_SUCH_HEADER)
-            elif not self.actions & Action.ADD_HEADERS:
+            elif not self.actions.grants(Action.ADD_HEADERS):
                 # Becoming an add needs ADDHDRS too (the session refuses it otherwise).
                 self.drop(endpoint, op, DropReason.NOT_GRANTED)
             else:

@@ -145,7 +145,11 @@ def parse_decision(
         raise DecisionError(f"action: unknown action {raw_action!r}{_did_you_mean(raw_action, _ACTION_NAMES)}")
     if action not in legal:
         raise DecisionError(f"action: {action} is not allowed at {event}")
-    if action is ActionName.QUARANTINE and allowed_actions is not None and not allowed_actions & Action.QUARANTINE:
+    if (
+        action is ActionName.QUARANTINE
+        and allowed_actions is not None
+        and not allowed_actions.grants(Action.QUARANTINE)
+    ):
         raise DecisionError("action: quarantine was not granted by the MTA")
     reply = _reply(top.get("reply"), action, event)
     reason = _reason(top.get("reason"))
@@ -299,7 +303,7 @@ def _modifications(
     for n, item in enumerate(obj):
         where = f"modifications[{n}]"
         op = _modification(item, where, allowed_ops)
-        if allowed_actions is not None and not required_action(op) & allowed_actions:
+        if allowed_actions is not None and not allowed_actions.grants(required_action(op)):
             raise DecisionError(f"{where}: {op.op} needs an action the MTA did not grant ({required_action(op)!r})")
         ops.append(op)
     return tuple(ops)

@@ -435,8 +435,8 @@ def _check_decision(name: str, event: Event, decision: Decision, legal: frozense
         raise PolicyUsageError(f"{name}: {decision.action} is not legal at {event}")
     if event is Event.UNKNOWN and decision.modifications:
         raise PolicyUsageError(f"{name}: modifications are not allowed at unknown")
-    missing = [required_action(op) for op in decision.modifications if not required_action(op) & actions]
-    if decision.action is ActionName.QUARANTINE and not actions & Action.QUARANTINE:
+    missing = [required_action(op) for op in decision.modifications if not actions.grants(required_action(op))]
+    if decision.action is ActionName.QUARANTINE and not actions.grants(Action.QUARANTINE):
         missing.append(Action.QUARANTINE)
     if missing:
         raise PolicyUsageError(f"{name}: needs {missing[0]!r}, not granted; parse with allowed_actions")

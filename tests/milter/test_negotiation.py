@@ -195,3 +195,10 @@ EVENT_NR_BIT = {
     Event.BODY: Protocol.NR_BODY,
     Event.UNKNOWN: Protocol.NR_UNKNOWN,
 }
+
+
+@given(st.integers(0, int(ALL_ACTIONS)), st.integers(0, int(ALL_ACTIONS)))
+def test_actions_grant_exactly_the_bits_they_hold(held: int, needed: int) -> None:
+    """``Action.grants`` agrees with the flags' own arithmetic: every needed bit is held."""
+    assert Action(held).grants(Action(needed)) is ((Action(needed) & ~Action(held)) == Action.NONE)
+    assert Action(held).grants(Action.NONE)
