@@ -1,7 +1,7 @@
 """Which build of the hot core runs: the one compiled with mypyc, or the Python sources.
 
-``setup.py`` compiles the modules in ``COMPILED_MODULES`` with mypyc when it can (about a
-third fewer instructions on the milter side; docs/performance.md) and records the SHA-256
+``setup.py`` compiles the modules in ``COMPILED_MODULES`` with mypyc when it can (about two
+fifths fewer instructions on the milter side; docs/performance.md) and records the SHA-256
 of each source it compiled in ``MANIFEST``. An extension module shadows the ``.py`` file of
 the same name, so a source edited after the build would otherwise keep running its old
 compiled code. ``select()`` (called once, from ``milterbridge/__init__.py``) hashes the
