@@ -107,6 +107,21 @@ class ConnectionSettings:
     budget: MemoryBudget | None = None
 
 
+def _describe_peer(peer: object) -> tuple[str, str | None]:
+    """The peer for the log, and its host when it is an inet peer (else None).
+
+    An inet peer is (host, port[, flow, scope]). A unix socket's is a path, often empty, or
+    bytes for a Linux abstract address (a client may bind one before it connects), named as
+    ss(8) does: ``@name``.
+    """
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}", str(peer[0])
+    if isinstance(peer, bytes):
+        name = peer.decode("utf-8", "backslashreplace")
+        return ("@" + name[1:] if name.startswith("\0") else name) or "unix", None
+    return str(peer) if peer else "unix", None
+
+
 def _never_passed(stage: str, idle_for: float) -> bool:
     return False
 
@@ -229,11 +244,9 @@ class MilterConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        # An inet peer is (host, port[, flow, scope]); a unix socket's is a path, often empty.
-        inet = isinstance(peer, tuple)
-        self.peer = f"{peer[0]}:{peer[1]}" if inet else (peer or "unix")
-        admission = self._state.admit(peer[0] if inet else None)
+        self.peer, host = _describe_peer(transport.get_extra_info("peername"))
+        inet = host is not None
+        admission = self._state.admit(host)
         if admission is not SERVE and admission is not OVERFLOW:
             self._closed = True
             self._state.refuse(admission, self.peer)

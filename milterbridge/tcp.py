@@ -22,7 +22,7 @@ class BorrowedSocket(socket.socket):
         self.detach()
 
 
-def quickack_socket(sock: socket.socket) -> socket.socket | None:
+def quickack_socket(sock: socket.socket | None) -> socket.socket | None:
     """A borrowed socket object on an accepted inet socket, for TCP_QUICKACK (None where Linux's option is missing).
 
     Our back-to-back packets must not wait for an ACK: the event loop (asyncio and uvloop alike)
@@ -36,6 +36,6 @@ def quickack_socket(sock: socket.socket) -> socket.socket | None:
     setsockopt, so the connection keeps one socket object on the descriptor, borrowed: the
     transport closes the descriptor.
     """
-    if TCP_QUICKACK is None:
+    if TCP_QUICKACK is None or sock is None:
         return None
     return BorrowedSocket(sock.family, socket.SOCK_STREAM, 0, fileno=sock.fileno())

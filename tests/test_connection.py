@@ -398,6 +398,28 @@ async def test_accepted_inet_sockets_send_without_delay(listen: str) -> None:
         await client.quit()
 
 
+@pytest.mark.asyncio
+async def test_a_unix_client_bound_to_an_abstract_address_is_served() -> None:
+    """A unix client may bind a Linux abstract address before it connects; its peer name is then
+    bytes, which the connection names in its log and serves like any unix client."""
+    name = b"\0milterbridge-test-" + os.urandom(6).hex().encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        async with running_server(lambda s: StaticHandler(s), [f"unix:{tmp}/milter.sock"]) as server:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(name)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, f"{tmp}/milter.sock")
+            reader, writer = await asyncio.open_unix_connection(sock=sock)
+            client = MilterClient(reader, writer)
+            await client.negotiate()
+            (conn,) = server.state.connections
+            assert conn.peer == "@" + name[1:].decode()
+            result = await client.send_message(Envelope(), b"Subject: x\r\n\r\nbody\r\n")
+            assert result.eom is not None
+            await client.quit()
+            await client.aclose()
+
+
 def test_a_borrowed_socket_never_closes_its_descriptor() -> None:
     """Collected without a detach (its connection never saw connection_lost), even in a cycle."""
     owner, peer = socket.socketpair()

@@ -66,14 +66,15 @@ _WANTED_NAME_LENGTHS: Final = frozenset({8, 14, 16, 17})
 
 
 class HttpError(Exception):
-    """A request failed below HTTP semantics; the text names the cause, never the URL."""
+    """A request failed below HTTP semantics; the text names the cause, never the URL.
 
-    #: Worth one retry on a new connection (the request may not have been processed).
-    retryable: bool = False
+    The webhook client retries a connect error or a lost connection once (the request may not
+    have been processed), and no other (``WebhookClient._attempt``).
+    """
 
 
 class HttpConnectError(HttpError):
-    retryable = True
+    pass
 
 
 class HttpTlsError(HttpError):
@@ -81,7 +82,7 @@ class HttpTlsError(HttpError):
 
 
 class HttpDisconnectedError(HttpError):
-    retryable = True
+    pass
 
 
 class HttpProtocolError(HttpError):
@@ -296,7 +297,9 @@ class _Connection(asyncio.Protocol):
     def on_chunk_header(self) -> None:
         self.progress_mark = self.received
 
-    on_chunk_complete = on_chunk_header
+    def on_chunk_complete(self) -> None:
+        # A method, not an alias of on_chunk_header: a compiled class keeps no such alias.
+        self.progress_mark = self.received
 
     def on_body(self, body: bytes) -> None:
         self.progress_mark = self.received

@@ -26,6 +26,7 @@ from milterbridge.webhook.http import (
     HttpProtocolError,
     HttpTooLargeError,
     Origin,
+    _Connection,
 )
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -483,3 +484,11 @@ async def test_unreadable_body_is_the_bridges_fault(raw: RawServer) -> None:
         with pytest.raises(SpoolError, match="cannot read the message body: OSError: Input/output error"):
             await client.post(endpoint, FailingBody(), webhook_id="evt_1")
         assert (await client.post(endpoint, b"{}", webhook_id="evt_2")).body == b"ok"
+
+
+def test_the_connection_offers_httptools_every_progress_callback() -> None:
+    """httptools installs only the callbacks it finds with getattr: each must be a bound method
+    in the compiled build too (mypyc drops a class-level alias of a method)."""
+    conn = _Connection(Origin("127.0.0.1", 1))
+    for name in ("on_header", "on_headers_complete", "on_chunk_header", "on_chunk_complete", "on_body"):
+        assert callable(getattr(conn, name, None)), name
