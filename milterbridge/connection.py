@@ -245,7 +245,6 @@ class MilterConnection(asyncio.Protocol):
         # uvloop's transports implement the interface without subclassing asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
         self.peer, host = _describe_peer(transport.get_extra_info("peername"))
-        inet = host is not None
         admission = self._state.admit(host)
         if admission is not SERVE and admission is not OVERFLOW:
             self._closed = True
@@ -258,7 +257,7 @@ class MilterConnection(asyncio.Protocol):
             self.overflow = True
             self._settings = overflow_settings(self._settings)
             factory = OverflowHandler
-        if inet:
+        if host is not None:  # an inet peer
             self._sock = quickack_socket(transport.get_extra_info("socket"))
         self.session = MilterSession(self._settings.limits, budget=self._settings.budget)
         # The deadlines first: should the handler factory fail, they still close the connection.
