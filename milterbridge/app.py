@@ -27,7 +27,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from milterbridge import CORE, __version__
-from milterbridge.admin import AdminServer
+from milterbridge.admin import AdminServer, ProcessPages
 from milterbridge.background import SHUTDOWN_GRACE
 from milterbridge.config import Config, ConfigError, check_waits, load_config
 from milterbridge.connection import ConnectionSettings
@@ -142,7 +142,9 @@ class Bridge:
         )
         self.metrics.set_event_source(self.server.state.event_counts)
         admin_listen = config.admin.listen if admin_listen is None else admin_listen
-        self.admin: AdminServer | None = AdminServer(admin_listen, self.metrics, self) if admin_listen else None
+        self.admin: AdminServer | None = (
+            AdminServer(admin_listen, ProcessPages(self.metrics, self)) if admin_listen else None
+        )
         self.draining = False
         self.started = False
 

@@ -1,9 +1,12 @@
 """Worker processes: ``milterbridge serve --workers N`` with N above one.
 
-``supervise`` forks the workers, each one a ``Bridge`` run by ``run_worker``, and
-restarts any that dies. It owns no listener of its own beyond the unix sockets it
-binds once for the workers to inherit, and no metrics: what a worker should count
-for it reaches the worker as a signal (``REFUSED_SIGNAL``).
+``supervise`` forks the workers, each one a ``Bridge`` run by ``run_worker``, and the
+instance view (``instance.run_instance_admin``), and restarts any of them that dies. It
+binds the unix milter sockets once for the workers to inherit, and the admin listener for
+the instance view, so that an address that cannot be bound stops the start; each worker
+serves its own admin pages on a private unix socket that the instance view reads. The
+supervisor keeps no metrics: what a worker should count for it reaches the worker as a
+signal (``REFUSED_SIGNAL``).
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import contextlib
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
+import tempfile
 import time
 
 from milterbridge.app import build_bridge, load_checked, merge_reload, run_bridge, run_event_loop, warn_about
 from milterbridge.config import Config, ConfigError
+from milterbridge.instance import run_instance_admin, worker_socket
 from milterbridge.log import configure_logging
 from milterbridge.milter.address import parse_listen_address, split_host_port
 from milterbridge.server import bind_unix
@@ -33,6 +39,8 @@ REFUSED_SIGNAL = signal.SIGUSR1
 WORKER_SIGNALS = frozenset({signal.SIGHUP, REFUSED_SIGNAL})
 #: Seconds before a worker that died is started again.
 RESTART_DELAY = 1.0
+#: The index under which the instance view's process is kept among the workers'.
+ADMIN_INDEX = -1
 
 
 def default_workers() -> int:
@@ -48,18 +56,14 @@ def default_workers() -> int:
     return max(1, cpus)
 
 
-def worker_admin_listen(listen: str, index: int) -> str:
-    """Worker ``index`` serves admin HTTP on the configured port plus its index."""
-    if not listen or index == 0:
-        return listen
+def bind_admin(listen: str) -> socket.socket:
+    """The instance view's listening socket at ``host:port``; raises OSError (or ValueError for the text)."""
     host, port = split_host_port(listen)
-    if port == 0:
-        return listen
-    host = f"[{host}]" if ":" in host else host
-    return f"{host}:{port + index}"
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    return socket.create_server(address[:2], family=family)
 
 
-def run_worker(config: Config, path: str, index: int, prebound: dict[str, socket.socket]) -> int:
+def run_worker(config: Config, path: str, index: int, prebound: dict[str, socket.socket], admin_listen: str) -> int:
     """The body of worker ``index`` (in the forked child): one supervised bridge until SIGTERM.
 
     The worker starts with ``WORKER_SIGNALS`` blocked; ``run_bridge`` unblocks them once
@@ -72,7 +76,7 @@ def run_worker(config: Config, path: str, index: int, prebound: dict[str, socket
             config_path=path,
             reuse_port=True,
             prebound=prebound,
-            admin_listen=worker_admin_listen(config.admin.listen, index),
+            admin_listen=admin_listen,
             supervised=True,
         )
         if bridge is None:
@@ -95,10 +99,31 @@ def supervise(config: Config, path: str, workers: int) -> int:
     did not pass, whatever the file holds when it dies.
     """
     prebound: dict[str, socket.socket] = {}
-    for text in config.server.listen:
-        address = parse_listen_address(text)
-        if address.path is not None:
-            prebound[address.path] = bind_unix(address.path, config.server.socket_mode)
+    admin_sock: socket.socket | None = None
+    private_dir = ""
+    try:
+        for text in config.server.listen:
+            address = parse_listen_address(text)
+            if address.path is not None:
+                prebound[address.path] = bind_unix(address.path, config.server.socket_mode)
+        if config.admin.listen:
+            admin_sock = bind_admin(config.admin.listen)
+            private_dir = tempfile.mkdtemp(prefix="milterbridge-")
+    except OSError as exc:
+        log.error("cannot start: %s", exc)  # noqa: TRY400 - the message names the address
+        for sock in prebound.values():
+            sock.close()
+        for sock_path in prebound:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sock_path)
+        if admin_sock is not None:
+            admin_sock.close()
+        if private_dir:
+            shutil.rmtree(private_dir, ignore_errors=True)
+        if admin_sock is not None:
+            admin_sock.close()
+        return 1
+    sockets = [worker_socket(private_dir, index) for index in range(workers)] if private_dir else []
     children: dict[int, int] = {}
     restarts: dict[int, float] = {}  # worker index -> when to start it again
     accepted = config
@@ -109,6 +134,16 @@ def supervise(config: Config, path: str, workers: int) -> int:
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_read, False)
     os.set_blocking(wake_write, False)
+
+    def child_body(index: int, start_config: Config) -> int:  # pragma: no cover - runs in the child
+        if index == ADMIN_INDEX:
+            assert admin_sock is not None
+            for sock in prebound.values():
+                sock.close()
+            return run_instance_admin(config.admin.listen, admin_sock, sockets, os.getppid())
+        if admin_sock is not None:
+            admin_sock.close()
+        return run_worker(start_config, path, index, prebound, f"unix:{sockets[index]}" if sockets else "")
 
     def spawn(index: int) -> None:
         start_config = accepted
@@ -126,7 +161,7 @@ def supervise(config: Config, path: str, workers: int) -> int:
             os.close(wake_write)
             code = 1
             try:
-                code = run_worker(start_config, path, index, prebound)
+                code = child_body(index, start_config)
             finally:
                 os._exit(code)
         children[pid] = index
@@ -135,9 +170,18 @@ def supervise(config: Config, path: str, workers: int) -> int:
                 os.kill(pid, signal.SIGTERM)
 
     def signal_workers(sig: signal.Signals) -> None:
-        for pid in list(children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+        """Send ``sig`` to every worker (not to the instance view)."""
+        for pid, index in list(children.items()):
+            if index != ADMIN_INDEX:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+
+    def stop_admin_after_workers() -> None:
+        """Once stopping and no worker is left, SIGTERM the instance view (it said "draining" until then)."""
+        if stopping and set(children.values()) == {ADMIN_INDEX}:
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
 
     def on_signal(sig: int, _frame: object) -> None:
         nonlocal stopping, reload_wanted
@@ -177,14 +221,17 @@ def supervise(config: Config, path: str, workers: int) -> int:
                 break
             if pid == 0:
                 break
-            index = children.pop(pid, -1)
+            index = children.pop(pid, None)
             code = os.waitstatus_to_exitcode(status)
-            if index < 0:
+            if index is None:
                 continue
             if stopping:
                 worst = max(worst, abs(code))
                 continue
-            log.error("worker %d (pid %d) exited with %d; restarting", index, pid, code)
+            if index == ADMIN_INDEX:
+                log.error("admin view (pid %d) exited with %d; restarting", pid, code)
+            else:
+                log.error("worker %d (pid %d) exited with %d; restarting", index, pid, code)
             restarts[index] = time.monotonic() + RESTART_DELAY
         return worst
 
@@ -194,11 +241,16 @@ def supervise(config: Config, path: str, workers: int) -> int:
         for index in range(workers):
             spawn(index)
         log.info("started %d workers", workers, extra={"fields": {"pids": sorted(children)}})
+        if admin_sock is not None:
+            spawn(ADMIN_INDEX)
+            admin_pids = [pid for pid, index in children.items() if index == ADMIN_INDEX]
+            log.info("started the admin view on %s", config.admin.listen, extra={"fields": {"pids": admin_pids}})
         worst = 0
         while children or (restarts and not stopping):
             worst = max(worst, reap())
             if stopping:
                 restarts.clear()  # a SIGTERM during the pause must not start a worker nobody stops
+                stop_admin_after_workers()
             if reload_wanted and not stopping:
                 reload_wanted = False
                 reload()
@@ -226,3 +278,7 @@ def supervise(config: Config, path: str, workers: int) -> int:
         for sock_path in prebound:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sock_path)
+        if admin_sock is not None:
+            admin_sock.close()
+        if private_dir:
+            shutil.rmtree(private_dir, ignore_errors=True)

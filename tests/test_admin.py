@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import stat
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 import pytest
 import pytest_asyncio
 
-from milterbridge.admin import AdminServer, HealthSource
+from milterbridge.admin import PID_HEADER, AdminServer, HealthSource, ProcessPages
 from milterbridge.metrics import Metrics
 from tests.conftest import assert_no_leaked_tasks
 
@@ -43,7 +46,7 @@ def metrics() -> Metrics:
 async def admin(metrics, health) -> AsyncIterator[str]:
     """A started AdminServer; yields its base URL and checks for leaks after closing."""
     source: HealthSource = health
-    server = AdminServer("127.0.0.1:0", metrics, source)
+    server = AdminServer("127.0.0.1:0", ProcessPages(metrics, source))
     await server.start()
     host, port = server.bound
     try:
@@ -118,7 +121,7 @@ async def test_no_access_log_lines(admin, caplog):
 @pytest.mark.asyncio
 async def test_close_stops_listening(metrics, health):
     """After aclose the port refuses connections; bound raises; a second aclose is harmless."""
-    server = AdminServer("127.0.0.1:0", metrics, health)
+    server = AdminServer("127.0.0.1:0", ProcessPages(metrics, health))
     async with server:
         host, port = server.bound
         status, _, _ = await get(f"http://{host}:{port}/livez")
@@ -134,7 +137,7 @@ async def test_close_stops_listening(metrics, health):
 @pytest.mark.asyncio
 async def test_close_with_a_keepalive_client_open(metrics, health):
     """Shutdown does not wait for an idle keep-alive connection from a client still open."""
-    server = AdminServer("127.0.0.1:0", metrics, health)
+    server = AdminServer("127.0.0.1:0", ProcessPages(metrics, health))
     await server.start()
     host, port = server.bound
     async with aiohttp.ClientSession() as session:
@@ -147,7 +150,7 @@ async def test_close_with_a_keepalive_client_open(metrics, health):
 @pytest.mark.asyncio
 async def test_ipv6_listen_string(metrics, health):
     """A [v6]:port listen string binds the IPv6 loopback."""
-    server = AdminServer("[::1]:0", metrics, health)
+    server = AdminServer("[::1]:0", ProcessPages(metrics, health))
     try:
         await server.start()
     except OSError as exc:
@@ -165,13 +168,13 @@ async def test_ipv6_listen_string(metrics, health):
 def test_bad_listen_string(metrics, health, listen):
     """A listen string that is not host:port or [v6]:port is refused at construction."""
     with pytest.raises(ValueError):
-        AdminServer(listen, metrics, health)
+        AdminServer(listen, ProcessPages(metrics, health))
 
 
 @pytest.mark.asyncio
 async def test_start_twice_is_refused(metrics, health):
     """start() on a running server raises instead of binding again."""
-    async with AdminServer("127.0.0.1:0", metrics, health) as server:
+    async with AdminServer("127.0.0.1:0", ProcessPages(metrics, health)) as server:
         with pytest.raises(RuntimeError):
             await server.start()
 
@@ -179,11 +182,61 @@ async def test_start_twice_is_refused(metrics, health):
 @pytest.mark.asyncio
 async def test_port_in_use_fails_cleanly(metrics, health):
     """Binding an address already in use raises OSError and leaves nothing running."""
-    async with AdminServer("127.0.0.1:0", metrics, health) as first:
+    async with AdminServer("127.0.0.1:0", ProcessPages(metrics, health)) as first:
         _, port = first.bound
-        second = AdminServer(f"127.0.0.1:{port}", metrics, health)
+        second = AdminServer(f"127.0.0.1:{port}", ProcessPages(metrics, health))
         with pytest.raises(OSError):
             await second.start()
         with pytest.raises(RuntimeError):
             _ = second.bound
     assert_no_leaked_tasks()
+
+
+@pytest.mark.asyncio
+async def test_every_answer_names_the_process(admin):
+    """Each page carries the answering process's id, which the instance view keys workers on."""
+    for path in ("/livez", "/readyz", "/metrics"):
+        _, _, headers = await get(admin + path)
+        assert headers[PID_HEADER] == str(os.getpid())
+
+
+@pytest.mark.asyncio
+async def test_private_unix_socket(tmp_path, metrics, health):
+    """``unix:/path`` serves on a socket only its owner may open; aclose removes the file."""
+    path = tmp_path / "worker-0.sock"
+    async with AdminServer(f"unix:{path}", ProcessPages(metrics, health)) as server:
+        assert server.bound == ("unix", 0)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        connector = aiohttp.UnixConnector(path=str(path))
+        async with aiohttp.ClientSession(connector=connector) as session, session.get("http://worker/readyz") as resp:
+            assert (resp.status, await resp.text()) == (200, "ready")
+    assert not path.exists()
+    assert_no_leaked_tasks()
+
+
+@pytest.mark.asyncio
+async def test_a_prebound_socket(metrics, health):
+    """With ``sock``, the server answers on the socket it was given (the supervisor binds the instance's)."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    async with AdminServer(f"127.0.0.1:{port}", ProcessPages(metrics, health), sock=sock) as server:
+        assert server.bound == ("127.0.0.1", port)
+        status, text, _ = await get(f"http://127.0.0.1:{port}/livez")
+        assert (status, text) == (200, "ok")
+    assert_no_leaked_tasks()
+
+
+class FailingPages(ProcessPages):
+    """Pages whose liveness check raises."""
+
+    async def livez(self) -> tuple[bool, str]:
+        raise RuntimeError("check crashed")
+
+
+@pytest.mark.asyncio
+async def test_livez_is_503_when_the_check_raises(metrics, health):
+    """A liveness check that raises means not alive (503), not a 500."""
+    async with AdminServer("127.0.0.1:0", FailingPages(metrics, health)) as server:
+        host, port = server.bound
+        status, text, _ = await get(f"http://{host}:{port}/livez")
+    assert (status, text) == (503, "liveness check failed")

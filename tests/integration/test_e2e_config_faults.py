@@ -100,7 +100,7 @@ async def test_worker_killed_while_the_config_is_broken_keeps_the_gate_closed(
     await bridge.wait_log("config reload refused")
     os.kill(victim, signal.SIGKILL)
     await bridge.wait_log("milterbridge ", count=3)  # the replacement's "ready" line
-    replacement_admin = f"127.0.0.1:{bridge.logs('admin listening on')[-1]['port']}"
+    replacement_admin = bridge.worker_admins()[-1]
 
     # Each SMTP session is a new milter connection; send until the replacement has served some.
     sent = 0

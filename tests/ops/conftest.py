@@ -164,10 +164,11 @@ def metric_value(text: str, sample: str, **labels: str) -> float:
     return total
 
 
-async def http_get(url: str, *, timeout: float = 3.0) -> tuple[int, str]:
-    """GET ``url``: (status, body text)."""
+async def http_get(url: str, *, timeout: float = 3.0, unix: str | None = None) -> tuple[int, str]:
+    """GET ``url`` (over the unix socket at ``unix`` if given): (status, body text)."""
+    connector = aiohttp.UnixConnector(path=unix) if unix else None
     async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), connector=connector) as session,
         session.get(url) as response,
     ):
         return response.status, await response.text()
@@ -310,7 +311,7 @@ class BridgeProcess:
         ready = await self.wait_log("milterbridge ", count=workers)
         self.listen = list(ready[0]["listen"])
         self.milter = self.listen[0]
-        admin = self.logs("admin listening on")
+        admin = [r for r in self.logs("admin listening on") if "port" in r]
         if admin:
             self.admin = f"127.0.0.1:{admin[0]['port']}"
 
@@ -325,9 +326,16 @@ class BridgeProcess:
         """Send ``sig`` to the (parent) process."""
         self.proc.send_signal(sig)
 
+    def worker_admins(self) -> list[str]:
+        """Every worker's private admin socket (``unix:/path``) logged so far, in start order."""
+        return [f"unix:{r['path']}" for r in self.logs("admin listening on") if "path" in r]
+
     async def get(self, path: str, *, admin: str | None = None) -> tuple[int, str]:
-        """GET ``path`` on the admin listener (or on ``admin``)."""
-        return await http_get(f"http://{admin or self.admin}{path}")
+        """GET ``path`` on the admin listener (or on ``admin``: ``host:port`` or a worker's ``unix:/path``)."""
+        admin = admin or self.admin
+        if admin.startswith("unix:"):
+            return await http_get(f"http://worker{path}", unix=admin.removeprefix("unix:"))
+        return await http_get(f"http://{admin}{path}")
 
     async def metrics(self, *, admin: str | None = None) -> str:
         """The /metrics page."""

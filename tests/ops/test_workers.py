@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -24,7 +25,6 @@ from .conftest import (
     children_of,
     config_text,
     free_port,
-    free_port_run,
     metric_value,
     pid_alive,
     send_message,
@@ -41,9 +41,11 @@ def worker_pids(bridge: BridgeProcess) -> list[int]:
     return list(started[0]["pids"])
 
 
-def admin_addresses(bridge: BridgeProcess) -> list[str]:
-    """Every admin listener a worker logged, in start order."""
-    return [f"127.0.0.1:{r['port']}" for r in bridge.logs("admin listening on")]
+def admin_view_pid(bridge: BridgeProcess) -> int:
+    """The pid of the instance's admin view, as the parent logged it."""
+    (started,) = bridge.logs("started the admin view")
+    (pid,) = started["pids"]
+    return int(pid)
 
 
 async def send_many(milter: str, count: int, *, stagger: float = 0.005) -> None:
@@ -57,7 +59,7 @@ async def send_many(milter: str, count: int, *, stagger: float = 0.005) -> None:
 
 
 async def connections_per_worker(bridge: BridgeProcess, admins: list[str]) -> list[float]:
-    """``milterbridge_connections_total`` from each worker's admin listener."""
+    """``milterbridge_connections_total`` from each worker's private admin socket."""
     return [metric_value(await bridge.metrics(admin=a), "milterbridge_connections_total") for a in admins]
 
 
@@ -81,7 +83,7 @@ async def stop(bridge: BridgeProcess) -> None:
 async def test_two_workers_share_a_tcp_listener(tmp_path, bridges):
     """40 connections to one TCP port are spread over both worker processes."""
     bridge = await start_workers(tmp_path, bridges, [f"inet:127.0.0.1:{free_port()}"])
-    admins = admin_addresses(bridge)
+    admins = bridge.worker_admins()
     assert len(set(admins)) == WORKERS
     await send_many(bridge.milter, 40)
     counts = await connections_per_worker(bridge, admins)
@@ -100,7 +102,7 @@ async def test_two_workers_share_a_unix_socket(tmp_path, bridges):
     assert bridge.milter == f"unix:{sock}"
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
     await send_many(bridge.milter, 20)
-    counts = await connections_per_worker(bridge, admin_addresses(bridge))
+    counts = await connections_per_worker(bridge, bridge.worker_admins())
     assert sum(counts) == 20
     await stop(bridge)
     assert not sock.exists()
@@ -111,8 +113,10 @@ async def test_sigterm_to_the_parent_stops_every_worker(tmp_path, bridges):
     """SIGTERM to the parent drains both workers; the parent exits 0 and no worker is left."""
     bridge = await start_workers(tmp_path, bridges, [f"inet:127.0.0.1:{free_port()}"])
     pids = worker_pids(bridge)
-    assert children_of(bridge.pid) == set(pids)
+    admin = admin_view_pid(bridge)
+    assert children_of(bridge.pid) == {*pids, admin}
     await stop(bridge)
+    assert not pid_alive(admin)
     assert len(bridge.logs("stopped")) == WORKERS
 
 
@@ -125,12 +129,12 @@ async def test_a_killed_worker_is_restarted(tmp_path, bridges):
     await bridge.wait_log("worker ")
     assert "restarting" in bridge.logs("worker ")[0]["msg"]
     await bridge.wait_log("milterbridge ", count=WORKERS + 1)  # the replacement's "ready" line
-    children = children_of(bridge.pid)
+    children = children_of(bridge.pid) - {admin_view_pid(bridge)}
     assert survivor in children
     assert victim not in children
     assert len(children) == WORKERS
     (replacement,) = children - {survivor}
-    new_admin = admin_addresses(bridge)[-1]
+    new_admin = bridge.worker_admins()[-1]
     assert (await bridge.get("/readyz", admin=new_admin))[0] == 200
     await send_many(bridge.milter, 10)
     bridge.send_signal(signal.SIGTERM)
@@ -140,9 +144,11 @@ async def test_a_killed_worker_is_restarted(tmp_path, bridges):
 
 
 @pytest.mark.asyncio
-async def test_each_worker_serves_admin_on_port_plus_index(tmp_path, bridges):
-    """With admin on port P, worker 0 answers on P and worker 1 on P+1; both count their connections."""
-    admin_port = free_port_run(WORKERS)
+async def test_the_admin_port_shows_every_worker(tmp_path, bridges):
+    """--workers 3: the one admin port counts every message, stays right when a worker is killed and
+    restarted, and is ready only while every worker is."""
+    workers = 3
+    admin_port = free_port()
     path = write_config(
         tmp_path,
         listen=[f"inet:127.0.0.1:{free_port()}"],
@@ -150,22 +156,60 @@ async def test_each_worker_serves_admin_on_port_plus_index(tmp_path, bridges):
         drain_timeout=3.0,
         server=NO_ENDPOINTS,
     )
-    bridge = await bridges.start(path, workers=WORKERS, wait_ready=False)
-    # Fail fast on the first error line instead of waiting for a readiness that never comes.
-    await bridge.wait_until(
-        lambda: len(bridge.logs("milterbridge ")) >= WORKERS or any(r["level"] == "error" for r in bridge.records()),
-        "both workers ready (or an error)",
-    )
-    errors = [r["msg"] for r in bridge.records() if r["level"] == "error"]
-    assert not errors, errors
-    await bridge.wait_ready(workers=WORKERS)
-    admins = [f"127.0.0.1:{admin_port + n}" for n in range(WORKERS)]
-    assert sorted(admin_addresses(bridge)) == sorted(admins)
-    await send_many(bridge.milter, 40)
-    counts = await connections_per_worker(bridge, admins)
-    assert sum(counts) == 40
-    assert all(count > 0 for count in counts), f"connections per worker: {counts}"
+    bridge = await bridges.start(path, workers=workers, wait_ready=False)
+    await bridge.wait_ready(workers=workers)
+    await bridge.wait_log("admin listening on", count=workers + 1)
+    assert bridge.admin == f"127.0.0.1:{admin_port}"
+    assert (await bridge.get("/readyz"))[0] == 200
+    assert await bridge.get("/livez") == (200, "ok")
+
+    await send_many(bridge.milter, 60)
+    per_worker = await connections_per_worker(bridge, bridge.worker_admins())
+    assert sum(per_worker) == 60
+    assert sum(1 for count in per_worker if count > 0) >= 2, f"connections per worker: {per_worker}"
+    text = await bridge.metrics()
+    assert metric_value(text, "milterbridge_connections_total") == 60
+    assert metric_value(text, "milterbridge_messages_total", outcome="accepted") == 60
+    assert metric_value(text, "milterbridge_workers", state="up") == workers
+    assert metric_value(text, "milterbridge_connections_active") == 0
+
+    # Kill the worker that served the most: its counts stay in the sum, never twice.
+    victim_index = per_worker.index(max(per_worker))
+    victim = worker_pids(bridge)[victim_index]
+    os.kill(victim, signal.SIGKILL)
+    await bridge.wait_log("worker ")
+    status, reason = await bridge.get("/readyz")
+    assert status == 503
+    assert f"worker {victim_index}: not answering" in reason
+    text = await bridge.metrics()
+    assert metric_value(text, "milterbridge_messages_total", outcome="accepted") == 60
+    assert metric_value(text, "milterbridge_workers", state="down") == 1
+
+    await bridge.wait_log("milterbridge ", count=workers + 1)  # the replacement's "ready" line
+    await bridge.wait_until(lambda: len(bridge.worker_admins()) == workers + 1, "the replacement's admin socket")
+    assert (await bridge.get("/readyz"))[0] == 200
+    text = await bridge.metrics()
+    assert metric_value(text, "milterbridge_messages_total", outcome="accepted") == 60
+    await send_many(bridge.milter, 30)
+    text = await bridge.metrics()
+    assert metric_value(text, "milterbridge_messages_total", outcome="accepted") == 90
+    assert metric_value(text, "milterbridge_connections_total") == 90
+    assert metric_value(text, "milterbridge_workers", state="up") == workers
     await stop(bridge)
+
+
+@pytest.mark.asyncio
+async def test_a_busy_admin_port_stops_the_start(tmp_path, bridges):
+    """With workers, an admin address that cannot be bound stops the start before any worker runs."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        listen = [f"inet:127.0.0.1:{free_port()}"]
+        path = write_config(tmp_path, listen=listen, admin=f"127.0.0.1:{port}", server=NO_ENDPOINTS)
+        bridge = await bridges.start(path, workers=WORKERS, wait_ready=False)
+        assert await bridge.wait_exit() == 1
+    (line,) = bridge.logs("cannot start")
+    assert "in use" in line["msg"], line
+    assert not bridge.logs("started ")
 
 
 @pytest.mark.asyncio
@@ -232,12 +276,12 @@ async def test_a_restarted_worker_gets_the_last_accepted_config(tmp_path, bridge
     (refused,) = await bridge.wait_log("config reload refused")
     assert refused["level"] == "error"
     assert "server.allow_no_endpoints" in refused["msg"]
-    for admin in admin_addresses(bridge):
+    for admin in bridge.worker_admins():
         assert await refused_count(bridge, admin, wanted=1) == 1
     os.kill(victim, signal.SIGKILL)
     await bridge.wait_log("milterbridge ", count=WORKERS + 1)  # the replacement's "ready" line
-    (replacement,) = children_of(bridge.pid) - {survivor}
-    replacement_admin = admin_addresses(bridge)[-1]
+    (replacement,) = children_of(bridge.pid) - {survivor, admin_view_pid(bridge)}
+    replacement_admin = bridge.worker_admins()[-1]
 
     # Every message gets the accepted endpoint's answer, including those the replacement serves.
     tags = []
