@@ -123,7 +123,9 @@ class Bridge:
         self.client = WebhookClient(observer=self.metrics)
         #: Builds the endpoints (reading TLS files and secrets: ValueError/OSError when one is bad).
         self.dispatcher = Dispatcher(config, self.client, metrics=self.metrics)
+        self.metrics.declare_endpoints(e.name for e in config.endpoints)
         self.metrics.set_breaker_source(self.dispatcher.breaker_states)
+        self.metrics.set_budget_source(self.dispatcher.budgets)
         #: What every milter connection runs with: session limits, timeouts, the shared memory budget.
         self.settings = connection_settings(config)
         budget = self.settings.budget
@@ -201,6 +203,7 @@ class Bridge:
         self.config = config
         configure_logging(config.log.level)
         self.metrics.reload(True)
+        self.metrics.declare_endpoints(e.name for e in config.endpoints)
         log.info("config reloaded", extra={"fields": {"endpoints": [e.name for e in config.endpoints]}})
         if not self.supervised:
             warn_about(config)

@@ -100,6 +100,9 @@ class Dispatcher:
     def breaker_states(self) -> dict[str, str]:
         return self.snapshot.breaker_states()
 
+    def budgets(self) -> dict[tuple[str, str], float]:
+        return self.snapshot.budgets()
+
     def __call__(self, session: MilterSession) -> ConnectionHandler:
         if self.snapshot.conditional:
             from milterbridge.conditional import ConditionalHandler  # it subclasses ConnectionHandler

@@ -36,6 +36,7 @@ GAUGE_RULES: Final[Mapping[str, Callable[[Iterable[float]], float]]] = {
     "process_max_fds": min,
     "milterbridge_draining": max,
     "milterbridge_info": max,
+    "milterbridge_webhook_budget_seconds": max,  # the same in every worker, but for a reload in flight
 }
 #: Types whose samples only grow in one process: summed, and kept for workers that are gone.
 _CUMULATIVE: Final = frozenset({"counter", "histogram"})

@@ -29,21 +29,30 @@ BREAKER_STATES: Final = ("closed", "open", "half_open")
 DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: Returns the breaker state per endpoint name, e.g. ``Dispatcher.breaker_states``.
 BreakerSource = Callable[[], Mapping[str, str]]
+#: Returns the budget in seconds per (endpoint name, event name), e.g. ``Dispatcher.budgets``.
+BudgetSource = Callable[[], Mapping[tuple[str, str], float]]
 #: Returns the milter commands received per event name, e.g. ``ServerState.event_counts``.
 EventSource = Callable[[], Mapping[Event, int]]
 
 
-class BreakerCollector:
-    """Builds ``circuit_breaker_state`` from the breaker source at scrape time."""
+_T = TypeVar("_T")
 
-    name: Final = PREFIX + "circuit_breaker_state"
-    documentation: Final = "Circuit breaker state per endpoint: 1 for the current state, 0 for the others."
+
+class SourcedGauge(Generic[_T]):
+    """A labelled gauge built at scrape time from a callable source (None: no samples).
+
+    A source that raises costs only its own samples: the rest of the scrape still matters.
+    """
+
+    name: str
+    documentation: str
+    labels: tuple[str, ...]
 
     def __init__(self) -> None:
-        self.source: BreakerSource | None = None
+        self.source: Callable[[], _T] | None = None
 
     def _family(self) -> GaugeMetricFamily:
-        return GaugeMetricFamily(self.name, self.documentation, labels=("endpoint", "state"))
+        return GaugeMetricFamily(self.name, self.documentation, labels=self.labels)
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         # Present so the registry reserves the name without calling the source at registration.
@@ -55,18 +64,42 @@ class BreakerCollector:
         if source is None:
             return [family]
         try:
-            states = dict(source())
+            self._add(family, source())
         except Exception:
-            # A broken source must not fail the whole scrape; the other metrics still matter.
-            log.exception("breaker state source failed")
-            return [family]
-        for endpoint, state in sorted(states.items()):
+            log.exception("%s source failed", self.name)
+            return [self._family()]
+        return [family]
+
+    def _add(self, family: GaugeMetricFamily, data: _T) -> None:
+        raise NotImplementedError
+
+
+class BreakerCollector(SourcedGauge[Mapping[str, str]]):
+    """``circuit_breaker_state`` from the breaker source (a ``BreakerSource``) at scrape time."""
+
+    name = PREFIX + "circuit_breaker_state"
+    documentation = "Circuit breaker state per endpoint: 1 for the current state, 0 for the others."
+    labels = ("endpoint", "state")
+
+    def _add(self, family: GaugeMetricFamily, data: Mapping[str, str]) -> None:
+        for endpoint, state in sorted(data.items()):
             current = str(state)
             for known in BREAKER_STATES:
                 family.add_metric((endpoint, known), 1.0 if known == current else 0.0)
             if current not in BREAKER_STATES:
                 family.add_metric((endpoint, current), 1.0)
-        return [family]
+
+
+class BudgetCollector(SourcedGauge[Mapping[tuple[str, str], float]]):
+    """``webhook_budget_seconds`` from the budget source (a ``BudgetSource``) at scrape time."""
+
+    name = PREFIX + "webhook_budget_seconds"
+    documentation = "Seconds a call to the endpoint may take at the event (timeout or timeouts), per subscribed event."
+    labels = ("endpoint", "event")
+
+    def _add(self, family: GaugeMetricFamily, data: Mapping[tuple[str, str], float]) -> None:
+        for (endpoint, event), seconds in sorted(data.items()):
+            family.add_metric((endpoint, event), float(seconds))
 
 
 class EventCollector:

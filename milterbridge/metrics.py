@@ -26,7 +26,7 @@ Counters also expose prometheus_client's ``_created`` samples; the switch that r
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from prometheus_client import (
@@ -45,6 +45,8 @@ from milterbridge.metric_series import (
     PREFIX,
     BreakerCollector,
     BreakerSource,
+    BudgetCollector,
+    BudgetSource,
     Children,
     CounterTally,
     EventCollector,
@@ -62,6 +64,7 @@ __all__ = [
     "TIMEOUT_STAGES",
     "DURATION_BUCKETS",
     "BreakerSource",
+    "BudgetSource",
     "EventSource",
     "Metrics",
 ]
@@ -176,6 +179,8 @@ class Metrics:
         registry.register(self._decisions)
         self._breakers = BreakerCollector()
         registry.register(self._breakers)
+        self._budgets = BudgetCollector()
+        registry.register(self._budgets)
         self._progress = Counter(
             PREFIX + "progress_keepalives_total",
             "Progress keepalives sent to the MTA while a decision was pending.",
@@ -303,6 +308,16 @@ class Metrics:
         """A call to ``endpoint`` (which has max_concurrency) waited ``seconds`` for a slot, or gave up then."""
         self._queue_wait.observe((endpoint,), seconds)
 
+    def declare_endpoints(self, names: Iterable[str]) -> None:
+        """Start the per-endpoint counters that have no other first sample at 0 for ``names``.
+
+        So that ``webhook_retries_total`` and ``background_dropped_total`` exist from the start
+        (a rate or an alert over them then sees the first increase), not from their first event.
+        """
+        for name in names:
+            self._retries.get(name)
+            self._background_dropped.labels(name)
+
     def on_attempt(self, endpoint: str, attempt: int, outcome: str, elapsed: float) -> None:
         """``WebhookObserver``: count retries; the call as a whole is counted by ``webhook``."""
         if attempt > 1:
@@ -370,6 +385,10 @@ class Metrics:
     def set_breaker_source(self, source: BreakerSource | None) -> None:
         """Read breaker states from ``source`` at each scrape (None: export none)."""
         self._breakers.source = source
+
+    def set_budget_source(self, source: BudgetSource | None) -> None:
+        """Read the endpoints' budgets per event from ``source`` at each scrape (None: export none)."""
+        self._budgets.source = source
 
     # -- exposition ---------------------------------------------------------------------
 

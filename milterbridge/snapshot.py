@@ -136,6 +136,10 @@ class Snapshot:
         """Breaker state per endpoint name (``closed``, ``open``, ``half_open``), for metrics."""
         return {ep.name: str(ep.breaker.state) for ep in self.endpoints}
 
+    def budgets(self) -> dict[tuple[str, str], float]:
+        """The budget in seconds per (endpoint name, event name) for the events each endpoint is called at."""
+        return {(ep.name, str(event)): ep.timeouts[event] for ep in self.endpoints for event in ep.settings.events}
+
 
 def _warn_about_mta(mta: Mta | None, told: Mta | None, version: bytes | None) -> None:
     shown = repr(version.decode("utf-8", "replace")) if version is not None else "not sent"

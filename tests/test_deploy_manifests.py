@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -64,9 +65,19 @@ def _configmap_config(tmp_path: Path) -> Config:
 
 
 def test_manifests_hold_every_kind_once_and_kustomization_lists_them():
-    """ConfigMap, Deployment, Service, PDB and HPA exist, and kustomization.yaml names every file."""
+    """ConfigMap, Deployment, Service, PDB, HPA and two NetworkPolicies exist, and kustomization.yaml
+    names every file."""
     kinds = sorted(doc["kind"] for doc in _documents())
-    expected = ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Kustomization", "PodDisruptionBudget", "Service"]
+    expected = [
+        "ConfigMap",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "Kustomization",
+        "NetworkPolicy",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Service",
+    ]
     assert kinds == expected
     listed = set(_one("Kustomization")["resources"])
     assert listed == {p.name for p in KUBE_DIR.glob("*.yaml")} - {"kustomization.yaml"}
@@ -133,6 +144,41 @@ def test_configmap_config_loads_and_matches_the_pod(tmp_path):
     assert config.server.drain_timeout + pre_stop_seconds < spec["terminationGracePeriodSeconds"]
 
 
+def _network_policy(name: str) -> dict[str, Any]:
+    (policy,) = [d for d in _documents() if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == name]
+    return policy
+
+
+def test_only_the_mta_reaches_the_milter_port_and_only_the_bridge_the_filters(tmp_path):
+    """The bridge's policy lets the MTA's pods in on the milter port only (Prometheus on the admin port
+    only) and lets the bridge out to the filter port and DNS only; the filters' policy lets only the
+    bridge's pods in, on the port the ConfigMap's endpoint URL names."""
+    bridge = _network_policy("milterbridge")
+    assert bridge["spec"]["podSelector"]["matchLabels"] == LABELS
+    assert sorted(bridge["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+    container = _container()
+    by_port = {_port(container, rule["ports"][0]["port"]): rule for rule in bridge["spec"]["ingress"]}
+    assert set(by_port) == {8890, 8891}
+    assert all(len(rule["ports"]) == 1 for rule in bridge["spec"]["ingress"])
+    assert by_port[8890]["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "postfix"}}}]
+    (prometheus,) = by_port[8891]["from"]
+    assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+
+    url = urlsplit(_configmap_config(tmp_path).endpoints[0].url)
+    filter_rule, dns_rule = bridge["spec"]["egress"]
+    filter_labels = filter_rule["to"][0]["podSelector"]["matchLabels"]
+    assert filter_labels == {"app.kubernetes.io/name": url.hostname}
+    assert [p["port"] for p in filter_rule["ports"]] == [url.port]
+    assert {(p["port"], p["protocol"]) for p in dns_rule["ports"]} == {(53, "UDP"), (53, "TCP")}
+
+    filters = _network_policy("milter-filter")
+    assert filters["spec"]["podSelector"]["matchLabels"] == filter_labels
+    assert filters["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = filters["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": LABELS}}]
+    assert [p["port"] for p in rule["ports"]] == [url.port]
+
+
 def test_deployment_mounts_the_config_where_the_args_point():
     """--config names a file in the ConfigMap volume's mount path, and the volume names the ConfigMap."""
     container = _container()
@@ -159,7 +205,7 @@ def test_manifests_validate_against_kubernetes_schemas():
             continue
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         checked += 1
-    assert checked == 5
+    assert checked == 7
 
 
 # --- compose -------------------------------------------------------------------------------

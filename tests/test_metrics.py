@@ -236,7 +236,23 @@ def test_breaker_source_failure_does_not_break_the_scrape(metrics, caplog):
     body, _ = metrics.render()
     assert b'milterbridge_messages_total{outcome="accepted"} 1.0' in body
     assert b"milterbridge_circuit_breaker_state{" not in body
-    assert "breaker state source failed" in caplog.text
+    assert "milterbridge_circuit_breaker_state source failed" in caplog.text
+
+
+def test_budget_collector_follows_the_source(metrics):
+    """webhook_budget_seconds is read from the callable at every scrape; a failing source costs only it."""
+    budgets = {("policy", "eom"): 5.0, ("policy", "rcpt"): 2.0}
+    metrics.set_budget_source(lambda: budgets)
+    assert value(metrics, "milterbridge_webhook_budget_seconds", endpoint="policy", event="eom") == 5.0
+    budgets[("policy", "eom")] = 8.0
+    assert value(metrics, "milterbridge_webhook_budget_seconds", endpoint="policy", event="eom") == 8.0
+
+    def broken() -> dict[tuple[str, str], float]:
+        raise RuntimeError("boom")
+
+    metrics.set_budget_source(broken)
+    assert value(metrics, "milterbridge_webhook_budget_seconds", endpoint="policy", event="eom") is None
+    assert value(metrics, "milterbridge_info", version=milterbridge.__version__) == 1
 
 
 def test_render_parses_as_prometheus_text(metrics):
@@ -279,3 +295,13 @@ def test_registries_are_private():
     assert value(first, "milterbridge_messages_total", outcome="accepted") == 1
     assert value(second, "milterbridge_messages_total", outcome="accepted") == 0
     assert REGISTRY.get_sample_value("milterbridge_messages_total", {"outcome": "accepted"}) is None
+
+
+def test_declared_endpoints_start_their_counters_at_zero(metrics):
+    """Retries and dropped background calls exist at 0 for a declared endpoint, before any happened."""
+    assert value(metrics, "milterbridge_webhook_retries_total", endpoint="policy") is None
+    metrics.declare_endpoints(["policy"])
+    assert value(metrics, "milterbridge_webhook_retries_total", endpoint="policy") == 0
+    assert value(metrics, "milterbridge_background_dropped_total", endpoint="policy") == 0
+    metrics.on_attempt("policy", 2, "ok", 0.01)
+    assert value(metrics, "milterbridge_webhook_retries_total", endpoint="policy") == 1
