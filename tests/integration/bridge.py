@@ -36,6 +36,7 @@ import email.message
 import email.policy
 import functools
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import pytest
@@ -49,6 +50,7 @@ from milterbridge.metrics import Metrics
 from milterbridge.server import MilterServer
 from tests.fakes.webhooks import FakeWebhooks
 from tests.harness import BridgeHarness
+from tests.ops.conftest import BridgeLauncher
 
 from .postfix import (
     DEFAULT_HELO,
@@ -280,6 +282,16 @@ async def webhooks() -> AsyncIterator[FakeWebhooks]:
     """A started fake endpoint server on 127.0.0.1 that also takes multi-MiB requests."""
     async with BigFakeWebhooks() as fake:
         yield fake
+
+
+@pytest_asyncio.fixture
+async def processes(tmp_path: Path) -> AsyncIterator[BridgeLauncher]:
+    """``milterbridge serve`` processes (the ``tests/ops`` launcher); every one is killed when the test ends."""
+    launcher = BridgeLauncher(tmp_path)
+    try:
+        yield launcher
+    finally:
+        launcher.kill_all()
 
 
 @pytest.fixture(scope="session")

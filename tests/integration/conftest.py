@@ -22,10 +22,10 @@ import pytest_asyncio
 
 # The end-to-end suite's fixtures (a bridge runner and fake endpoints) live with their helpers.
 from . import sendmail as sm
-from .bridge import BridgeRunner, bridges, milter_listen, mta, webhooks
+from .bridge import BridgeRunner, bridges, milter_listen, mta, processes, webhooks
 from .postfix import PostfixInstance, closed_port, installed_version, prerequisites_problem
 
-__all__ = ["bridges", "milter_listen", "mta", "webhooks"]
+__all__ = ["bridges", "milter_listen", "mta", "processes", "webhooks"]
 
 _SUMMARY = pytest.StashKey[list[str]]()
 _SKIPPED = pytest.StashKey[str]()

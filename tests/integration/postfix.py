@@ -761,14 +761,15 @@ class PostfixInstance(MaillogReader):
         ``{daemon_name}`` macro is ``milter_macro_daemon_name`` (default ``$myhostname``, not
         the service name, which for an inet service is ``host:port``), so pass
         ``{"milter_macro_daemon_name": ...}`` to give the milter a name to tell it by. Values
-        may not contain whitespace. ``remove_smtpd_services`` (and ``reset``) take them away.
+        may not contain whitespace; an empty one clears the parameter for the service (``-o
+        content_filter=``). ``remove_smtpd_services`` (and ``reset``) take them away.
         """
         if ":" in self._host:
             raise PostfixHarnessError("extra smtpd services are supported on an IPv4 listener only")
         wanted = {"syslog_name": f"{self._syslog_name}/{name}", **(options or {})}
         for key, value in wanted.items():
-            if not value or any(ch.isspace() for ch in f"{key}{value}"):
-                raise ValueError(f"master.cf option {key}={value!r} is empty or contains whitespace")
+            if not key or any(ch.isspace() for ch in f"{key}{value}"):
+                raise ValueError(f"master.cf option {key}={value!r} has no name or contains whitespace")
         port = free_port(self._host)
         self._services[port] = wanted
         self._write(self.config_dir / "master.cf", self._master_cf())

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from tests.fakes.webhooks import FakeResponse, FakeWebhooks
 from tests.ops.conftest import BridgeLauncher, BridgeProcess, metric_value, write_config
@@ -28,16 +26,6 @@ pytestmark = pytest.mark.postfix
 SENDER = "alice@example.org"
 RCPT = "bob@example.net"
 REJECT = FakeResponse.decision("reject", reply={"code": 554, "enhanced": "5.7.1", "text": "policy says no"})
-
-
-@pytest_asyncio.fixture
-async def processes(tmp_path: Path) -> AsyncIterator[BridgeLauncher]:
-    """``milterbridge serve`` processes; every one is killed when the test ends."""
-    launcher = BridgeLauncher(tmp_path)
-    try:
-        yield launcher
-    finally:
-        launcher.kill_all()
 
 
 async def start_rejecting_bridge(
