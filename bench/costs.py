@@ -68,7 +68,9 @@ class _InstantWebhooks:
     def __init__(self) -> None:
         self.eom_body = b""
 
-    async def post(self, endpoint: Any, body: Any, *, webhook_id: str, timeout: float | None = None) -> Any:
+    async def post(
+        self, endpoint: Any, body: Any, *, webhook_id: str, timeout: float | None = None, headers: bytes = b""
+    ) -> Any:
         data = body if isinstance(body, bytes) else b"".join(body.chunks())
         # "event" is the first member of every request: no need to parse the rest here.
         eom = data.startswith(b'{"event":"eom"')

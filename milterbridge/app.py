@@ -40,14 +40,29 @@ from milterbridge.milter.context import MemoryBudget
 from milterbridge.milter.session import SessionLimits
 from milterbridge.server import MilterServer
 from milterbridge.serving import config_warnings, load_serving_config
+from milterbridge.spans import Tracer
 from milterbridge.webhook.client import WebhookClient
 
 log = logging.getLogger("milterbridge.app")
 
 
 def preflight(config: Config) -> None:
-    """Read the TLS files and decode the secrets as the endpoints will (ValueError/OSError if not)."""
+    """Read the TLS files and decode the secrets as the endpoints will, and check that tracing can
+    start when it is on (ValueError/OSError if not)."""
     build_endpoints(config.endpoints)
+    if config.tracing.enabled:
+        tracing_module().check_environment()
+
+
+def tracing_module() -> Any:
+    """``milterbridge.tracing``, imported only when tracing is on; ValueError when OpenTelemetry is missing."""
+    try:
+        from milterbridge import tracing
+    except ImportError as exc:
+        raise ValueError(
+            f"tracing.enabled is true, but OpenTelemetry cannot be imported ({exc}): pip install 'milterbridge[otel]'"
+        ) from None
+    return tracing
 
 
 def load_checked(path: str) -> Config:
@@ -61,13 +76,13 @@ def merge_reload(running: Config, new: Config) -> tuple[Config, bool]:
     """What a reload applies: ``new``'s endpoints and log level on ``running``'s listeners.
 
     ``allow_no_endpoints`` is about the endpoints, so it follows ``new`` too. The flag says
-    whether ``new`` changed anything else in ``[server]`` or ``[admin]`` (that needs a restart).
+    whether ``new`` changed anything else in ``[server]``, ``[admin]`` or ``[tracing]`` (that needs a restart).
     Raises ConfigError when ``new``'s budgets do not fit the MTA waits of the ``[server]`` that
     stays (``config.check_waits``): ``new`` was checked against its own.
     """
     server = dataclasses.replace(running.server, allow_no_endpoints=new.server.allow_no_endpoints)
-    ignored = new.server != server or new.admin != running.admin
-    merged = dataclasses.replace(new, server=server, admin=running.admin)
+    ignored = new.server != server or new.admin != running.admin or new.tracing != running.tracing
+    merged = dataclasses.replace(new, server=server, admin=running.admin, tracing=running.tracing)
     check_waits(merged)
     return merged, ignored
 
@@ -109,11 +124,13 @@ class Bridge:
         admin_listen: str | None = None,
         supervised: bool = False,
         metrics: Metrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         """Build the parts; nothing listens before ``start``.
 
         ``admin_listen`` replaces ``config.admin.listen`` ("" for no admin HTTP); ``metrics`` is
-        where the bridge counts (a new ``Metrics`` by default).
+        where the bridge counts (a new ``Metrics`` by default); ``tracer`` traces the messages
+        (by default one from the OTEL_* variables when ``[tracing] enabled``, else none).
         """
         self.config = config
         self.config_path = config_path
@@ -121,8 +138,17 @@ class Bridge:
         self.supervised = supervised
         self.metrics = Metrics() if metrics is None else metrics
         self.client = WebhookClient(observer=self.metrics)
-        #: Builds the endpoints (reading TLS files and secrets: ValueError/OSError when one is bad).
-        self.dispatcher = Dispatcher(config, self.client, metrics=self.metrics)
+        #: The tracing this bridge started, and stops at shutdown (not one it was given).
+        self._own_tracing: Any = None
+        if tracer is None and config.tracing.enabled:
+            tracer = self._own_tracing = tracing_module().Tracing.from_environment()
+        try:
+            #: Builds the endpoints (reading TLS files and secrets: ValueError/OSError when one is bad).
+            self.dispatcher = Dispatcher(config, self.client, metrics=self.metrics, tracer=tracer)
+        except BaseException:
+            if self._own_tracing is not None:
+                self._own_tracing.shutdown()
+            raise
         self.metrics.declare_endpoints(e.name for e in config.endpoints)
         self.metrics.set_breaker_source(self.dispatcher.breaker_states)
         self.metrics.set_budget_source(self.dispatcher.budgets)
@@ -199,7 +225,9 @@ class Bridge:
         except (ValueError, OSError) as exc:
             return self.refuse_reload(exc)
         if ignored:
-            log.warning("config reload: [server] and [admin] changes need a restart; applying endpoints only")
+            log.warning(
+                "config reload: [server], [admin] and [tracing] changes need a restart; applying endpoints only"
+            )
         self.config = config
         configure_logging(config.log.level)
         self.metrics.reload(True)
@@ -234,6 +262,8 @@ class Bridge:
         await self.server.shutdown(self.config.server.drain_timeout if drain_timeout is None else drain_timeout)
         await self.settle()
         await self.client.aclose()
+        if self._own_tracing is not None:
+            await asyncio.to_thread(self._own_tracing.shutdown)  # exports the last spans
         if self.admin is not None:
             await self.admin.aclose()
         log.info("stopped")

@@ -21,6 +21,7 @@ from milterbridge.endpoint import CallObserver, Endpoint, WebhookPoster, call_en
 from milterbridge.message_log import MessageLog, log_call_failure
 from milterbridge.milter.constants import ALL_ACTIONS, Event
 from milterbridge.policy.model import EndpointPolicy, Failure, Outcome
+from milterbridge.spans import CallTrace, MessageTrace, Tracer
 
 log = logging.getLogger("milterbridge.dispatch")
 
@@ -56,8 +57,11 @@ class ConnectionCalls:
         session_id: str,
         message_log: MessageLog,
         endpoints: Sequence[Endpoint],
+        tracer: Tracer | None = None,
     ) -> None:
         self.client = client
+        #: With tracing on: each call gets a span, in its message's trace.
+        self.tracer = tracer
         #: The snapshot's endpoints, in config order (a policy's ``index``).
         self.endpoints = endpoints
         self.background = background
@@ -83,12 +87,13 @@ class ConnectionCalls:
             endpoint = self.endpoints[policy.index]
             calls.append((endpoint, _encoded(request, endpoint, body, stream=True)))
         cap = self.budget_caps.get(event)
+        parent = self.message_log.trace
         if len(calls) == 1:
             endpoint, prepared = calls[0]
-            return {endpoint.name: await self._call(event, endpoint, prepared, cap=cap)}
+            return {endpoint.name: await self._call(event, endpoint, prepared, parent, cap=cap)}
         # return_exceptions: a bridge fault in one call must not leave the others running on.
         results = await asyncio.gather(
-            *(self._call(event, ep, prepared, cap=cap) for ep, prepared in calls), return_exceptions=True
+            *(self._call(event, ep, prepared, parent, cap=cap) for ep, prepared in calls), return_exceptions=True
         )
         outcomes: dict[str, Outcome] = {}
         for (endpoint, _), result in zip(calls, results, strict=True):
@@ -114,22 +119,40 @@ class ConnectionCalls:
                 self._spawn(event, endpoint, _encoded(request, endpoint))
 
     async def _call(
-        self, event: Event, endpoint: Endpoint, prepared: Prepared, *, record: bool = True, cap: float | None = None
+        self,
+        event: Event,
+        endpoint: Endpoint,
+        prepared: Prepared,
+        parent: MessageTrace | None,
+        *,
+        record: bool = True,
+        cap: float | None = None,
     ) -> Outcome:
         webhook_id, body = prepared
         budget = endpoint.timeouts[event]
         if cap is not None and cap < budget:
             budget = cap
-        result = await call_endpoint(
-            self.client,
-            endpoint,
-            webhook_id,
-            body,
-            event=event,
-            allowed_actions=self.actions,
-            observer=self.metrics,
-            budget=budget,
-        )
+        span: CallTrace | None = None
+        if self.tracer is not None:
+            span = self.tracer.call(parent, endpoint, event)
+        try:
+            result = await call_endpoint(
+                self.client,
+                endpoint,
+                webhook_id,
+                body,
+                event=event,
+                allowed_actions=self.actions,
+                observer=self.metrics,
+                budget=budget,
+                headers=b"" if span is None else span.header,
+            )
+        except BaseException:
+            if span is not None:
+                span.finish(None)
+            raise
+        if span is not None:
+            span.finish(result)
         outcome = result.outcome
         event_name = event.value
         failure = outcome if isinstance(outcome, Failure) else None
@@ -143,11 +166,15 @@ class ConnectionCalls:
         return outcome
 
     def _spawn(self, event: Event, endpoint: Endpoint, prepared: Prepared) -> None:
-        self.background.spawn(self._background_call(event, endpoint, prepared), endpoint.settings)
+        # The trace is the message's at the time of the event: the call may outlive it.
+        coroutine = self._background_call(event, endpoint, prepared, self.message_log.trace)
+        self.background.spawn(coroutine, endpoint.settings)
 
-    async def _background_call(self, event: Event, endpoint: Endpoint, prepared: Prepared) -> None:
+    async def _background_call(
+        self, event: Event, endpoint: Endpoint, prepared: Prepared, parent: MessageTrace | None
+    ) -> None:
         try:
-            outcome = await self._call(event, endpoint, prepared, record=False)
+            outcome = await self._call(event, endpoint, prepared, parent, record=False)
         except Exception:
             self.metrics.bridge_fault("internal")
             if event is Event.ABORT or event is Event.CLOSE:

@@ -51,6 +51,7 @@ from milterbridge.settings import (
     SendmailSettings,
     ServerSettings,
     TlsSettings,
+    TracingSettings,
     declared_keys,
     show_url,
     show_value,
@@ -68,6 +69,7 @@ __all__ = [
     "AdminSettings",
     "LogSettings",
     "SendmailSettings",
+    "TracingSettings",
     "EndpointSettings",
     "TlsSettings",
     "HTTP_TOKEN",
@@ -82,6 +84,7 @@ _SECTIONS: Mapping[str, type] = {
     "admin": AdminSettings,
     "log": LogSettings,
     "sendmail": SendmailSettings,
+    "tracing": TracingSettings,
 }
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
 
@@ -510,6 +513,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] 
         admin=sections["admin"],
         log=sections["log"],
         sendmail=sections["sendmail"],
+        tracing=sections["tracing"],
         endpoints=endpoints,
         source=source,
         inline_secrets=tuple(ctx.inline_secrets),

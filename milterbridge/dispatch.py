@@ -66,6 +66,7 @@ from milterbridge.policy.model import EndpointPolicy, Outcome
 from milterbridge.policy.transaction import EventResult, PolicyState
 from milterbridge.replies import REFUSED_OVER_LIMIT, TOO_MANY_RECIPIENTS, over_limit_reply
 from milterbridge.snapshot import MtaProfile, Snapshot
+from milterbridge.spans import Tracer
 
 log = logging.getLogger("milterbridge.dispatch")
 
@@ -88,8 +89,12 @@ class Dispatcher:
     one, when an endpoint cannot be prepared); live connections keep the one they started with.
     """
 
-    def __init__(self, config: Config, client: WebhookPoster, *, metrics: Observer | None = None) -> None:
+    def __init__(
+        self, config: Config, client: WebhookPoster, *, metrics: Observer | None = None, tracer: Tracer | None = None
+    ) -> None:
         self.client = client
+        #: With ``[tracing] enabled``: the spans of every message and call (milterbridge.tracing).
+        self.tracer = tracer
         self.metrics: Observer = metrics or _NoMetrics()
         self.snapshot = Snapshot(config)
         self.background = BackgroundCalls(self.metrics)
@@ -132,7 +137,7 @@ class ConnectionHandler:
         self.session = session
         self.metrics = dispatcher.metrics
         self.builder = pl.PayloadBuilder(session)
-        self.message_log = MessageLog(self.builder.session_id, self.metrics)
+        self.message_log = MessageLog(self.builder.session_id, self.metrics, dispatcher.tracer)
         self.calls = ConnectionCalls(
             dispatcher.client,
             dispatcher.background,
@@ -140,6 +145,7 @@ class ConnectionHandler:
             self.builder.session_id,
             self.message_log,
             self.snapshot.endpoints,
+            dispatcher.tracer,
         )
         self.policy = self.snapshot.idle_policy
         server = self.snapshot.config.server
@@ -408,7 +414,7 @@ class ConnectionHandler:
         self._closed = False
         self.started = time.monotonic()
         self.builder = pl.PayloadBuilder(self.session)
-        self.message_log = MessageLog(self.builder.session_id, self.metrics)
+        self.message_log = MessageLog(self.builder.session_id, self.metrics, self.dispatcher.tracer)
         self.calls.session_id, self.calls.message_log = self.builder.session_id, self.message_log
         self.policy = PolicyState(
             self.snapshot.policies,

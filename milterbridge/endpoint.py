@@ -128,7 +128,13 @@ class WebhookPoster(Protocol):
     """The webhook client as a call needs it (``webhook.client.WebhookClient`` satisfies it)."""
 
     async def post(
-        self, endpoint: PreparedEndpoint, body: bytes | BodySource, *, webhook_id: str, timeout: float | None = None
+        self,
+        endpoint: PreparedEndpoint,
+        body: bytes | BodySource,
+        *,
+        webhook_id: str,
+        timeout: float | None = None,
+        headers: bytes = b"",
     ) -> WebhookResponse: ...
 
 
@@ -158,6 +164,12 @@ class CallResult:
     action: str
     #: Seconds from the breaker's ticket to the validated answer (the message's log line).
     elapsed: float
+    #: How the call ended, as ``webhook_requests_total`` counts it (``ok``, ``timeout``, ...).
+    label: str = "ok"
+    #: The HTTP status of the last answer, when one came.
+    status: int | None = None
+    #: HTTP requests made (2 with the retry; 0 when none was sent).
+    attempts: int = 0
 
 
 async def call_endpoint(
@@ -170,11 +182,12 @@ async def call_endpoint(
     allowed_actions: Action,
     observer: CallObserver,
     budget: float | None = None,
+    headers: bytes = b"",
 ) -> CallResult:
     """Post ``body`` (the encoded request) to ``endpoint`` and turn the answer into an outcome.
 
     The call has the event's budget (``endpoint.timeouts``, or ``budget`` when given), a wait
-    for a call slot included.
+    for a call slot included; ``headers`` (lines ending in CRLF) go with every attempt.
     ``allowed_actions`` is what the MTA granted at negotiation. Counts the call with
     ``observer.webhook``, a decision with ``observer.decision`` and, with a cap, the wait for a
     slot with ``observer.queue_wait``; see the module docstring for what the breaker is told.
@@ -188,6 +201,8 @@ async def call_endpoint(
         budget = endpoint.timeouts[event]
     outcome: Outcome
     response: WebhookResponse | None = None
+    status: int | None = None
+    attempts = 0
     ticket = breaker.allow()
     if not ticket:
         label, outcome = _BREAKER_OPEN, Failure(reason=_BREAKER_OPEN)
@@ -195,9 +210,12 @@ async def call_endpoint(
         try:
             slots = endpoint.slots
             if slots is None:
-                response = await client.post(endpoint.http, body, webhook_id=webhook_id, timeout=budget)
+                response = await client.post(
+                    endpoint.http, body, webhook_id=webhook_id, timeout=budget, headers=headers
+                )
             else:
-                response = await _post_in_slot(client, endpoint, slots, body, webhook_id, budget, observer)
+                response = await _post_in_slot(client, endpoint, slots, body, webhook_id, budget, observer, headers)
+            status, attempts = response.status, response.attempts
             try:
                 decoded = decode(response.body)
                 outcome = parse_decision(
@@ -215,6 +233,7 @@ async def call_endpoint(
             except DecisionError as bad_decision:
                 label, outcome = _INVALID_DECISION, Failure(reason=f"invalid decision: {bad_decision}")
         except WebhookError as failed:
+            status, attempts = failed.status, failed.attempts
             if failed.endpoint_failure:
                 breaker.record_failure(ticket)
             else:
@@ -236,7 +255,7 @@ async def call_endpoint(
         observer.decision(name, event_name, action, settings.mode.value)
     else:
         action = FAILURE
-    return CallResult(outcome, action, elapsed)
+    return CallResult(outcome, action, elapsed, label, status, attempts)
 
 
 async def _post_in_slot(
@@ -247,6 +266,7 @@ async def _post_in_slot(
     webhook_id: str,
     budget: float,
     observer: CallObserver,
+    headers: bytes,
 ) -> WebhookResponse:
     """Post once one of the endpoint's call slots is free; the wait counts against ``budget``.
 
@@ -276,7 +296,7 @@ async def _post_in_slot(
     waited = time.monotonic() - waiting
     observer.queue_wait(endpoint.name, waited)
     try:
-        return await client.post(endpoint.http, body, webhook_id=webhook_id, timeout=budget - waited)
+        return await client.post(endpoint.http, body, webhook_id=webhook_id, timeout=budget - waited, headers=headers)
     except WebhookTimeoutError as exc:
         if queued:
             # It had only what our own queue left of its budget: no verdict on the endpoint.

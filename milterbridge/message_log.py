@@ -20,6 +20,7 @@ from milterbridge.payload import client_address
 from milterbridge.policy.apply import AdjustedModification, DroppedModification
 from milterbridge.policy.model import Failure
 from milterbridge.replies import outcome_of, reply_text
+from milterbridge.spans import MessageTrace, Tracer
 
 log = logging.getLogger("milterbridge.dispatch")
 
@@ -46,14 +47,19 @@ class MessageLog:
         "_metrics",
         "_refused_recipients",
         "_started",
+        "_tracer",
         "session_id",
         "skipped",
         "skipped_recipients",
+        "trace",
     )
 
-    def __init__(self, session_id: str, metrics: MessageMetrics) -> None:
+    def __init__(self, session_id: str, metrics: MessageMetrics, tracer: Tracer | None = None) -> None:
         self.session_id = session_id
         self._metrics = metrics
+        self._tracer = tracer
+        #: The trace of the message under way (only with tracing on): its calls' spans join it.
+        self.trace: MessageTrace | None = None
         self._started = 0.0
         self._calls: list[dict[str, Any]] = []
         self._refused_recipients = 0
@@ -72,6 +78,14 @@ class MessageLog:
         self._started = time.monotonic()
         self._calls = []
         self._refused_recipients = 0
+        if self._tracer is not None:
+            self._end_trace("aborted", None, None)  # a message nobody ended (none should be left)
+            self.trace = self._tracer.message(self.session_id)
+
+    def _end_trace(self, outcome: str, reason: str | None, queue_id: bytes | None) -> None:
+        trace, self.trace = self.trace, None
+        if trace is not None:
+            trace.end(outcome, reason, queue_id.decode("ascii", "replace") if queue_id else None)
 
     def call(
         self,
@@ -128,6 +142,8 @@ class MessageLog:
             limit = Limit.MAX_RECIPIENTS  # refused at RCPT: the message went on without them
         if limit is not None:
             self._metrics.oversize(limit)
+        if self.trace is not None:
+            self._end_trace(outcome, reason, msg.queue_id)
         if log.isEnabledFor(logging.INFO):  # the line's fields are built only for a log that shows them
             log.info(
                 "message %s",

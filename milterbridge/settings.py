@@ -619,6 +619,15 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TracingSettings:
+    """OpenTelemetry tracing ([tracing]); where spans go is set by the standard OTEL_* variables."""
+
+    enabled: bool = setting(
+        False, _boolean, "Trace every message with OpenTelemetry (needs pip install 'milterbridge[otel]')."
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole configuration."""
 
@@ -626,6 +635,7 @@ class Config:
     admin: AdminSettings = AdminSettings()
     log: LogSettings = LogSettings()
     sendmail: SendmailSettings = SendmailSettings()
+    tracing: TracingSettings = TracingSettings()
     endpoints: tuple[EndpointSettings, ...] = ()
     #: Path of the TOML file loaded; None when built from defaults and environment only
     #: (the CLI runs the demo then).

@@ -31,6 +31,7 @@ from milterbridge.connection import ConnectionSettings
 from milterbridge.metrics import BREAKER_STATES, Metrics
 from milterbridge.milter.constants import ALL_ACTIONS, ALL_PROTOCOL
 from milterbridge.server import MilterServer
+from milterbridge.spans import Tracer
 from tests.conftest import assert_no_leaked_tasks
 
 #: ``server.listen`` for a milter listener on a free loopback port.
@@ -45,7 +46,8 @@ class BridgeHarness:
     """One ``app.Bridge`` for a test; see the module docstring.
 
     ``admin`` adds the admin HTTP listener on a free loopback port; ``metrics`` is where the
-    bridge counts (a new ``Metrics`` by default); ``config_path`` is the file ``reload`` reads.
+    bridge counts (a new ``Metrics`` by default); ``config_path`` is the file ``reload`` reads;
+    ``tracer`` traces its messages.
     """
 
     def __init__(
@@ -55,9 +57,14 @@ class BridgeHarness:
         admin: bool = False,
         metrics: Metrics | None = None,
         config_path: str | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.bridge = Bridge(
-            config, config_path=config_path, admin_listen=ADMIN_LOOPBACK if admin else "", metrics=metrics
+            config,
+            config_path=config_path,
+            admin_listen=ADMIN_LOOPBACK if admin else "",
+            metrics=metrics,
+            tracer=tracer,
         )
         self._clients: list[MilterClient] = []
         self._started = False

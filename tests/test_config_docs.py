@@ -10,12 +10,14 @@ import dataclasses
 import enum
 import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from milterbridge.config import load_config
+from milterbridge import settings as settings_module
+from milterbridge.config import Config, load_config
 from milterbridge.settings import (
     AdminSettings,
     EndpointSettings,
@@ -24,6 +26,7 @@ from milterbridge.settings import (
     SendmailSettings,
     ServerSettings,
     TlsSettings,
+    TracingSettings,
     declared_keys,
 )
 
@@ -34,6 +37,7 @@ SECTIONS = {
     AdminSettings: ("## `[admin]`", "[admin]\n"),
     LogSettings: ("## `[log]`", "[log]\n"),
     SendmailSettings: ("## `[sendmail]`", "[sendmail]\n"),
+    TracingSettings: ("## `[tracing]`", "[tracing]\n"),
     EndpointSettings: ("## `[[endpoints]]`", '[[endpoints]]\nname = "policy"\nurl = "https://hooks.example/m"\n'),
     TlsSettings: ("## TLS", '[[endpoints]]\nname = "policy"\nurl = "https://hooks.example/m"\n[endpoints.tls]\n'),
 }
@@ -91,6 +95,20 @@ def default_text(key: Key) -> str:
     return f"`{literal(key, key.default)}`"
 
 
+def declared_classes() -> list[type]:
+    """Every settings class with declared keys."""
+    classes = [cls for cls in vars(settings_module).values() if isinstance(cls, type) and dataclasses.is_dataclass(cls)]
+    return [cls for cls in classes if declared_keys(cls)]
+
+
+def test_every_section_of_the_config_is_on_the_page():
+    """Each table of ``Config`` (and the endpoint's) has its section here, so a new one cannot go undocumented."""
+    hints = typing.get_type_hints(Config)
+    sections = {hints[f.name] for f in dataclasses.fields(Config)} & set(declared_classes())
+    sections |= {EndpointSettings, TlsSettings}
+    assert sections == set(SECTIONS)
+
+
 @pytest.mark.parametrize("cls", list(SECTIONS), ids=lambda cls: cls.__name__)
 def test_every_field_is_declared(cls):
     """Every field of a settings class is filled by a declared key, so the loader can set it."""
@@ -139,6 +157,7 @@ def test_documented_default_loads_as_the_default(tmp_path, cls, key):
         AdminSettings: config.admin,
         LogSettings: config.log,
         SendmailSettings: config.sendmail,
+        TracingSettings: config.tracing,
         EndpointSettings: config.endpoints[0] if config.endpoints else None,
         TlsSettings: config.endpoints[0].tls if config.endpoints else None,
     }[cls]

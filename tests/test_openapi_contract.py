@@ -98,7 +98,13 @@ def test_webhook_has_request_headers_and_responses(event: str) -> None:
     assert media["schema"]["$ref"] == f"#/components/schemas/{event.capitalize()}Request"
     params = [SPEC["components"]["parameters"][p["$ref"].rsplit("/", 1)[1]] for p in post["parameters"]]
     required = {p["name"]: p["required"] for p in params}
-    assert required == {"webhook-id": True, "webhook-timestamp": True, "webhook-signature": False, "User-Agent": True}
+    assert required == {
+        "webhook-id": True,
+        "webhook-timestamp": True,
+        "webhook-signature": False,
+        "User-Agent": True,
+        "traceparent": False,
+    }
     assert {"200", "204", "default"} <= set(post["responses"])
     if event in DECISION_EVENTS:
         schema = post["responses"]["200"]["content"]["application/json"]["schema"]

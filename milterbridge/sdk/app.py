@@ -7,6 +7,12 @@ and turns one request into one response::
 
     status, body = Filter(handler, secrets=["whsec_..."]).handle(body_bytes, headers)
 
+With OpenTelemetry's API installed (``pip install opentelemetry-api``, plus an SDK the filter
+configures), each request is handled in a SERVER span ``milterbridge <event>`` that continues
+the trace of the request's ``traceparent`` header: with ``[tracing] enabled`` on the bridge,
+the filter's spans join the trace of the message. Spans the handler starts are its children,
+a synchronous handler's too. Without the API, nothing is traced.
+
 Answers: ``200`` with the decision as JSON; ``204`` for ``None`` and for the notifications
 ``abort`` and ``close`` (the bridge ignores their response); ``401`` when the request is not
 authentic (:class:`~milterbridge.sdk.verify.Verifier`); ``400`` when the body is not a
@@ -21,10 +27,11 @@ every answer but 200 and 204 as a failure of the endpoint and applies its ``on_e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Final, TypeAlias
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, Final, TypeAlias
 
 from aiohttp import web
 
@@ -43,22 +50,62 @@ DEFAULT_MAX_REQUEST_BYTES: Final = 32 * 1024 * 1024
 _NOTIFICATIONS: Final = frozenset({"abort", "close"})
 _log = logging.getLogger("milterbridge.sdk")
 
+try:
+    from opentelemetry import propagate as _propagate
+    from opentelemetry import trace as _trace
+except ImportError:  # tracing is optional
+    _trace = None  # type: ignore[assignment]
+
 
 class Filter:
     """A handler with its signature checks; see the module docstring.
 
     ``secrets`` are the endpoint's ``whsec_`` keys (any of them verifies a request); ``None``
     turns signature checking off, for a filter reachable only by the bridge over a trusted
-    path.
+    path. ``tracer_provider`` is where the request spans go (OpenTelemetry's global provider
+    by default).
     """
 
-    __slots__ = ("handler", "verifier")
+    __slots__ = ("handler", "tracer_provider", "verifier")
 
     def __init__(
-        self, handler: Handler, *, secrets: Sequence[str] | None, tolerance: float = DEFAULT_TOLERANCE
+        self,
+        handler: Handler,
+        *,
+        secrets: Sequence[str] | None,
+        tolerance: float = DEFAULT_TOLERANCE,
+        tracer_provider: Any = None,
     ) -> None:
         self.handler = handler
         self.verifier = None if secrets is None else Verifier(secrets, tolerance)
+        self.tracer_provider = tracer_provider
+
+    @contextlib.contextmanager
+    def _span(self, request: Request, headers: Mapping[str, str]) -> Iterator[Any]:
+        """The request's SERVER span, in the trace its ``traceparent`` names (None without OpenTelemetry)."""
+        if _trace is None:
+            yield None
+            return
+        tracer = _trace.get_tracer("milterbridge.sdk", tracer_provider=self.tracer_provider)
+        with tracer.start_as_current_span(
+            f"milterbridge {request.event}",
+            context=_propagate.extract(headers),
+            kind=_trace.SpanKind.SERVER,
+            attributes={"milterbridge.event": request.event, "milterbridge.webhook_id": request.id},
+            record_exception=False,
+        ) as span:
+            yield span
+
+    @staticmethod
+    def _traced(span: Any, decision: object, error: BaseException | None = None) -> None:
+        """Note the handler's answer (or failure) on its span."""
+        if span is None:
+            return
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(_trace.Status(_trace.StatusCode.ERROR, "the handler failed"))
+        elif isinstance(decision, Decision):
+            span.set_attribute("milterbridge.decision", str(decision.action))
 
     def _admit(self, body: bytes, headers: Mapping[str, str]) -> Request | tuple[int, bytes]:
         if self.verifier is not None:
@@ -90,11 +137,14 @@ class Filter:
         admitted = self._admit(body, headers)
         if not isinstance(admitted, Request):
             return admitted
-        try:
-            decision = self.handler(admitted)
-        except Exception:
-            _log.exception("the handler failed at %s (webhook-id %s)", admitted.event, admitted.id)
-            return 500, b"the handler failed"
+        with self._span(admitted, headers) as span:
+            try:
+                decision = self.handler(admitted)
+            except Exception as exc:
+                self._traced(span, None, exc)
+                _log.exception("the handler failed at %s (webhook-id %s)", admitted.event, admitted.id)
+                return 500, b"the handler failed"
+            self._traced(span, decision)
         if inspect.isawaitable(decision):
             # A coroutine handler needs handle_async; close the coroutine that cannot be awaited here.
             if inspect.iscoroutine(decision):
@@ -108,16 +158,20 @@ class Filter:
         admitted = self._admit(body, headers)
         if not isinstance(admitted, Request):
             return admitted
-        try:
-            if inspect.iscoroutinefunction(self.handler):
-                decision = await self.handler(admitted)
-            else:
-                decision = await asyncio.to_thread(self.handler, admitted)
-                if inspect.isawaitable(decision):
-                    decision = await decision
-        except Exception:
-            _log.exception("the handler failed at %s (webhook-id %s)", admitted.event, admitted.id)
-            return 500, b"the handler failed"
+        with self._span(admitted, headers) as span:
+            try:
+                if inspect.iscoroutinefunction(self.handler):
+                    decision = await self.handler(admitted)
+                else:
+                    # to_thread copies the context: the handler's spans are children of this one.
+                    decision = await asyncio.to_thread(self.handler, admitted)
+                    if inspect.isawaitable(decision):
+                        decision = await decision
+            except Exception as exc:
+                self._traced(span, None, exc)
+                _log.exception("the handler failed at %s (webhook-id %s)", admitted.event, admitted.id)
+                return 500, b"the handler failed"
+            self._traced(span, decision)
         return self._answer(admitted, decision)
 
 
@@ -128,19 +182,20 @@ def make_app(
     path: str = "/",
     tolerance: float = DEFAULT_TOLERANCE,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    tracer_provider: Any = None,
 ) -> web.Application:
     """An aiohttp application that answers ``POST path`` with ``handler``'s decisions.
 
     Run it with ``aiohttp.web.run_app(make_app(...), host=..., port=...)``. A :class:`Filter`
-    may be given instead of a handler; ``secrets`` and ``tolerance`` must then be left to it
-    (pass ``secrets=None``).
+    may be given instead of a handler; ``secrets``, ``tolerance`` and ``tracer_provider``
+    must then be left to it (pass ``secrets=None``).
     """
     if isinstance(handler, Filter):
-        if secrets is not None:
-            raise ValueError("give the secrets to the Filter or to make_app, not both")
+        if secrets is not None or tracer_provider is not None:
+            raise ValueError("give the secrets and the tracer provider to the Filter or to make_app, not both")
         filter_ = handler
     else:
-        filter_ = Filter(handler, secrets=secrets, tolerance=tolerance)
+        filter_ = Filter(handler, secrets=secrets, tolerance=tolerance, tracer_provider=tracer_provider)
 
     async def post(request: web.Request) -> web.Response:
         body = await request.read()

@@ -209,15 +209,19 @@ class PreparedEndpoint:
         #: The request head up to the per-attempt headers (webhook-*, Content-Length).
         self.head = b"".join(lines)
 
-    def head_for(self, webhook_id: str, body: bytes | BodySource) -> bytes:
-        """The request head of one attempt; the timestamp is taken now (design.md §3.2)."""
+    def head_for(self, webhook_id: str, body: bytes | BodySource, extra: bytes = b"") -> bytes:
+        """The request head of one attempt; the timestamp is taken now (design.md §3.2).
+
+        ``extra``: header lines of the call (each ending in CRLF), e.g. its trace context.
+        """
         timestamp = int(time.time())
         signature = b""
         if self.signer is not None:
             pieces = body if isinstance(body, bytes) else body.chunks()
             signature = b"webhook-signature: %s\r\n" % self.signer.sign(webhook_id, timestamp, pieces).encode("ascii")
-        return b"%swebhook-id: %s\r\nwebhook-timestamp: %d\r\n%sContent-Length: %d\r\n\r\n" % (
+        return b"%s%swebhook-id: %s\r\nwebhook-timestamp: %d\r\n%sContent-Length: %d\r\n\r\n" % (
             self.head,
+            extra,
             webhook_id.encode("ascii"),
             timestamp,
             signature,
@@ -294,12 +298,14 @@ class WebhookClient:
         webhook_id: str,
         # The retry decision needs the budget up front, which a caller's asyncio.timeout hides.
         timeout: float | None = None,
+        headers: bytes = b"",
     ) -> WebhookResponse:
         """POST ``body`` (encoded JSON) to ``endpoint``; see the module docstring for the rules.
 
         ``timeout`` overrides the endpoint's ``timeout`` as the whole budget in seconds (e.g.
-        what is left of a phase). Raises a ``WebhookError``, or ``SpoolError`` when a streamed
-        body cannot be read; cancellation propagates unchanged.
+        what is left of a phase). ``headers`` are header lines (each ending in CRLF) sent with
+        every attempt of this call, e.g. its ``traceparent``. Raises a ``WebhookError``, or
+        ``SpoolError`` when a streamed body cannot be read; cancellation propagates unchanged.
         """
         if self._pool is None:
             raise RuntimeError("WebhookClient.start() has not been called")
@@ -310,10 +316,16 @@ class WebhookClient:
             )
             error.endpoint_failure = False  # the caller's phase ran out, not the endpoint
             raise error
-        return await self._call(self._pool, endpoint, body, webhook_id, budget)
+        return await self._call(self._pool, endpoint, body, webhook_id, budget, headers)
 
     async def _call(
-        self, pool: HttpPool, ep: PreparedEndpoint, body: bytes | BodySource, webhook_id: str, budget: float
+        self,
+        pool: HttpPool,
+        ep: PreparedEndpoint,
+        body: bytes | BodySource,
+        webhook_id: str,
+        budget: float,
+        headers: bytes,
     ) -> WebhookResponse:
         loop = asyncio.get_running_loop()
         started = attempt_started = loop.time()
@@ -326,7 +338,7 @@ class WebhookClient:
                     attempt += 1
                     attempt_started = loop.time()
                     try:
-                        status, data = await self._attempt(pool, ep, body, webhook_id)
+                        status, data = await self._attempt(pool, ep, body, webhook_id, headers)
                     except WebhookError as failed:
                         now = loop.time()
                         self._observe(ep, attempt, failed.outcome, now - attempt_started)
@@ -354,16 +366,16 @@ class WebhookClient:
             raise
 
     async def _attempt(
-        self, pool: HttpPool, ep: PreparedEndpoint, body: bytes | BodySource, webhook_id: str
+        self, pool: HttpPool, ep: PreparedEndpoint, body: bytes | BodySource, webhook_id: str, headers: bytes
     ) -> tuple[int, bytes]:
         """One HTTP request: (status, body) for 200/204; otherwise a ``WebhookError``."""
         try:
             if isinstance(body, bytes) or ep.signer is None:
-                head = ep.head_for(webhook_id, body)
+                head = ep.head_for(webhook_id, body, headers)
             else:
                 # Signing a streamed body reads and hashes all of it (a large message at eom):
                 # do it off the event loop so other sessions are not stalled meanwhile.
-                head = await asyncio.to_thread(ep.head_for, webhook_id, body)
+                head = await asyncio.to_thread(ep.head_for, webhook_id, body, headers)
             response = await pool.request(
                 ep.origin,
                 head,

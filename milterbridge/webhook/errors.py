@@ -122,6 +122,8 @@ class WebhookError(Exception):
     endpoint_failure: bool = True
     #: Whether the client may retry after this error (design.md §3.5); set by the client.
     retryable: bool
+    #: The HTTP status of the answer that failed, when the failure is an answer (status, redirect).
+    status: int | None
 
     def __init__(
         self,
@@ -137,6 +139,7 @@ class WebhookError(Exception):
         self.url = url
         self.attempts = attempts
         self.retryable = retryable
+        self.status = None
 
     def __str__(self) -> str:
         message = str(self.args[0]) if self.args else ""
@@ -177,7 +180,7 @@ class WebhookStatusError(WebhookError):
 
     def __init__(self, message: str, *, status: int, **kwargs: Unpack[_ErrorContext]) -> None:
         super().__init__(message, **kwargs)
-        self.status = status
+        self.status: int = status
 
 
 class WebhookRedirectError(WebhookError):
@@ -189,7 +192,7 @@ class WebhookRedirectError(WebhookError):
         self, message: str, *, status: int, location: str | None = None, **kwargs: Unpack[_ErrorContext]
     ) -> None:
         super().__init__(message, **kwargs)
-        self.status = status
+        self.status: int = status
         #: The redacted Location header, if any.
         self.location = location
 
