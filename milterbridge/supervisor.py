@@ -63,6 +63,19 @@ def bind_admin(listen: str) -> socket.socket:
     return socket.create_server(address[:2], family=family)
 
 
+def release(prebound: dict[str, socket.socket], admin_sock: socket.socket | None, private_dir: str) -> None:
+    """Close what the supervisor bound and remove its files: the unix sockets and the private directory."""
+    for sock in prebound.values():
+        sock.close()
+    for sock_path in prebound:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock_path)
+    if admin_sock is not None:
+        admin_sock.close()
+    if private_dir:
+        shutil.rmtree(private_dir, ignore_errors=True)
+
+
 def run_worker(config: Config, path: str, index: int, prebound: dict[str, socket.socket], admin_listen: str) -> int:
     """The body of worker ``index`` (in the forked child): one supervised bridge until SIGTERM.
 
@@ -111,17 +124,7 @@ def supervise(config: Config, path: str, workers: int) -> int:
             private_dir = tempfile.mkdtemp(prefix="milterbridge-")
     except OSError as exc:
         log.error("cannot start: %s", exc)  # noqa: TRY400 - the message names the address
-        for sock in prebound.values():
-            sock.close()
-        for sock_path in prebound:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(sock_path)
-        if admin_sock is not None:
-            admin_sock.close()
-        if private_dir:
-            shutil.rmtree(private_dir, ignore_errors=True)
-        if admin_sock is not None:
-            admin_sock.close()
+        release(prebound, admin_sock, private_dir)
         return 1
     sockets = [worker_socket(private_dir, index) for index in range(workers)] if private_dir else []
     children: dict[int, int] = {}
@@ -273,12 +276,4 @@ def supervise(config: Config, path: str, workers: int) -> int:
             signal.signal(sig, handler)
         os.close(wake_read)
         os.close(wake_write)
-        for sock in prebound.values():
-            sock.close()
-        for sock_path in prebound:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(sock_path)
-        if admin_sock is not None:
-            admin_sock.close()
-        if private_dir:
-            shutil.rmtree(private_dir, ignore_errors=True)
+        release(prebound, admin_sock, private_dir)
