@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any, Protocol
 
 from milterbridge import payload as pl
 from milterbridge.background import BackgroundCalls
 from milterbridge.body import BodyBuffer
-from milterbridge.endpoint import CallObserver, Endpoint, WebhookPoster, call_endpoint
+from milterbridge.endpoint import CallObserver, CallResult, Endpoint, WebhookPoster, call_endpoint
 from milterbridge.message_log import MessageLog, log_call_failure
 from milterbridge.milter.constants import ALL_ACTIONS, Event
 from milterbridge.policy.model import EndpointPolicy, Failure, Outcome
@@ -44,6 +44,17 @@ def _encoded(request: pl.JSON, endpoint: Endpoint, body: BodyBuffer | None = Non
         else None
     )
     return webhook_id, pl.encode_request(request, webhook_id, part)
+
+
+async def _traced(span: CallTrace, calling: Coroutine[Any, Any, CallResult]) -> CallResult:
+    """Await the call and finish its span with the result (None when it was cancelled or the bridge failed)."""
+    try:
+        result = await calling
+    except BaseException:
+        span.finish(None)
+        raise
+    span.finish(result)
+    return result
 
 
 class ConnectionCalls:
@@ -132,27 +143,19 @@ class ConnectionCalls:
         budget = endpoint.timeouts[event]
         if cap is not None and cap < budget:
             budget = cap
-        span: CallTrace | None = None
-        if self.tracer is not None:
-            span = self.tracer.call(parent, endpoint, event)
-        try:
-            result = await call_endpoint(
-                self.client,
-                endpoint,
-                webhook_id,
-                body,
-                event=event,
-                allowed_actions=self.actions,
-                observer=self.metrics,
-                budget=budget,
-                headers=b"" if span is None else span.header,
-            )
-        except BaseException:
-            if span is not None:
-                span.finish(None)
-            raise
-        if span is not None:
-            span.finish(result)
+        span = None if self.tracer is None else self.tracer.call(parent, endpoint, event)
+        calling = call_endpoint(
+            self.client,
+            endpoint,
+            webhook_id,
+            body,
+            event=event,
+            allowed_actions=self.actions,
+            observer=self.metrics,
+            budget=budget,
+            headers=b"" if span is None else span.header,
+        )
+        result = await (calling if span is None else _traced(span, calling))
         outcome = result.outcome
         event_name = event.value
         failure = outcome if isinstance(outcome, Failure) else None

@@ -155,9 +155,11 @@ _INVALID_DECISION: Final = AttemptOutcome.INVALID_DECISION.value
 FAILURE: Final = "failure"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: compiled, a frozen dataclass sets each field through object.__setattr__, and
+# one of these is made per call. Nothing changes it after the call.
+@dataclass(slots=True)
 class CallResult:
-    """What one call produced: the outcome for the policy, and how long it took."""
+    """What one call produced: the outcome for the policy, how long it took, and how it went."""
 
     outcome: Outcome
     #: The decision's action, or ``failure`` (the log line's and the metrics' name for it).
