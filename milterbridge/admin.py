@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Final, Protocol, Self
 
@@ -188,25 +189,24 @@ class AdminServer:
     # -- handlers -------------------------------------------------------------------------
 
     async def _livez(self, request: web.Request) -> web.Response:
-        try:
-            alive, reason = await self._pages.livez()
-        except Exception:
-            log.exception("liveness check failed")
-            alive, reason = False, "liveness check failed"
-        if alive:
-            return web.Response(text="ok", headers=self._headers)
-        return web.Response(status=503, text=reason or "not alive", headers=self._headers)
+        return await self._check(self._pages.livez, "ok", "alive", "liveness")
 
     async def _readyz(self, request: web.Request) -> web.Response:
+        return await self._check(self._pages.readyz, "ready", "ready", "readiness")
+
+    async def _check(
+        self, check: Callable[[], Awaitable[tuple[bool, str]]], good: str, state: str, what: str
+    ) -> web.Response:
+        """200 ``good`` when ``check`` holds, else 503 with its reason (``not <state>`` without one)."""
         try:
-            ready, reason = await self._pages.readyz()
+            holds, reason = await check()
         except Exception:
-            # A failing check means "not ready", never a 500 that looks like a crash.
-            log.exception("readiness check failed")
-            ready, reason = False, "readiness check failed"
-        if ready:
-            return web.Response(text="ready", headers=self._headers)
-        return web.Response(status=503, text=reason or "not ready", headers=self._headers)
+            # A failing check means "not ready" (or alive), never a 500 that looks like a crash.
+            log.exception("%s check failed", what)
+            holds, reason = False, f"{what} check failed"
+        if holds:
+            return web.Response(text=good, headers=self._headers)
+        return web.Response(status=503, text=reason or f"not {state}", headers=self._headers)
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
         body, content_type = await self._pages.metrics()

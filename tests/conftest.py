@@ -57,6 +57,17 @@ def pytest_report_header() -> str:
     return f"Postfix version: {installed_version() or 'not installed'}"
 
 
+def required_tool(name: str, how: str) -> str:
+    """The path of the program ``name``, or ``missing_prerequisite`` naming ``how`` it gets installed."""
+    import shutil
+
+    found = shutil.which(name)
+    if found is None:
+        missing_prerequisite(f"{name} ({how})")
+    assert found is not None
+    return found
+
+
 def missing_prerequisite(what: str) -> None:
     """Skip loudly for a missing prerequisite, but fail when CI=true (CI must never skip)."""
     import os

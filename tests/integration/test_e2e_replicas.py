@@ -21,7 +21,6 @@ import asyncio
 import csv
 import io
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from milterbridge.client import Envelope, MilterClient
-from tests.conftest import missing_prerequisite
+from tests.conftest import required_tool
 from tests.fakes.webhooks import FakeResponse, FakeWebhooks
 from tests.ops.conftest import BridgeLauncher, BridgeProcess, metric_value, pid_alive, write_config
 
@@ -114,10 +113,7 @@ class HAProxy:
     """A foreground HAProxy (``-db``) and its stats socket."""
 
     def __init__(self, tmp_path: Path, frontend_port: int, replicas: list[Replica]) -> None:
-        binary = shutil.which("haproxy")
-        if binary is None:
-            missing_prerequisite("haproxy (scripts/install-test-tools installs it)")
-        assert binary is not None
+        binary = required_tool("haproxy", "scripts/install-test-tools installs it")
         self.port = frontend_port
         self.stats_socket = tmp_path / "haproxy.sock"
         self.config = tmp_path / "haproxy.cfg"

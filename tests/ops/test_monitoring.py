@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from milterbridge.milter.messages import Continue
-from tests.conftest import missing_prerequisite
+from tests.conftest import required_tool
 from tests.fakes.webhooks import FakeResponse
 
 from .conftest import free_port, send_message, write_config
@@ -36,11 +35,7 @@ GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$instance": ".*"}
 
 
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        missing_prerequisite("promtool (Debian's prometheus package; scripts/install-test-tools installs it)")
-    assert found is not None
-    return found
+    return required_tool("promtool", "Debian's prometheus package; scripts/install-test-tools installs it")
 
 
 def dashboard_queries() -> list[str]:

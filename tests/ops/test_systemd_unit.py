@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 from milterbridge.background import SHUTDOWN_GRACE
 from milterbridge.config import load_config
 from milterbridge.settings import ServerSettings
-from tests.conftest import missing_prerequisite
+from tests.conftest import required_tool
 from tests.fakes.webhooks import FakeResponse
 
 from .conftest import WAIT_TIMEOUT, free_port, send_message, write_config
@@ -58,11 +57,7 @@ def seconds(value: str) -> float:
 
 
 def systemd_analyze() -> str:
-    found = shutil.which("systemd-analyze")
-    if found is None:
-        missing_prerequisite("systemd-analyze (scripts/install-test-tools installs systemd)")
-    assert found is not None
-    return found
+    return required_tool("systemd-analyze", "scripts/install-test-tools installs systemd")
 
 
 def installed_unit(tmp_path: Path) -> Path:
