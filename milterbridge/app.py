@@ -263,7 +263,7 @@ class Bridge:
         await self.settle()
         await self.client.aclose()
         if self._own_tracing is not None:
-            await asyncio.to_thread(self._own_tracing.shutdown)  # exports the last spans
+            await asyncio.to_thread(self._own_tracing.shutdown)  # exports the last spans, within a bound
         if self.admin is not None:
             await self.admin.aclose()
         log.info("stopped")

@@ -50,8 +50,8 @@ async def _traced(span: CallTrace, calling: Coroutine[Any, Any, CallResult]) -> 
     """Await the call and finish its span with the result (None when it was cancelled or the bridge failed)."""
     try:
         result = await calling
-    except BaseException:
-        span.finish(None)
+    except BaseException as exc:
+        span.finish(None, exc)
         raise
     span.finish(result)
     return result

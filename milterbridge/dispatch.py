@@ -215,9 +215,11 @@ class ConnectionHandler:
         self.policy.reset_message()
         self.body.drop()
         reason = self._gave_up() if mta_gave_up else "ended by the client before end-of-message"
-        self._end(msg, None, reason=reason)
         if not self.message_log.was_accepted(msg):
-            self._notify(Event.ABORT, msg)  # an accepted message was delivered: no abort
+            # An accepted message was delivered: no abort. Before _end, so that the
+            # notification's span (with tracing on) is in the message's trace.
+            self._notify(Event.ABORT, msg)
+        self._end(msg, None, reason=reason)
 
     def connection_lost(self) -> None:
         self._connection_ended()

@@ -120,7 +120,7 @@ class InstancePages:
                 pid, _, text = answer
                 try:
                     page = parse_page(text)
-                except ValueError as exc:
+                except (ValueError, TypeError, KeyError) as exc:
                     log.error("worker %d (pid %d) sent a metrics page that does not parse: %s", index, pid, exc)  # noqa: TRY400
                     continue
                 self._sum.update(index, pid, page)
@@ -136,7 +136,10 @@ class InstancePages:
         """Read the workers' pages every ``REFRESH_INTERVAL`` seconds (until cancelled)."""
         while True:
             await asyncio.sleep(REFRESH_INTERVAL)
-            await self.read_workers()
+            try:
+                await self.read_workers()
+            except Exception:
+                log.exception("reading the workers' metrics failed")
 
 
 def run_instance_admin(listen: str, sock: socket.socket, sockets: Sequence[str], supervisor: int) -> int:

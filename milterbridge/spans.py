@@ -29,8 +29,8 @@ class CallTrace(Protocol):
     #: Header lines (CRLF-terminated) that carry the call's trace context to the endpoint.
     header: bytes
 
-    def finish(self, result: CallResult | None) -> None:
-        """The call ended with ``result``; None when it was cancelled or the bridge failed."""
+    def finish(self, result: CallResult | None, error: BaseException | None = None) -> None:
+        """The call ended with ``result``; or, without one, with ``error`` (cancelled, a bridge fault)."""
         ...
 
 

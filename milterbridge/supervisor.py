@@ -25,7 +25,7 @@ from milterbridge.app import build_bridge, load_checked, merge_reload, run_bridg
 from milterbridge.config import Config, ConfigError
 from milterbridge.instance import run_instance_admin, worker_socket
 from milterbridge.log import configure_logging
-from milterbridge.milter.address import parse_listen_address, split_host_port
+from milterbridge.milter.address import MAX_UNIX_PATH_BYTES, parse_listen_address, split_host_port
 from milterbridge.server import bind_unix
 
 #: Its lines sit among the ones ``app`` logs at start and reload, under the same name.
@@ -127,6 +127,16 @@ def supervise(config: Config, path: str, workers: int) -> int:
         release(prebound, admin_sock, private_dir)
         return 1
     sockets = [worker_socket(private_dir, index) for index in range(workers)] if private_dir else []
+    if sockets and len(os.fsencode(sockets[-1])) > MAX_UNIX_PATH_BYTES:
+        log.error(
+            "cannot start: the workers' admin sockets would be longer than %d bytes (%s): set TMPDIR to a shorter "
+            "directory",
+            MAX_UNIX_PATH_BYTES,
+            sockets[-1],
+        )
+        release(prebound, admin_sock, private_dir)
+        return 1
+    supervisor_pid = os.getpid()  # what the admin view watches (a child asking os.getppid() may be too late)
     children: dict[int, int] = {}
     restarts: dict[int, float] = {}  # worker index -> when to start it again
     accepted = config
@@ -143,7 +153,7 @@ def supervise(config: Config, path: str, workers: int) -> int:
             assert admin_sock is not None
             for sock in prebound.values():
                 sock.close()
-            return run_instance_admin(config.admin.listen, admin_sock, sockets, os.getppid())
+            return run_instance_admin(config.admin.listen, admin_sock, sockets, supervisor_pid)
         if admin_sock is not None:
             admin_sock.close()
         return run_worker(start_config, path, index, prebound, f"unix:{sockets[index]}" if sockets else "")

@@ -30,7 +30,10 @@ What is traced (``Tracer``, milterbridge.spans):
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import threading
 from collections.abc import Mapping
 from typing import Final
 from urllib.parse import urlsplit
@@ -49,8 +52,12 @@ from milterbridge.endpoint import CallResult, Endpoint
 from milterbridge.milter.constants import Event
 from milterbridge.spans import MessageTrace
 
-__all__ = ["EXPORTERS", "Tracing", "check_environment"]
+__all__ = ["EXPORTERS", "SHUTDOWN_TIMEOUT", "Tracing", "check_environment"]
 
+log = logging.getLogger(__name__)
+
+#: Seconds the spans left at shutdown get to be exported (deploy/systemd's TimeoutStopSec counts them).
+SHUTDOWN_TIMEOUT: Final = 5.0
 #: ``OTEL_TRACES_EXPORTER`` values the bridge understands.
 EXPORTERS: Final = ("otlp", "console", "none")
 _DEFAULT_SERVICE: Final = "milterbridge"
@@ -100,11 +107,16 @@ class _CallSpan:
         _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
         self.header = "".join(f"{name}: {value}\r\n" for name, value in carrier.items()).encode("ascii")
 
-    def finish(self, result: CallResult | None) -> None:
+    def finish(self, result: CallResult | None, error: BaseException | None = None) -> None:
         span = self.span
         if result is None:
-            span.set_status(Status(StatusCode.ERROR, "cancelled"))
-            span.set_attribute("error.type", "cancelled")
+            if error is None or isinstance(error, asyncio.CancelledError):
+                kind = "cancelled"
+            else:
+                kind = type(error).__qualname__  # a fault of the bridge, not the endpoint's answer
+                span.record_exception(error)
+            span.set_attribute("error.type", kind)
+            span.set_status(Status(StatusCode.ERROR, kind))
         else:
             if result.status is not None:
                 span.set_attribute("http.response.status_code", result.status)
@@ -114,8 +126,8 @@ class _CallSpan:
             span.set_attribute("milterbridge.decision", result.action)
             if result.label != _OK:
                 # The status code when an answer failed the call, as the HTTP conventions ask.
-                error = str(result.status) if result.label == "status_error" and result.status else result.label
-                span.set_attribute("error.type", error)
+                failed = str(result.status) if result.label == "status_error" and result.status else result.label
+                span.set_attribute("error.type", failed)
                 span.set_status(Status(StatusCode.ERROR, result.label))
         span.end()
 
@@ -146,9 +158,17 @@ class Tracing:
             provider.add_span_processor(BatchSpanProcessor(exporter))
         return cls(provider)
 
-    def shutdown(self) -> None:
-        """Export what is left and stop (blocking: call it from a thread)."""
-        self.provider.shutdown()
+    def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        """Export what is left and stop, waiting ``timeout`` seconds at most (blocking: call it from a thread).
+
+        A collector that does not answer must not hold up the process's exit: what is not
+        exported by then is dropped (the export goes on in a daemon thread until the exit).
+        """
+        stopping = threading.Thread(target=self.provider.shutdown, name="milterbridge-tracing-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(timeout)
+        if stopping.is_alive():
+            log.warning("tracing: the spans not exported within %g s of the shutdown are dropped", timeout)
 
     def message(self, session_id: str) -> MessageTrace:
         span = self._tracer.start_span(

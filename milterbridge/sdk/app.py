@@ -87,9 +87,11 @@ class Filter:
             yield None
             return
         tracer = _trace.get_tracer("milterbridge.sdk", tracer_provider=self.tracer_provider)
+        # Header names in any case (a WSGI server's dict has Traceparent): the propagator looks up lower case.
+        carrier = {name.lower(): value for name, value in headers.items()}
         with tracer.start_as_current_span(
             f"milterbridge {request.event}",
-            context=_propagate.extract(headers),
+            context=_propagate.extract(carrier),
             kind=_trace.SpanKind.SERVER,
             attributes={"milterbridge.event": request.event, "milterbridge.webhook_id": request.id},
             record_exception=False,
@@ -97,15 +99,23 @@ class Filter:
             yield span
 
     @staticmethod
-    def _traced(span: Any, decision: object, error: BaseException | None = None) -> None:
-        """Note the handler's answer (or failure) on its span."""
-        if span is None:
-            return
-        if error is not None:
+    def _failed(span: Any, request: Request, error: BaseException) -> tuple[int, bytes]:
+        """The 500 for a handler that raised ``error``, noted on its span."""
+        _log.error("the handler failed at %s (webhook-id %s)", request.event, request.id, exc_info=error)
+        if span is not None:
             span.record_exception(error)
             span.set_status(_trace.Status(_trace.StatusCode.ERROR, "the handler failed"))
-        elif isinstance(decision, Decision):
-            span.set_attribute("milterbridge.decision", str(decision.action))
+        return 500, b"the handler failed"
+
+    def _respond(self, span: Any, request: Request, decision: object) -> tuple[int, bytes]:
+        """The answer to the handler's ``decision``, noted on its span."""
+        answer = self._answer(request, decision)
+        if span is not None:
+            if isinstance(decision, Decision):
+                span.set_attribute("milterbridge.decision", str(decision.action))
+            if answer[0] == 500:
+                span.set_status(_trace.Status(_trace.StatusCode.ERROR, "the handler's answer is not valid"))
+        return answer
 
     def _admit(self, body: bytes, headers: Mapping[str, str]) -> Request | tuple[int, bytes]:
         if self.verifier is not None:
@@ -120,7 +130,7 @@ class Filter:
             _log.warning("refused a request: %s", exc)
             return 400, str(exc).encode()
 
-    def _answer(self, request: Request, decision: Decision | None) -> tuple[int, bytes]:
+    def _answer(self, request: Request, decision: object) -> tuple[int, bytes]:
         if decision is None or request.event in _NOTIFICATIONS:
             return 204, b""
         if not isinstance(decision, Decision):
@@ -141,17 +151,15 @@ class Filter:
             try:
                 decision = self.handler(admitted)
             except Exception as exc:
-                self._traced(span, None, exc)
-                _log.exception("the handler failed at %s (webhook-id %s)", admitted.event, admitted.id)
-                return 500, b"the handler failed"
-            self._traced(span, decision)
-        if inspect.isawaitable(decision):
-            # A coroutine handler needs handle_async; close the coroutine that cannot be awaited here.
-            if inspect.iscoroutine(decision):
-                decision.close()
-            _log.error("the handler is asynchronous: serve it with handle_async or make_app")
-            return 500, b"the handler failed"
-        return self._answer(admitted, decision)
+                return self._failed(span, admitted, exc)
+            if inspect.isawaitable(decision):
+                # A coroutine handler needs handle_async; close the coroutine that cannot be awaited here.
+                if inspect.iscoroutine(decision):
+                    decision.close()
+                return self._failed(
+                    span, admitted, TypeError("the handler is asynchronous: serve it with handle_async or make_app")
+                )
+            return self._respond(span, admitted, decision)
 
     async def handle_async(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
         """Answer one request: a coroutine handler is awaited, a plain one runs in a worker thread."""
@@ -168,11 +176,8 @@ class Filter:
                     if inspect.isawaitable(decision):
                         decision = await decision
             except Exception as exc:
-                self._traced(span, None, exc)
-                _log.exception("the handler failed at %s (webhook-id %s)", admitted.event, admitted.id)
-                return 500, b"the handler failed"
-            self._traced(span, decision)
-        return self._answer(admitted, decision)
+                return self._failed(span, admitted, exc)
+            return self._respond(span, admitted, decision)
 
 
 def make_app(

@@ -22,6 +22,7 @@ import pytest
 from milterbridge.background import SHUTDOWN_GRACE
 from milterbridge.config import load_config
 from milterbridge.settings import ServerSettings
+from milterbridge.tracing import SHUTDOWN_TIMEOUT as TRACING_SHUTDOWN
 from tests.conftest import required_tool
 from tests.fakes.webhooks import FakeResponse
 
@@ -108,7 +109,8 @@ def test_the_unit_runs_serve_as_its_own_user_and_stops_after_the_drain():
     assert one("KillSignal") == "SIGTERM"
     assert one("KillMode") == "mixed"  # SIGTERM to the supervisor only: it drains the workers itself
     drain = ServerSettings().drain_timeout
-    assert seconds(one("TimeoutStopSec")) > drain + SHUTDOWN_GRACE
+    # The drain, the background calls' grace, the last spans' export: then systemd's SIGKILL.
+    assert seconds(one("TimeoutStopSec")) > drain + SHUTDOWN_GRACE + TRACING_SHUTDOWN
     assert one("NoNewPrivileges") == "yes"
     assert one("ProtectSystem") == "strict"
     assert one("PrivateTmp") == "yes"  # where body spool files and the workers' admin sockets go

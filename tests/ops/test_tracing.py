@@ -8,9 +8,12 @@ the bridge finished from ``InMemorySpanExporter``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,16 +24,16 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from milterbridge import sdk
-from milterbridge.client import Envelope
+from milterbridge.client import Envelope, MilterClientError
 from milterbridge.config import Config, ServerSettings
 from milterbridge.milter.constants import Event
 from milterbridge.milter.messages import Continue
-from milterbridge.policy.model import OnError
+from milterbridge.policy.model import Mode, OnError
 from milterbridge.tracing import Tracing, check_environment
 from tests import contract
 from tests.fakes.webhooks import FakeResponse, FakeWebhooks
@@ -147,6 +150,73 @@ async def test_without_a_tracer_no_header_is_sent(webhooks: FakeWebhooks):
         await client.send_message(Envelope(), MESSAGE)
     assert webhooks.requests
     assert not [r for r in webhooks.requests if "traceparent" in r.headers]
+
+
+@pytest.mark.asyncio
+async def test_abort_and_observe_calls_are_in_the_messages_trace(webhooks: FakeWebhooks, spans: InMemorySpanExporter):
+    """The abort notification and an observe call (both in the background) are children of the message's span."""
+    webhooks.set_default(FakeResponse.decision("continue"))
+    policy = webhooks.endpoint("policy", events=frozenset({Event.RCPT}))
+    watch = webhooks.endpoint("watch", path="/watch", events=frozenset({Event.MAIL, Event.ABORT}), mode=Mode.OBSERVE)
+    config = Config(server=ServerSettings(listen=LOOPBACK), endpoints=(policy, watch))
+    async with BridgeHarness(config, tracer=tracing(spans)) as bridge:
+        client = await bridge.client()
+        await client.open_session(Envelope())
+        await client.mail_from(b"<a@example.org>")
+        await client.rcpt_to(b"<b@example.net>")
+        await client.abort()
+        await webhooks.wait_for(1, path="/watch", event="abort")
+        await bridge.settle()
+    finished = spans.get_finished_spans()
+    (message,) = by_name(finished, "milter message")
+    assert message.attributes["milterbridge.outcome"] == "aborted"
+    calls = {s.attributes["milterbridge.event"]: s for s in by_name(finished, "POST")}
+    assert set(calls) == {"mail", "rcpt", "abort"}
+    for call in calls.values():
+        assert call.parent is not None
+        assert call.parent.span_id == message.context.span_id
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_call_ends_its_span(webhooks: FakeWebhooks, spans: InMemorySpanExporter):
+    """The MTA leaving during a slow call cancels it: the span ends, as an error of type cancelled."""
+    webhooks.set_default(FakeResponse.never_answer())
+    config = Config(server=ServerSettings(listen=LOOPBACK), endpoints=(webhooks.endpoint("policy", timeout=5.0),))
+    async with BridgeHarness(config, tracer=tracing(spans)) as bridge:
+        client = await bridge.client()
+        await client.open_session(Envelope())
+        sending = asyncio.create_task(client.send_transaction(Envelope(), MESSAGE))
+        await webhooks.wait_for(1, event="eom")
+        await client.aclose()
+        with contextlib.suppress(MilterClientError):
+            await sending
+        await bridge.settle()
+    (call,) = [s for s in by_name(spans.get_finished_spans(), "POST") if s.attributes["milterbridge.event"] == "eom"]
+    assert call.status.status_code is StatusCode.ERROR
+    assert call.attributes["error.type"] == "cancelled"
+    (message,) = by_name(spans.get_finished_spans(), "milter message")
+    assert message.attributes["milterbridge.outcome"] == "aborted"
+
+
+class HangingExporter(SpanExporter):
+    """An exporter whose collector never answers: shutting it down takes far too long."""
+
+    def export(self, spans: Any) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        time.sleep(5)
+
+
+def test_shutdown_does_not_wait_for_a_hanging_collector(caplog):
+    """Shutdown returns after its timeout and says the rest was dropped (systemd's stop timeout counts on it)."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(HangingExporter()))
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="milterbridge.tracing"):
+        Tracing(provider).shutdown(timeout=0.2)
+    assert time.monotonic() - started < 2
+    assert "not exported within 0.2 s" in caplog.text
 
 
 @pytest.mark.parametrize(

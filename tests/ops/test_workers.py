@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import signal
 import socket
 import stat
@@ -11,9 +13,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from milterbridge.admin import PID_HEADER
 from milterbridge.client import TransactionResult
+from milterbridge.instance import REFRESH_INTERVAL
 from milterbridge.milter.messages import AddHeader, Continue
 from tests.fakes.webhooks import FakeResponse, FakeWebhooks
 
@@ -164,38 +169,60 @@ async def test_the_admin_port_shows_every_worker(tmp_path, bridges):
     assert await bridge.get("/livez") == (200, "ok")
 
     await send_many(bridge.milter, 60)
-    per_worker = await connections_per_worker(bridge, bridge.worker_admins())
-    assert sum(per_worker) == 60
-    assert sum(1 for count in per_worker if count > 0) >= 2, f"connections per worker: {per_worker}"
+    per_worker = await worker_states(bridge)  # index -> (pid, connections)
+    assert sorted(per_worker) == list(range(workers))
+    counts = [count for _, count in per_worker.values()]
+    assert sum(counts) == 60
+    assert sum(1 for count in counts if count > 0) >= 2, f"connections per worker: {counts}"
     text = await bridge.metrics()
     assert metric_value(text, "milterbridge_connections_total") == 60
     assert metric_value(text, "milterbridge_messages_total", outcome="accepted") == 60
     assert metric_value(text, "milterbridge_workers", state="up") == workers
     assert metric_value(text, "milterbridge_connections_active") == 0
 
-    # Kill the worker that served the most: its counts stay in the sum, never twice.
-    victim_index = per_worker.index(max(per_worker))
-    victim = worker_pids(bridge)[victim_index]
+    # More mail, no scrape: the admin view reads the workers on its own every REFRESH_INTERVAL.
+    await send_many(bridge.milter, 30)
+    per_worker = await worker_states(bridge)
+    await asyncio.sleep(REFRESH_INTERVAL + 1.0)
+
+    # Kill the worker that served the most: what it counted stays in the sum, never twice.
+    victim_index, (victim, served) = max(per_worker.items(), key=lambda item: item[1][1])
+    assert served > 0
     os.kill(victim, signal.SIGKILL)
     await bridge.wait_log("worker ")
     status, reason = await bridge.get("/readyz")
     assert status == 503
     assert f"worker {victim_index}: not answering" in reason
     text = await bridge.metrics()
-    assert metric_value(text, "milterbridge_messages_total", outcome="accepted") == 60
+    assert metric_value(text, "milterbridge_messages_total", outcome="accepted") == 90
     assert metric_value(text, "milterbridge_workers", state="down") == 1
 
     await bridge.wait_log("milterbridge ", count=workers + 1)  # the replacement's "ready" line
     await bridge.wait_until(lambda: len(bridge.worker_admins()) == workers + 1, "the replacement's admin socket")
     assert (await bridge.get("/readyz"))[0] == 200
-    text = await bridge.metrics()
-    assert metric_value(text, "milterbridge_messages_total", outcome="accepted") == 60
-    await send_many(bridge.milter, 30)
+    assert (await worker_states(bridge))[victim_index][0] != victim
     text = await bridge.metrics()
     assert metric_value(text, "milterbridge_messages_total", outcome="accepted") == 90
-    assert metric_value(text, "milterbridge_connections_total") == 90
+    await send_many(bridge.milter, 30)
+    text = await bridge.metrics()
+    assert metric_value(text, "milterbridge_messages_total", outcome="accepted") == 120
+    assert metric_value(text, "milterbridge_connections_total") == 120
     assert metric_value(text, "milterbridge_workers", state="up") == workers
     await stop(bridge)
+
+
+async def worker_states(bridge: BridgeProcess) -> dict[int, tuple[int, float]]:
+    """Worker index -> (pid, ``connections_total``), read from each worker's private admin socket."""
+    states = {}
+    for admin in bridge.worker_admins():  # a replacement's line comes after its predecessor's
+        path = admin.removeprefix("unix:")
+        index = int(re.search(r"worker-(\d+)\.sock$", path).group(1))
+        connector = aiohttp.UnixConnector(path=path)
+        with contextlib.suppress(aiohttp.ClientConnectionError):
+            async with aiohttp.ClientSession(connector=connector) as session, session.get("http://w/metrics") as got:
+                pid = int(got.headers[PID_HEADER])
+                states[index] = (pid, metric_value(await got.text(), "milterbridge_connections_total"))
+    return states
 
 
 @pytest.mark.asyncio
@@ -325,3 +352,17 @@ async def test_a_worker_that_cannot_build_its_endpoints_says_why(tmp_path, bridg
     assert pid_alive(survivor)
     bridge.send_signal(signal.SIGTERM)
     assert await bridge.wait_exit(timeout=5.0) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_tmpdir_too_long_for_the_admin_sockets_stops_the_start(tmp_path, bridges):
+    """The workers' private admin sockets must fit a unix socket path: a long TMPDIR is refused at start."""
+    long_dir = tmp_path / ("d" * 90)
+    long_dir.mkdir()
+    path = write_config(tmp_path, listen=[f"inet:127.0.0.1:{free_port()}"], server=NO_ENDPOINTS)
+    bridge = await bridges.start(path, workers=WORKERS, env={"TMPDIR": str(long_dir)}, wait_ready=False)
+    assert await bridge.wait_exit() == 1
+    (line,) = bridge.logs("cannot start")
+    assert "set TMPDIR to a shorter directory" in line["msg"]
+    assert not bridge.logs("started ")
+    assert list(long_dir.iterdir()) == []  # the private directory was removed

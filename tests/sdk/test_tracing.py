@@ -102,3 +102,17 @@ def test_make_app_takes_the_provider_once():
     filter_ = sdk.Filter(lambda request: None, secrets=None)
     with pytest.raises(ValueError, match="not both"):
         sdk.make_app(filter_, secrets=None, tracer_provider=TracerProvider())
+
+
+def test_the_header_is_found_in_any_case(exporter):
+    """A WSGI-style header dict (Traceparent) continues the trace as well."""
+    filter_ = sdk.Filter(lambda request: None, secrets=None, tracer_provider=provider_for(exporter))
+    assert filter_.handle(EOM, {"Traceparent": HEADERS["traceparent"]})[0] == 204
+    check_request_span(request_span(exporter))
+
+
+def test_an_answer_the_bridge_would_refuse_marks_the_span(exporter):
+    """A handler that returns something that is not a valid decision gets a 500 and an error status."""
+    filter_ = sdk.Filter(lambda request: "reject", secrets=None, tracer_provider=provider_for(exporter))  # type: ignore[arg-type,return-value]
+    assert filter_.handle(EOM, HEADERS)[0] == 500
+    assert request_span(exporter).status.status_code is StatusCode.ERROR
