@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from tests.fakes.webhooks import FakeResponse, FakeWebhooks
 from tests.ops.conftest import BridgeLauncher, BridgeProcess, metric_value, write_config
 
 from .bridge import blocking, configure_milter, smtp
-from .postfix import PostfixInstance, SmtpResult, make_message
+from .postfix import PostfixInstance, SmtpResult, closed_port, make_message
 
 pytestmark = pytest.mark.postfix
 
@@ -29,13 +30,19 @@ REJECT = FakeResponse.decision("reject", reply={"code": 554, "enhanced": "5.7.1"
 
 
 async def start_rejecting_bridge(
-    tmp_path: Path, processes: BridgeLauncher, mta: PostfixInstance, webhooks: FakeWebhooks, listen: str, workers: int
+    tmp_path: Path,
+    processes: BridgeLauncher,
+    mta: PostfixInstance,
+    webhooks: FakeWebhooks,
+    listen: str,
+    workers: int,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[Path, BridgeProcess]:
     """A bridge whose one enforcing endpoint rejects every message, with Postfix pointed at it (default accept)."""
     webhooks.set_default(REJECT, event="eom")
     endpoint = {"name": "policy", "url": webhooks.url("/hook"), "events": ["eom"], "timeout": 3}
     config = write_config(tmp_path, listen=[listen], endpoints=[endpoint])
-    bridge = await processes.start(config, workers=workers)
+    bridge = await processes.start(config, workers=workers, env=env)
     await blocking(configure_milter, mta, bridge.milter, "accept")
     assert_rejected(await smtp(mta, SENDER, [RCPT], make_message(subject="before")))
     return config, bridge
@@ -100,3 +107,26 @@ async def test_worker_killed_while_the_config_is_broken_keeps_the_gate_closed(
     assert served >= 2, "the kernel sent no connection to the restarted worker"
     assert len(webhooks.requests_for(event="eom")) == sent + 1
     await assert_nothing_delivered(mta)
+
+
+@pytest.mark.asyncio
+async def test_tracing_to_a_dead_collector_keeps_the_gate_closed(
+    tmp_path: Path, processes: BridgeLauncher, mta: PostfixInstance, webhooks: FakeWebhooks, milter_listen: str
+) -> None:
+    """Tracing on with its spans going to a collector that is not there, --workers 2: every message is
+    still the endpoint's to decide, and one whose endpoint fails is tempfailed, never let through."""
+    with closed_port() as port:
+        env = {
+            "MILTERBRIDGE_TRACING__ENABLED": "true",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+        }
+        _, bridge = await start_rejecting_bridge(tmp_path, processes, mta, webhooks, milter_listen, workers=2, env=env)
+        for n in range(5):
+            assert_rejected(await smtp(mta, SENDER, [RCPT], make_message(subject=f"traced {n}")))
+        webhooks.set_default(FakeResponse.status_code(500), event="eom")
+        failed = (await smtp(mta, SENDER, [RCPT], make_message(subject="endpoint down"))).transaction.end_of_data
+        assert failed is not None
+        assert 400 <= failed.code < 500, failed  # the endpoint's on_error (tempfail), not accept
+    await assert_nothing_delivered(mta)
+    assert len(bridge.logs("milterbridge ")) == 2  # both workers started with tracing on

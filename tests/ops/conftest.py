@@ -64,17 +64,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def free_port_run(count: int) -> int:
-    """The first of ``count`` consecutive free ports on 127.0.0.1."""
-    for _ in range(200):
-        first = free_port()
-        if first + count > 65535:
-            continue
-        if all(port_is_free(first + n) for n in range(count)):
-            return first
-    raise AssertionError(f"no run of {count} free ports found")
-
-
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether ``host:port`` can be bound now (SO_REUSEADDR like the servers, so TIME_WAIT is fine)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
