@@ -11,5 +11,15 @@ from __future__ import annotations
 
 from milterbridge.mtahooks.answer import Before, HookAnswerError, to_decision
 from milterbridge.mtahooks.request import PROPERTIES, STAGES, hook_request
+from milterbridge.mtahooks.stalwart import stalwart_decision, stalwart_request
 
-__all__ = ["PROPERTIES", "STAGES", "Before", "HookAnswerError", "hook_request", "to_decision"]
+__all__ = [
+    "PROPERTIES",
+    "STAGES",
+    "Before",
+    "HookAnswerError",
+    "hook_request",
+    "to_decision",
+    "stalwart_request",
+    "stalwart_decision",
+]

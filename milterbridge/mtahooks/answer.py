@@ -185,9 +185,11 @@ class _State:
                 decision["reply"] = _reply(response)
         elif self.action == "disconnect":
             decision["action"] = "tempfail"
+            enhanced = response.get("enhancedCode") or ""
             decision["reply"] = {
                 "code": _DISCONNECT_CODE,
-                "enhanced": response.get("enhancedCode") or _DISCONNECT_ENHANCED,
+                # A 421 takes a 4.x.x enhanced code; a scanner's 5.x.x one is not kept.
+                "enhanced": enhanced if enhanced.startswith("4.") else _DISCONNECT_ENHANCED,
                 "text": response.get("message") or _DISCONNECT_TEXT,
             }
         elif self.action in ("discard", "quarantine"):
@@ -232,14 +234,21 @@ class _State:
             for i, j in zip(range(i, i + size), range(j, j + size), strict=True)
         }
         headers = [_Header(kept.get(j), name, value) for j, (name, value) in enumerate(new)]
+        # The new message's first headers take the place of the old ones, below the MTA's own
+        # trace headers (which the request did not show), not above them.
+        top = min(kept.values(), default=len(self.before.headers))
         return [
-            *_diff(self.before.headers, headers),
+            *_diff(self.before.headers, headers, top),
             {"op": "replace_body", "base64": base64.b64encode(body).decode("ascii")},
         ]
 
 
-def _diff(before: Sequence[tuple[str, str]], after: Sequence[_Header]) -> list[JSON]:
-    """Header changes, deletes and inserts that turn ``before`` into ``after``, numbered as in ``before``."""
+def _diff(before: Sequence[tuple[str, str]], after: Sequence[_Header], top: int = 0) -> list[JSON]:
+    """Header changes, deletes and inserts that turn ``before`` into ``after``, numbered as in ``before``.
+
+    A new header that no original one precedes goes below the first ``top`` originals (0: at
+    the very top).
+    """
     changes: list[JSON] = []
     ordinal: list[int] = []  # the 1-based number of each original header among those of its name
     seen: dict[str, int] = {}
@@ -253,7 +262,7 @@ def _diff(before: Sequence[tuple[str, str]], after: Sequence[_Header]) -> list[J
             changes.append({"op": "delete_header", "name": name, "index": ordinal[origin]})
         elif header.value != value:
             changes.append({"op": "change_header", "name": name, "index": ordinal[origin], "value": header.value})
-    after_original = 0  # insert below the last original header that precedes it (0: at the top)
+    after_original = top  # insert below the last original header that precedes it
     for header in after:
         if header.origin is not None:
             after_original = header.origin + 1

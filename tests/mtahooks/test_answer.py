@@ -73,6 +73,14 @@ def test_disconnect_is_a_421():
     }
 
 
+@pytest.mark.parametrize(("enhanced", "kept"), [("4.3.2", "4.3.2"), ("5.7.1", "4.7.0")])
+def test_disconnect_keeps_only_a_4xx_enhanced_code(enhanced, kept):
+    response = {"code": 550, "enhancedCode": enhanced, "message": "bye"}
+    answer = {"set": [{"path": "/action", "value": "disconnect"}, {"path": "/response", "value": response}]}
+    decision = decide(answer, Event.HELO)
+    assert decision["reply"] == {"code": 421, "enhanced": kept, "text": "bye"}
+
+
 def test_quarantine_and_discard():
     assert decide({"set": [{"path": "/action", "value": "quarantine"}]}) == {
         "action": "quarantine",
