@@ -34,12 +34,14 @@ from milterbridge.connection import ConnectionSettings
 from milterbridge.demo import DEMO_ADMIN, DEMO_MILTER, DemoFilter, banner, demo_config
 from milterbridge.dispatch import Dispatcher
 from milterbridge.endpoint import build_endpoints
+from milterbridge.hooks import REGISTRATION_WAIT, FileHookBook, HookBook, Registrar
 from milterbridge.log import configure_logging
 from milterbridge.metrics import Metrics
 from milterbridge.milter.context import MemoryBudget
 from milterbridge.milter.session import SessionLimits
 from milterbridge.server import MilterServer
 from milterbridge.serving import config_warnings, load_serving_config
+from milterbridge.settings import EndpointProtocol
 from milterbridge.spans import Tracer
 from milterbridge.webhook.client import WebhookClient
 
@@ -125,12 +127,15 @@ class Bridge:
         supervised: bool = False,
         metrics: Metrics | None = None,
         tracer: Tracer | None = None,
+        shared_dir: str | None = None,
     ) -> None:
         """Build the parts; nothing listens before ``start``.
 
         ``admin_listen`` replaces ``config.admin.listen`` ("" for no admin HTTP); ``metrics`` is
         where the bridge counts (a new ``Metrics`` by default); ``tracer`` traces the messages
         (by default one from the OTEL_* variables when ``[tracing] enabled``, else none).
+        ``shared_dir``: a worker's instance directory, where the instance's registrar publishes
+        the MTA Hooks registrations; without it the bridge keeps its own (``hooks.Registrar``).
         """
         self.config = config
         self.config_path = config_path
@@ -142,9 +147,18 @@ class Bridge:
         self._own_tracing: Any = None
         if tracer is None and config.tracing.enabled:
             tracer = self._own_tracing = tracing_module().Tracing.from_environment()
+        #: The MTA Hooks registrations the calls use; kept by ``registrar`` when there is one.
+        self.hooks: HookBook
+        self.registrar: Registrar | None = None
+        if shared_dir is not None:
+            self.hooks = FileHookBook(shared_dir)
+        else:
+            self.hooks = HookBook(lambda name, registration: self._registration_gone(name, registration))
+            self.registrar = Registrar(self.hooks.publish)
+        self._watching: asyncio.Task[None] | None = None
         try:
             #: Builds the endpoints (reading TLS files and secrets: ValueError/OSError when one is bad).
-            self.dispatcher = Dispatcher(config, self.client, metrics=self.metrics, tracer=tracer)
+            self.dispatcher = Dispatcher(config, self.client, metrics=self.metrics, tracer=tracer, hooks=self.hooks)
         except BaseException:
             if self._own_tracing is not None:
                 self._own_tracing.shutdown()
@@ -184,15 +198,45 @@ class Bridge:
             return False, "listeners not bound"
         return True, "ready"
 
+    def _registration_gone(self, name: str, registration: str) -> None:
+        if self.registrar is not None:
+            self.registrar.gone(name, registration)
+
+    async def _start_hooks(self) -> None:
+        """Have the MTA Hooks registrations before the first message, as far as ``REGISTRATION_WAIT`` allows."""
+        names = [e.name for e in self.config.endpoints if e.protocol is EndpointProtocol.MTA_HOOKS]
+        if self.registrar is not None:
+            self.registrar.update(self.config.endpoints)
+            await self.registrar.wait_registered(REGISTRATION_WAIT)
+        elif isinstance(self.hooks, FileHookBook):
+            await self.hooks.wait_for(names, REGISTRATION_WAIT)
+            self._watching = asyncio.create_task(self.hooks.watch(), name="mta-hooks-watch")
+        missing = sorted(set(names) - set(self.hooks.states()))
+        if missing:
+            log.warning(
+                "MTA Hooks endpoints not registered yet (their calls fail by their on_error until they are): %s",
+                ", ".join(missing),
+            )
+
+    async def _stop_hooks(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
+        if self.registrar is not None:
+            await self.registrar.aclose()
+
     async def start(self) -> None:
         await self.client.start()
         loop = asyncio.get_running_loop()
         self.metrics.set_task_source(lambda: len(asyncio.all_tasks(loop)))
         try:
+            await self._start_hooks()
             await self.server.start()
             if self.admin is not None:
                 await self.admin.start()
         except BaseException:
+            await self._stop_hooks()
             await self.client.aclose()
             raise
         self.started = True
@@ -229,6 +273,8 @@ class Bridge:
                 "config reload: [server], [admin] and [tracing] changes need a restart; applying endpoints only"
             )
         self.config = config
+        if self.registrar is not None:
+            self.registrar.update(config.endpoints)
         configure_logging(config.log.level)
         self.metrics.reload(True)
         self.metrics.declare_endpoints(e.name for e in config.endpoints)
@@ -261,6 +307,7 @@ class Bridge:
         log.info("draining", extra={"fields": {"connections": len(self.server.state.connections)}})
         await self.server.shutdown(self.config.server.drain_timeout if drain_timeout is None else drain_timeout)
         await self.settle()
+        await self._stop_hooks()  # deletes the registrations once no call needs them
         await self.client.aclose()
         if self._own_tracing is not None:
             await asyncio.to_thread(self._own_tracing.shutdown)  # exports the last spans, within a bound

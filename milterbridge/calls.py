@@ -18,32 +18,47 @@ from milterbridge import payload as pl
 from milterbridge.background import BackgroundCalls
 from milterbridge.body import BodyBuffer
 from milterbridge.endpoint import CallObserver, CallResult, Endpoint, WebhookPoster, call_endpoint
+from milterbridge.hooks import GONE_STATUSES, HookBook, HookCall, hook_call
 from milterbridge.message_log import MessageLog, log_call_failure
 from milterbridge.milter.constants import ALL_ACTIONS, Event
 from milterbridge.policy.model import EndpointPolicy, Failure, Outcome
+from milterbridge.settings import EndpointProtocol
 from milterbridge.spans import CallTrace, MessageTrace, Tracer
 
 log = logging.getLogger("milterbridge.dispatch")
 
-#: A request encoded for one call: its webhook id and body.
-Prepared = tuple[str, bytes | pl.StreamedRequest]
+#: A request encoded for one call: its webhook id, its body, and for a hook endpoint how to call it.
+Prepared = tuple[str, bytes | pl.StreamedRequest, HookCall | None]
 
 
 class CallMetrics(CallObserver, Protocol):
     def bridge_fault(self, kind: str) -> None: ...
 
 
-def _encoded(request: pl.JSON, endpoint: Endpoint, body: BodyBuffer | None = None, *, stream: bool = False) -> Prepared:
+def _encoded(
+    request: pl.JSON,
+    endpoint: Endpoint,
+    body: BodyBuffer | None = None,
+    *,
+    stream: bool = False,
+    event: Event | None = None,
+    hooks: HookBook | None = None,
+) -> Prepared:
     """Encode a request for ``endpoint`` now (the context it was built from keeps changing after
-    this event); with ``body``, the message body too when the endpoint has include_body."""
+    this event); with ``body``, the message body too when the endpoint has include_body. A hook
+    endpoint (``protocol``) gets its own format (``hooks.hook_call``) for ``event``."""
     webhook_id = pl.new_id("evt")
     settings = endpoint.settings
+    if settings.protocol is not EndpointProtocol.MILTERBRIDGE:
+        assert event is not None
+        encoded, hook = hook_call(request, event, endpoint.http, webhook_id, body, hooks)
+        return webhook_id, encoded, hook
     part = (
         pl.BodyPart(body, settings.max_body_bytes, stream=stream)
         if body is not None and settings.include_body
         else None
     )
-    return webhook_id, pl.encode_request(request, webhook_id, part)
+    return webhook_id, pl.encode_request(request, webhook_id, part), None
 
 
 async def _traced(span: CallTrace, calling: Coroutine[Any, Any, CallResult]) -> CallResult:
@@ -69,8 +84,11 @@ class ConnectionCalls:
         message_log: MessageLog,
         endpoints: Sequence[Endpoint],
         tracer: Tracer | None = None,
+        hooks: HookBook | None = None,
     ) -> None:
         self.client = client
+        #: The registrations of the MTA Hooks endpoints, for their calls.
+        self.hooks = hooks
         #: With tracing on: each call gets a span, in its message's trace.
         self.tracer = tracer
         #: The snapshot's endpoints, in config order (a policy's ``index``).
@@ -96,7 +114,7 @@ class ConnectionCalls:
         calls = []
         for policy in policies:
             endpoint = self.endpoints[policy.index]
-            calls.append((endpoint, _encoded(request, endpoint, body, stream=True)))
+            calls.append((endpoint, _encoded(request, endpoint, body, stream=True, event=event, hooks=self.hooks)))
         cap = self.budget_caps.get(event)
         parent = self.message_log.trace
         if len(calls) == 1:
@@ -121,7 +139,8 @@ class ConnectionCalls:
         """
         endpoint = self.endpoints[policy.index]
         if self.background.has_room(endpoint.settings):
-            self._spawn(event, endpoint, _encoded(request, endpoint, body, stream=False))
+            prepared = _encoded(request, endpoint, body, stream=False, event=event, hooks=self.hooks)
+            self._spawn(event, endpoint, prepared)
 
     def notify(self, event: Event, endpoints: Sequence[Endpoint], request: pl.JSON) -> None:
         """Tell ``endpoints`` about an ``abort`` or ``close``, in the background."""
@@ -139,7 +158,7 @@ class ConnectionCalls:
         record: bool = True,
         cap: float | None = None,
     ) -> Outcome:
-        webhook_id, body = prepared
+        webhook_id, body, hook = prepared
         budget = endpoint.timeouts[event]
         if cap is not None and cap < budget:
             budget = cap
@@ -154,8 +173,12 @@ class ConnectionCalls:
             observer=self.metrics,
             budget=budget,
             headers=b"" if span is None else span.header,
+            hook=hook,
         )
         result = await (calling if span is None else _traced(span, calling))
+        if hook is not None and hook.registration is not None and result.status in GONE_STATUSES:
+            assert self.hooks is not None
+            self.hooks.report_gone(endpoint.name, hook.registration)
         outcome = result.outcome
         event_name = event.value
         failure = outcome if isinstance(outcome, Failure) else None

@@ -189,6 +189,8 @@ def check_config(path: str | None) -> int:
             line += " timeouts={" + ", ".join(f"{event}: {seconds}s" for event, seconds in ep.timeouts) + "}"
         if ep.max_concurrency:
             line += f" max_concurrency={ep.max_concurrency}"
+        if ep.protocol != "milterbridge":
+            line += f" protocol={ep.protocol}"
         if ep.when is not None:
             # Which keys decide whether it is called at all (an endpoint that never gets mail: look here).
             line += " when=[" + ", ".join(key.value for key in ep.when.keys) + "]"

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 from milterbridge.milter.address import is_loopback_host
 from milterbridge.milter.constants import Event
 from milterbridge.milter.mta import ANSWERED_BEFORE_EOM, POSTFIX_LIMITS, Mta, ReplyLimits, sendmail_limits
+from milterbridge.mtahooks.request import STAGES
 from milterbridge.policy.conditions import KNOWN_AT, unknown_at
 from milterbridge.settings import (
     HTTP_TOKEN,
@@ -44,6 +45,7 @@ from milterbridge.settings import (
     RESERVED_HEADERS,
     AdminSettings,
     Config,
+    EndpointProtocol,
     EndpointSettings,
     InvalidValue,
     Key,
@@ -292,7 +294,25 @@ def _endpoint(table: Any, index: int, ctx: _Context) -> EndpointSettings:
         raise ctx.error(f"{prefix}.headers.Authorization", "cannot be combined with credentials in the url")
     _check_timeouts_events(settings, prefix, ctx)
     _check_when(settings, prefix, ctx)
+    _check_protocol(settings, prefix, ctx)
     return settings
+
+
+def _check_protocol(settings: EndpointSettings, prefix: str, ctx: _Context) -> None:
+    """An MTA Hooks or Stalwart endpoint is called only at events that have a stage; ``properties`` is theirs."""
+    if settings.protocol is EndpointProtocol.MILTERBRIDGE:
+        if settings.properties is not None:
+            raise ctx.error(f"{prefix}.properties", 'is only for protocol = "mta-hooks"')
+        return
+    if settings.properties is not None and settings.protocol is not EndpointProtocol.MTA_HOOKS:
+        raise ctx.error(f"{prefix}.properties", 'is only for protocol = "mta-hooks"')
+    staged = sorted(e.value for e in settings.events if e not in STAGES)
+    if staged:
+        raise ctx.error(
+            f"{prefix}.events",
+            f"{', '.join(staged)}: {settings.protocol.value} has no stage for "
+            f"{'it' if len(staged) == 1 else 'them'} (it has connect, helo, mail, rcpt and eom)",
+        )
 
 
 def _check_when(settings: EndpointSettings, prefix: str, ctx: _Context) -> None:

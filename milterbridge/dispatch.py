@@ -29,6 +29,7 @@ from milterbridge.calls import CallMetrics, ConnectionCalls
 from milterbridge.config import Config
 from milterbridge.connection import HandlerResult
 from milterbridge.endpoint import Endpoint, WebhookPoster
+from milterbridge.hooks import HookBook
 from milterbridge.message_log import (
     MessageLog,
     MessageMetrics,
@@ -90,9 +91,17 @@ class Dispatcher:
     """
 
     def __init__(
-        self, config: Config, client: WebhookPoster, *, metrics: Observer | None = None, tracer: Tracer | None = None
+        self,
+        config: Config,
+        client: WebhookPoster,
+        *,
+        metrics: Observer | None = None,
+        tracer: Tracer | None = None,
+        hooks: HookBook | None = None,
     ) -> None:
         self.client = client
+        #: The registrations of the config's MTA Hooks endpoints (``hooks.Registrar`` keeps them).
+        self.hooks = hooks
         #: With ``[tracing] enabled``: the spans of every message and call (milterbridge.tracing).
         self.tracer = tracer
         self.metrics: Observer = metrics or _NoMetrics()
@@ -146,6 +155,7 @@ class ConnectionHandler:
             self.message_log,
             self.snapshot.endpoints,
             dispatcher.tracer,
+            dispatcher.hooks,
         )
         self.policy = self.snapshot.idle_policy
         server = self.snapshot.config.server

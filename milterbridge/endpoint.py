@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from milterbridge.config import EndpointSettings, TlsSettings
+from milterbridge.hooks import HookCall
 from milterbridge.milter.constants import Action, Event
 from milterbridge.payload import DecodeError, decode
 from milterbridge.policy.model import Decision, DecisionError, EndpointPolicy, Failure, Outcome
@@ -149,6 +150,7 @@ class CallObserver(Protocol):
 #: ``webhook_requests_total`` outcomes this step sets itself, as the plain strings metrics take.
 _OK: Final = AttemptOutcome.OK.value
 _BREAKER_OPEN: Final = AttemptOutcome.BREAKER_OPEN.value
+_NOT_REGISTERED: Final = AttemptOutcome.NOT_REGISTERED.value
 _INVALID_BODY: Final = AttemptOutcome.INVALID_BODY.value
 _INVALID_DECISION: Final = AttemptOutcome.INVALID_DECISION.value
 #: ``CallResult.action`` of a call that produced no decision.
@@ -185,6 +187,7 @@ async def call_endpoint(
     observer: CallObserver,
     budget: float | None = None,
     headers: bytes = b"",
+    hook: HookCall | None = None,
 ) -> CallResult:
     """Post ``body`` (the encoded request) to ``endpoint`` and turn the answer into an outcome.
 
@@ -193,6 +196,9 @@ async def call_endpoint(
     ``allowed_actions`` is what the MTA granted at negotiation. Counts the call with
     ``observer.webhook``, a decision with ``observer.decision`` and, with a cap, the wait for a
     slot with ``observer.queue_wait``; see the module docstring for what the breaker is told.
+    ``hook``: a call to an MTA Hooks or Stalwart endpoint (``hooks.hook_call``), posted where
+    it says, with its headers, its answer translated into a decision before it is validated;
+    one that cannot be made fails as ``not_registered`` without a request.
     Raises only what is not the endpoint's doing (cancellation, ``SpoolError``, a bug), after
     giving the breaker ticket back uncounted.
     """
@@ -205,21 +211,35 @@ async def call_endpoint(
     response: WebhookResponse | None = None
     status: int | None = None
     attempts = 0
-    ticket = breaker.allow()
-    if not ticket:
+    http = endpoint.http
+    if hook is not None:
+        headers += hook.headers
+        if hook.http is not None:
+            http = hook.http
+    # A hook call that cannot be made asks the breaker nothing: it is no verdict on the endpoint.
+    ticket = breaker.allow() if hook is None or hook.http is not None else -1
+    if ticket < 0:
+        assert hook is not None
+        label, outcome = _NOT_REGISTERED, Failure(reason=hook.unavailable)
+    elif not ticket:
         label, outcome = _BREAKER_OPEN, Failure(reason=_BREAKER_OPEN)
     else:
         try:
             slots = endpoint.slots
             if slots is None:
-                response = await client.post(
-                    endpoint.http, body, webhook_id=webhook_id, timeout=budget, headers=headers
-                )
+                response = await client.post(http, body, webhook_id=webhook_id, timeout=budget, headers=headers)
             else:
-                response = await _post_in_slot(client, endpoint, slots, body, webhook_id, budget, observer, headers)
+                response = await _post_in_slot(
+                    client, endpoint, http, slots, body, webhook_id, budget, observer, headers
+                )
             status, attempts = response.status, response.attempts
             try:
                 decoded = decode(response.body)
+                if hook is not None:
+                    try:
+                        decoded = hook.translate(decoded)
+                    except ValueError as bad_answer:
+                        raise DecisionError(str(bad_answer)) from None
                 outcome = parse_decision(
                     decoded,
                     event,
@@ -263,6 +283,7 @@ async def call_endpoint(
 async def _post_in_slot(
     client: WebhookPoster,
     endpoint: Endpoint,
+    http: PreparedEndpoint,
     slots: asyncio.Semaphore,
     body: bytes | BodySource,
     webhook_id: str,
@@ -298,7 +319,7 @@ async def _post_in_slot(
     waited = time.monotonic() - waiting
     observer.queue_wait(endpoint.name, waited)
     try:
-        return await client.post(endpoint.http, body, webhook_id=webhook_id, timeout=budget - waited, headers=headers)
+        return await client.post(http, body, webhook_id=webhook_id, timeout=budget - waited, headers=headers)
     except WebhookTimeoutError as exc:
         if queued:
             # It had only what our own queue left of its budget: no verdict on the endpoint.

@@ -164,7 +164,7 @@ def run_instance_admin(listen: str, sock: socket.socket, sockets: Sequence[str],
             except OSError as exc:
                 log.error("cannot start the admin listener: %s", exc)  # noqa: TRY400 - the message names the address
                 return 1
-            tasks = [asyncio.create_task(pages.refresh_forever()), asyncio.create_task(_watch(supervisor, stop))]
+            tasks = [asyncio.create_task(pages.refresh_forever()), asyncio.create_task(watch_parent(supervisor, stop))]
             await stop.wait()
             return 0
         finally:
@@ -179,9 +179,9 @@ def run_instance_admin(listen: str, sock: socket.socket, sockets: Sequence[str],
     return run_event_loop(main)
 
 
-async def _watch(supervisor: int, stop: asyncio.Event) -> None:
+async def watch_parent(supervisor: int, stop: asyncio.Event) -> None:
     """Set ``stop`` once the supervisor is gone (this process was handed to another parent)."""
     while os.getppid() == supervisor:  # noqa: ASYNC110 - no event tells a process its parent died
         await asyncio.sleep(_WATCH_INTERVAL)
-    log.error("the supervisor (pid %d) is gone; the admin view stops", supervisor)
+    log.error("the supervisor (pid %d) is gone; process %d stops", supervisor, os.getpid())
     stop.set()

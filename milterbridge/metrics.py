@@ -86,6 +86,7 @@ WEBHOOK_OUTCOMES: Final = (
     "invalid_body",
     "invalid_decision",
     "breaker_open",
+    "not_registered",
     "cancelled",
 )
 #: Why a connection was closed at accept (``connections_refused_total{reason}``); the same
@@ -95,7 +96,8 @@ REFUSAL_REASONS: Final = ("not_allowed", "max_connections")
 TIMEOUT_STAGES: Final = ("negotiate", "idle")
 
 
-_NO_REQUEST: Final = "breaker_open"
+#: Outcomes of calls that sent no request.
+_NO_REQUEST: Final = frozenset({"breaker_open", "not_registered"})
 
 
 class Metrics:
@@ -293,11 +295,11 @@ class Metrics:
     def webhook(self, endpoint: str, event: str, outcome: str, seconds: float | None) -> None:
         """A webhook call ended; ``seconds`` is its duration, retry included.
 
-        Calls that sent no request (``breaker_open``, or ``seconds`` None) are counted but not
+        Calls that sent no request (``breaker_open``, ``not_registered``, or ``seconds`` None) are counted but not
         observed in the duration histogram, which would otherwise fill with zeros.
         """
         self._webhook_requests.inc((endpoint, event, outcome))
-        if seconds is not None and outcome != _NO_REQUEST:
+        if seconds is not None and outcome not in _NO_REQUEST:
             self._webhook_duration.observe((endpoint, event), seconds)
 
     def decision(self, endpoint: str, event: str, action: str, mode: str) -> None:

@@ -29,6 +29,7 @@ from yarl import URL
 from milterbridge.milter.address import parse_listen_address, split_host_port
 from milterbridge.milter.constants import Event
 from milterbridge.milter.mta import STOCK_CF_HEADER_LINES, Mta, SendmailTimeouts
+from milterbridge.mtahooks.request import PROPERTIES as HOOK_PROPERTIES
 from milterbridge.policy.conditions import Condition, ConditionError, parse_condition
 from milterbridge.policy.model import ALL_OPS, Mode, ModOp, OnError, OnOversize
 
@@ -43,8 +44,20 @@ RESERVED_HEADERS: Final = frozenset(
     {
         *("content-type", "content-length", "host", "transfer-encoding", "connection", "accept-encoding"),
         *("webhook-id", "webhook-timestamp", "webhook-signature"),
+        *("x-mta-hooks-registration", "x-mta-hooks-request-id"),
     }
 )
+
+
+class EndpointProtocol(enum.StrEnum):
+    """The HTTP contract an endpoint speaks (``protocol``)."""
+
+    #: The bridge's own webhooks (openapi/milterbridge.yaml).
+    MILTERBRIDGE = "milterbridge"
+    #: MTA Hooks -01 (docs/mta-hooks.md): registration, then hook calls.
+    MTA_HOOKS = "mta-hooks"
+    #: Stalwart's shipped hook format (docs/mta-hooks.md).
+    STALWART = "stalwart"
 
 
 class InvalidValue(ValueError):
@@ -399,6 +412,20 @@ def _headers(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(value.items())
 
 
+@_check("array of strings")
+def _hook_properties(value: Any) -> tuple[str, ...]:
+    """MTA Hooks properties (JSON Pointers such as ``/envelope``) the bridge offers, in the order given."""
+    items = _text_list(value)
+    for item in items:
+        if item == "/rawMessage":
+            raise InvalidValue("/rawMessage is sent when include_body = true; drop it here")
+        if item not in HOOK_PROPERTIES:
+            offered = ", ".join(p for p in HOOK_PROPERTIES if p != "/rawMessage")
+            raise InvalidValue(f"{show_value(item)} is not a property the bridge sends (known: {offered})")
+    _unique(items)
+    return tuple(items)
+
+
 @_check("table")
 def _event_timeouts(value: Any) -> tuple[tuple[Event, float], ...]:
     """Event names to seconds > 0, in the order of ``Event``."""
@@ -469,6 +496,15 @@ class EndpointSettings:
     name: str = field(metadata=declare(_name, "The endpoint's name in logs, metric labels and environment overrides."))
     #: May carry credentials or tokens in its userinfo or query: kept out of repr().
     url: str = field(repr=False, metadata=declare(_url, "The URL the webhooks are posted to."))
+    protocol: EndpointProtocol = setting(
+        EndpointProtocol.MILTERBRIDGE,
+        _choice(EndpointProtocol, EndpointProtocol),
+        "The HTTP contract the endpoint speaks.",
+    )
+    #: MTA Hooks: the properties asked for at registration; None: every one (``/rawMessage`` with include_body).
+    properties: tuple[str, ...] | None = setting(
+        None, _hook_properties, "mta-hooks: the request properties to ask for.", shown="every property"
+    )
     events: frozenset[Event] = setting(
         frozenset({Event.EOM}),
         _members(Event, "an event", empty="needs at least one event"),

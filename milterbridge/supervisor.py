@@ -11,6 +11,7 @@ signal (``REFUSED_SIGNAL``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -23,7 +24,8 @@ import time
 
 from milterbridge.app import build_bridge, load_checked, merge_reload, run_bridge, run_event_loop, warn_about
 from milterbridge.config import Config, ConfigError
-from milterbridge.instance import run_instance_admin, worker_socket
+from milterbridge.hooks import Registrar, collect_gone_reports, file_publisher, has_hook_endpoints
+from milterbridge.instance import run_instance_admin, watch_parent, worker_socket
 from milterbridge.log import configure_logging
 from milterbridge.milter.address import MAX_UNIX_PATH_BYTES, parse_listen_address, split_host_port
 from milterbridge.server import bind_unix
@@ -41,6 +43,8 @@ WORKER_SIGNALS = frozenset({signal.SIGHUP, REFUSED_SIGNAL})
 RESTART_DELAY = 1.0
 #: The index under which the instance view's process is kept among the workers'.
 ADMIN_INDEX = -1
+#: The index of the MTA Hooks registrar's process (only when the config has such endpoints).
+REGISTRAR_INDEX = -2
 
 
 def default_workers() -> int:
@@ -76,7 +80,44 @@ def release(prebound: dict[str, socket.socket], admin_sock: socket.socket | None
         shutil.rmtree(private_dir, ignore_errors=True)
 
 
-def run_worker(config: Config, path: str, index: int, prebound: dict[str, socket.socket], admin_listen: str) -> int:
+def run_registrar(config: Config, path: str, directory: str, supervisor: int) -> int:
+    """The body of the registrar's process: the instance's MTA Hooks registrations, published in ``directory``.
+
+    SIGHUP reads the config file again (a file that does not load leaves the registrations as
+    they are); SIGTERM, sent once the workers are gone, deletes them at the scanners.
+    """
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        registrar = Registrar(file_publisher(directory))
+
+        def reload() -> None:
+            try:
+                registrar.update(load_checked(path).endpoints)
+            except (ConfigError, OSError, ValueError) as exc:
+                log.error("MTA Hooks registrar: config reload refused, keeping the registrations: %s", exc)  # noqa: TRY400
+
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+        registrar.update(config.endpoints)
+        reports = asyncio.create_task(collect_gone_reports(directory, registrar))
+        watch = asyncio.create_task(watch_parent(supervisor, stop))
+        await stop.wait()
+        for task in (reports, watch):
+            task.cancel()
+        await asyncio.gather(reports, watch, return_exceptions=True)
+        await registrar.aclose()
+        return 0
+
+    return run_event_loop(main)
+
+
+def run_worker(
+    config: Config, path: str, index: int, prebound: dict[str, socket.socket], admin_listen: str, shared_dir: str
+) -> int:
     """The body of worker ``index`` (in the forked child): one supervised bridge until SIGTERM.
 
     The worker starts with ``WORKER_SIGNALS`` blocked; ``run_bridge`` unblocks them once
@@ -91,6 +132,7 @@ def run_worker(config: Config, path: str, index: int, prebound: dict[str, socket
             prebound=prebound,
             admin_listen=admin_listen,
             supervised=True,
+            shared_dir=shared_dir,
         )
         if bridge is None:
             return 1
@@ -121,12 +163,13 @@ def supervise(config: Config, path: str, workers: int) -> int:
                 prebound[address.path] = bind_unix(address.path, config.server.socket_mode)
         if config.admin.listen:
             admin_sock = bind_admin(config.admin.listen)
-            private_dir = tempfile.mkdtemp(prefix="milterbridge-")
+        # The workers' admin sockets and the MTA Hooks registrations live here.
+        private_dir = tempfile.mkdtemp(prefix="milterbridge-")
     except OSError as exc:
         log.error("cannot start: %s", exc)  # noqa: TRY400 - the message names the address
         release(prebound, admin_sock, private_dir)
         return 1
-    sockets = [worker_socket(private_dir, index) for index in range(workers)] if private_dir else []
+    sockets = [worker_socket(private_dir, index) for index in range(workers)] if admin_sock is not None else []
     if sockets and len(os.fsencode(sockets[-1])) > MAX_UNIX_PATH_BYTES:
         log.error(
             "cannot start: the workers' admin sockets would be longer than %d bytes (%s): set TMPDIR to a shorter "
@@ -156,7 +199,12 @@ def supervise(config: Config, path: str, workers: int) -> int:
             return run_instance_admin(config.admin.listen, admin_sock, sockets, supervisor_pid)
         if admin_sock is not None:
             admin_sock.close()
-        return run_worker(start_config, path, index, prebound, f"unix:{sockets[index]}" if sockets else "")
+        if index == REGISTRAR_INDEX:
+            for sock in prebound.values():
+                sock.close()
+            return run_registrar(start_config, path, private_dir, supervisor_pid)
+        admin = f"unix:{sockets[index]}" if sockets else ""
+        return run_worker(start_config, path, index, prebound, admin, private_dir)
 
     def spawn(index: int) -> None:
         start_config = accepted
@@ -183,15 +231,16 @@ def supervise(config: Config, path: str, workers: int) -> int:
                 os.kill(pid, signal.SIGTERM)
 
     def signal_workers(sig: signal.Signals) -> None:
-        """Send ``sig`` to every worker (not to the instance view)."""
+        """Send ``sig`` to every worker (not to the instance view nor the registrar)."""
         for pid, index in list(children.items()):
-            if index != ADMIN_INDEX:
+            if index >= 0:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
 
-    def stop_admin_after_workers() -> None:
-        """Once stopping and no worker is left, SIGTERM the instance view (it said "draining" until then)."""
-        if stopping and set(children.values()) == {ADMIN_INDEX}:
+    def stop_helpers_after_workers() -> None:
+        """Once stopping and no worker is left, SIGTERM the instance view (it said "draining" until then)
+        and the registrar (no call needs the registrations any more)."""
+        if stopping and children and all(index < 0 for index in children.values()):
             for pid in children:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
@@ -222,6 +271,12 @@ def supervise(config: Config, path: str, workers: int) -> int:
         )
         warn_about(accepted)
         signal_workers(signal.SIGHUP)
+        registrar = [pid for pid, index in children.items() if index == REGISTRAR_INDEX]
+        for pid in registrar:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+        if not registrar and REGISTRAR_INDEX not in restarts and has_hook_endpoints(accepted.endpoints):
+            spawn(REGISTRAR_INDEX)
 
     def reap() -> int:
         """Collect the workers that ended; schedule restarts. The worst exit code once stopping."""
@@ -243,6 +298,8 @@ def supervise(config: Config, path: str, workers: int) -> int:
                 continue
             if index == ADMIN_INDEX:
                 log.error("admin view (pid %d) exited with %d; restarting", pid, code)
+            elif index == REGISTRAR_INDEX:
+                log.error("MTA Hooks registrar (pid %d) exited with %d; restarting", pid, code)
             else:
                 log.error("worker %d (pid %d) exited with %d; restarting", index, pid, code)
             restarts[index] = time.monotonic() + RESTART_DELAY
@@ -251,6 +308,8 @@ def supervise(config: Config, path: str, workers: int) -> int:
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
     previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
+        if has_hook_endpoints(config.endpoints):
+            spawn(REGISTRAR_INDEX)  # first: the workers wait a moment for its registrations
         for index in range(workers):
             spawn(index)
         log.info("started %d workers", workers, extra={"fields": {"pids": sorted(children)}})
@@ -263,7 +322,7 @@ def supervise(config: Config, path: str, workers: int) -> int:
             worst = max(worst, reap())
             if stopping:
                 restarts.clear()  # a SIGTERM during the pause must not start a worker nobody stops
-                stop_admin_after_workers()
+                stop_helpers_after_workers()
             if reload_wanted and not stopping:
                 reload_wanted = False
                 reload()

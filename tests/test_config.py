@@ -926,10 +926,10 @@ def test_unknown_key_far_from_any_lists_the_known_ones(tmp_path):
     assert str(load_error(tmp_path, "[log]\nqqqq = 1\n")) == "log.qqqq: unknown key (known: level)"
     err = load_error(tmp_path, ENDPOINT + "qqqq = 1\n")
     known = (
-        "name, url, events, mode, on_error, timeout, timeouts, max_concurrency, include_body, max_body_bytes, "
-        "macros, secret, secret_env, secret_file, headers, tls, allow_insecure_http, max_response_bytes, retry, "
-        "breaker_failure_rate, breaker_min_calls, breaker_window, breaker_probe, breaker_reset, max_modifications, "
-        "max_background, allowed_ops, when"
+        "name, url, protocol, properties, events, mode, on_error, timeout, timeouts, max_concurrency, include_body, "
+        "max_body_bytes, macros, secret, secret_env, secret_file, headers, tls, allow_insecure_http, "
+        "max_response_bytes, retry, breaker_failure_rate, breaker_min_calls, breaker_window, breaker_probe, "
+        "breaker_reset, max_modifications, max_background, allowed_ops, when"
     )
     assert str(err) == f"endpoints.policy.qqqq: unknown key (known: {known})"
 
@@ -964,7 +964,7 @@ def test_settings_module_is_pure():
     for name in names:
         top = name.split(".")[0]
         if top == "milterbridge":
-            assert name.startswith(("milterbridge.milter.", "milterbridge.policy.")), name
+            assert name.startswith(("milterbridge.milter.", "milterbridge.policy.", "milterbridge.mtahooks.")), name
         else:
             assert top in sys.stdlib_module_names or top == "yarl", name
             assert top not in {"os", "io", "pathlib", "asyncio", "socket", "logging", "tomllib"}, name

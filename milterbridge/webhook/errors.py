@@ -59,7 +59,7 @@ class AttemptOutcome(enum.StrEnum):
     """How one HTTP attempt or call ended; a bounded metrics label.
 
     The client reports attempts with the transport and HTTP outcomes; ``invalid_body``,
-    ``invalid_decision`` and ``breaker_open`` are set by the endpoint call step, which decodes
+    ``invalid_decision``, ``breaker_open`` and ``not_registered`` are set by the endpoint call step, which decodes
     and validates answers and keeps the breaker.
     """
 
@@ -73,6 +73,8 @@ class AttemptOutcome(enum.StrEnum):
     INVALID_BODY = "invalid_body"
     INVALID_DECISION = "invalid_decision"
     BREAKER_OPEN = "breaker_open"
+    #: An MTA Hooks endpoint without an active registration: nothing was sent.
+    NOT_REGISTERED = "not_registered"
     #: The caller cancelled the call (e.g. the MTA went away); not the endpoint's fault.
     CANCELLED = "cancelled"
 

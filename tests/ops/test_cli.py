@@ -108,6 +108,15 @@ def test_check_config_summary_names_budgets_caps_and_conditions(tmp_path):
     assert "timeouts={rcpt: 2.0s, eom: 20.0s}" in line
     assert "max_concurrency=4" in line
     assert "when=[authenticated, recipient_domains]" in line
+    assert "protocol=" not in line  # the default goes unsaid
+
+
+def test_check_config_summary_names_a_hook_protocol(tmp_path):
+    endpoint = {**POLICY, "protocol": "mta-hooks", "url": "http://127.0.0.1:9/.well-known/mta-hooks"}
+    result = cli("check-config", "--config", str(write_config(tmp_path, endpoints=[endpoint])))
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("  endpoint policy")]
+    assert line.endswith(" protocol=mta-hooks")
 
 
 def test_check_config_good_file_prints_a_summary(tmp_path):
