@@ -13,6 +13,7 @@ validate, count, and tell the breaker once, after the answer was validated
 
     result of the call                                  outcome            breaker
     breaker open (nothing sent)                         Failure            -
+    hook endpoint without a registration (nothing sent) Failure            -
     no call slot within the event's budget              Failure            neither
     WebhookError whose endpoint_failure is True         Failure            failure
     WebhookError whose endpoint_failure is False        Failure            neither

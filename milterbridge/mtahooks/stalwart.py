@@ -320,8 +320,6 @@ def stalwart_decision(answer: object, before: Before) -> JSON | None:
     state = _State(before)
     state.response, disconnect = _response(answer.get("response"))
     state.action = "disconnect" if action == "reject" and disconnect else str(action)
-    if state.action == "disconnect" and state.response and not state.response.get("enhancedCode", "4").startswith("4"):
-        del state.response["enhancedCode"]  # a 421 takes a 4.x.x enhanced code only
     modifications = answer.get("modifications")
     if modifications is None:
         modifications = []

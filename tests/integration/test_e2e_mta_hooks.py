@@ -99,7 +99,10 @@ def _index(request: dict[str, Any], name: str) -> int:
 def _header_edits(request: dict[str, Any]) -> dict[str, Any]:
     spam = _index(request, "X-Spam")
     return ops(
-        set=[{"path": f"/message/headers/{_index(request, 'Subject')}/value", "value": " [scanned] hi"}],
+        set=[
+            {"path": f"/message/headers/{_index(request, 'Subject')}/value", "value": " [scanned] hi"},
+            {"path": f"/message/headers/{_index(request, 'To')}", "value": {"name": "to", "value": " x@example.net"}},
+        ],
         add=[
             {"path": "/message/headers", "value": {"name": "X-Scanner", "value": " clean"}},
             {"path": "/message/headers", "value": {"name": "X-Top", "value": " top"}, "index": 0},
@@ -111,7 +114,7 @@ def _header_edits(request: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.asyncio
 async def test_header_operations_land_in_the_delivered_message(mta: PostfixInstance, bridges: BridgeRunner) -> None:
-    """add (appended and at an index), set of a value, delete: in the draft's order, as Postfix delivers it."""
+    """add (appended and at an index), set of a header and of a value, delete: in the draft's order, as delivered."""
     async with HooksScanner(answer=_header_edits) as scanner:
         await start(bridges, scanner)
         message = make_message(subject="hi", headers=[DATE, ("X-Spam", "yes")])
@@ -125,18 +128,20 @@ async def test_header_operations_land_in_the_delivered_message(mta: PostfixInsta
                          "X-Scanner"]  # fmt: skip
         values = dict(lines)
         assert values["Subject"] == " [scanned] hi"
+        assert values["To"] == " x@example.net"
         assert values["X-Scanner"] == " clean"
 
 
 @pytest.mark.asyncio
 async def test_subject_envelope_and_recipients(mta: PostfixInstance, bridges: BridgeRunner) -> None:
-    """set /message/subject and /envelope/from, add /envelope/to, delete /envelope/to/0."""
+    """set /message/subject, /envelope/from and /envelope/to/N; add /envelope/to; delete /envelope/to/0."""
 
     def answer(request: dict[str, Any]) -> dict[str, Any]:
         return ops(
             set=[
                 {"path": "/message/subject", "value": "rewritten"},
                 {"path": "/envelope/from", "value": {"address": "bounces@example.org", "parameters": {}}},
+                {"path": "/envelope/to/1", "value": {"address": "dave@example.net", "parameters": {}}},
             ],
             add=[{"path": "/envelope/to", "value": {"address": "carol@example.net", "parameters": {}}}],
             delete=[{"path": "/envelope/to/0"}],
@@ -144,16 +149,31 @@ async def test_subject_envelope_and_recipients(mta: PostfixInstance, bridges: Br
 
     async with HooksScanner(answer=answer) as scanner:
         await start(bridges, scanner)
-        result = await smtp(mta, SENDER, ["bob@example.net"], make_message(subject="original"))
+        rcpts = ["bob@example.net", "erin@example.net"]
+        result = await smtp(mta, SENDER, rcpts, make_message(to=rcpts, subject="original"))
 
         assert result.accepted
-        [(_, raw)] = await blocking(mta.wait_for_delivery, 1)
-        delivered = parse(raw)
-        assert delivered["Delivered-To"] == "carol@example.net"
-        assert delivered["Return-Path"] == "<bounces@example.org>"
-        assert delivered["Subject"] == "rewritten"
+        delivered = [parse(raw) for _, raw in await blocking(mta.wait_for_delivery, 2)]
+        assert sorted(m["Delivered-To"] for m in delivered) == ["carol@example.net", "dave@example.net"]
+        assert {m["Return-Path"] for m in delivered} == {"<bounces@example.org>"}
+        assert {m["Subject"] for m in delivered} == {"rewritten"}
         assert await blocking(mta.wait_for_queue_idle) == []
-        assert len(mta.maildir_messages()) == 1
+        assert len(mta.maildir_messages()) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_retried_call_keeps_its_request_id(mta: PostfixInstance, bridges: BridgeRunner) -> None:
+    """A 503 is retried once with the same X-MTA-Hooks-Request-Id (the scanner can tell it is the same call)."""
+    answers = iter([(503, {"error": {"code": "SCANNER_UNAVAILABLE", "message": "busy"}}), None])
+
+    async with HooksScanner(answer=lambda request: next(answers)) as scanner:
+        await start(bridges, scanner)
+        result = await smtp(mta, SENDER, RCPTS, make_message())
+
+        assert result.accepted
+        await blocking(mta.wait_for_delivery, 1)
+        [(_, first, _), (_, second, _)] = scanner.calls
+        assert first == second
 
 
 @pytest.mark.asyncio

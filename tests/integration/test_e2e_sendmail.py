@@ -793,3 +793,43 @@ async def test_mail_and_rcpt_macros_are_as_sendmail_sends_them(
     assert mail.json["message"]["macros"] == {"i": queue_id, **sender}
     assert rcpt.json["message"]["macros"] == {"i": queue_id, **sender, **recipient}
     assert eom.json["message"]["macros"] == {"i": queue_id, **sender, **recipient}
+
+
+@pytest.mark.asyncio
+async def test_an_mta_hooks_scanner_filters_sendmails_mail(
+    sendmail: SendmailInstance, sendmail_bridges: BridgeRunner
+) -> None:
+    """A registered MTA Hooks scanner (tests/fakes/hooks_scanner.py) behind Sendmail: a header added, a reject."""
+    from milterbridge.settings import EndpointProtocol, EndpointSettings
+    from tests.fakes.hooks_scanner import TOKEN, HooksScanner
+
+    def answer(request: dict[str, Any]) -> dict[str, Any]:
+        subject = next(h["value"].strip() for h in request["message"]["headers"] if h["name"] == "Subject")
+        if subject == "bad":
+            response = {"code": 550, "enhancedCode": "5.7.1", "message": "scanner says no"}
+            return {"set": [{"path": "/action", "value": "reject"}, {"path": "/response", "value": response}]}
+        return {"add": [{"path": "/message/headers", "value": {"name": "X-Scanned", "value": " yes"}}]}
+
+    async with HooksScanner(answer=answer) as scanner:
+        endpoint = EndpointSettings(
+            name="scanner",
+            url=scanner.url(),
+            protocol=EndpointProtocol.MTA_HOOKS,
+            headers=(("Authorization", f"Bearer {TOKEN}"),),
+            include_body=True,
+        )
+        await sendmail_bridges.start(endpoint)
+        refused = await _send(sendmail, RCPTS[:1], make_message(to=RCPTS[:1], subject="bad"))
+        result = await _send(sendmail, RCPTS[:1], make_message(to=RCPTS[:1], subject="good"))
+
+        assert (_reply_of(refused, "end_of_data").code, _reply_of(refused, "end_of_data").text) == (
+            550,
+            "5.7.1 scanner says no",
+        )
+        assert result.accepted
+        [copy] = await _delivered(sendmail, 1)
+        assert ("X-Scanned", " yes") in header_lines(copy.raw)
+        data = scanner.calls[-1][2]
+        assert data["stage"] == "data"
+        assert data["queue"]["id"]
+        assert scanner.violations == []
