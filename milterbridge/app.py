@@ -41,7 +41,6 @@ from milterbridge.milter.context import MemoryBudget
 from milterbridge.milter.session import SessionLimits
 from milterbridge.server import MilterServer
 from milterbridge.serving import config_warnings, load_serving_config
-from milterbridge.settings import EndpointProtocol
 from milterbridge.spans import Tracer
 from milterbridge.webhook.client import WebhookClient
 
@@ -166,6 +165,7 @@ class Bridge:
         self.metrics.declare_endpoints(e.name for e in config.endpoints)
         self.metrics.set_breaker_source(self.dispatcher.breaker_states)
         self.metrics.set_budget_source(self.dispatcher.budgets)
+        self.metrics.set_registration_source(lambda: self.hooks.registered(self.config.endpoints))
         #: What every milter connection runs with: session limits, timeouts, the shared memory budget.
         self.settings = connection_settings(config)
         budget = self.settings.budget
@@ -204,14 +204,14 @@ class Bridge:
 
     async def _start_hooks(self) -> None:
         """Have the MTA Hooks registrations before the first message, as far as ``REGISTRATION_WAIT`` allows."""
-        names = [e.name for e in self.config.endpoints if e.protocol is EndpointProtocol.MTA_HOOKS]
+        endpoints = self.config.endpoints
         if self.registrar is not None:
-            self.registrar.update(self.config.endpoints)
+            self.registrar.update(endpoints)
             await self.registrar.wait_registered(REGISTRATION_WAIT)
         elif isinstance(self.hooks, FileHookBook):
-            await self.hooks.wait_for(names, REGISTRATION_WAIT)
+            await self.hooks.wait_for(endpoints, REGISTRATION_WAIT)
             self._watching = asyncio.create_task(self.hooks.watch(), name="mta-hooks-watch")
-        missing = sorted(set(names) - set(self.hooks.states()))
+        missing = self.hooks.missing(endpoints)
         if missing:
             log.warning(
                 "MTA Hooks endpoints not registered yet (their calls fail by their on_error until they are): %s",

@@ -62,6 +62,12 @@ RETRY_FIRST: Final = 1.0
 RETRY_MAX: Final = 30.0
 #: How long the deletion of a registration may take at shutdown or reload (seconds).
 DEREGISTER_TIMEOUT: Final = 3.0
+#: The shortest wait before a renewal (seconds), whatever expiresAt says.
+RENEW_FLOOR: Final = 1.0
+#: A registration lost sooner than this after it was made is made again only after a pause (seconds).
+QUICK_LOSS: Final = 10.0
+#: How long a registration of an endpoint changed or removed at a reload stays in use (seconds).
+RETIRE_AFTER: Final = 120.0
 #: How often a worker looks at the shared registrations file, and the registrar for reports (seconds).
 POLL_INTERVAL: Final = 0.5
 #: How long a start waits for the registrations before it serves anyway (seconds).
@@ -151,7 +157,7 @@ def hook_call(
 
 
 def fingerprint(settings: EndpointSettings) -> str:
-    """What a registration depends on, hashed: a registration is reused only while this stays the same."""
+    """What a registration depends on, hashed: a registration is used only by settings with the same."""
     parts = (
         settings.name,
         settings.url,
@@ -166,69 +172,90 @@ def fingerprint(settings: EndpointSettings) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Published:
-    """One endpoint's registration as the registrar publishes it."""
+    """A registration as the registrar publishes it: for the endpoint ``name`` with these settings."""
 
+    name: str
     fingerprint: str
     registration: Registration
 
 
-class HookBook:
-    """The registrations this process's calls use, by endpoint name.
+#: Entries of ``HookBook``'s per-settings caches before they are emptied (each reload adds some).
+_CACHE_LIMIT: Final = 64
 
-    ``report_gone`` is called when a hook call was answered 404 or 410; the registrar reacts.
+
+class HookBook:
+    """The registrations this process's calls use.
+
+    An endpoint's calls use the registration published for its name and settings
+    (``fingerprint``): connections still on the snapshot before a reload keep theirs while the
+    registrar keeps it. ``report_gone`` tells the registrar that a hook call was answered 404
+    or 410.
     """
 
     def __init__(self, report_gone: Callable[[str, str], None] = lambda name, registration: None) -> None:
-        self._published: dict[str, Published] = {}
+        self._published: dict[tuple[str, str], Registration] = {}
         self._report_gone = report_gone
-        #: (name, registration id, fingerprint) -> the hook endpoint prepared for calls.
-        self._prepared: dict[tuple[str, str, str], PreparedEndpoint] = {}
+        #: id(settings) -> (the settings, their fingerprint): computed once per snapshot's endpoint.
+        self._fingerprints: dict[int, tuple[EndpointSettings, str]] = {}
+        #: (id(settings), registration id) -> (the settings, the hook endpoint prepared for their calls).
+        self._prepared: dict[tuple[int, str], tuple[EndpointSettings, PreparedEndpoint]] = {}
 
-    def publish(self, published: Mapping[str, Published]) -> None:
-        self._published = dict(published)
-        live = {(name, p.registration.id, p.fingerprint) for name, p in published.items()}
-        self._prepared = {key: value for key, value in self._prepared.items() if key in live}
+    def publish(self, published: Iterable[Published]) -> None:
+        self._published = {(p.name, p.fingerprint): p.registration for p in published}
+        live = {registration.id for registration in self._published.values()}
+        self._prepared = {key: value for key, value in self._prepared.items() if key[1] in live}
+
+    def _fingerprint(self, settings: EndpointSettings) -> str:
+        known = self._fingerprints.get(id(settings))
+        if known is None or known[0] is not settings:
+            if len(self._fingerprints) >= _CACHE_LIMIT:
+                self._fingerprints.clear()
+            known = self._fingerprints[id(settings)] = (settings, fingerprint(settings))
+        return known[1]
 
     def get(self, settings: EndpointSettings) -> tuple[Registration, PreparedEndpoint] | None:
-        """The endpoint's active registration and its prepared hook endpoint, or None."""
-        published = self._published.get(settings.name)
-        if published is None:
+        """The registration for these settings and the hook endpoint prepared from them, or None."""
+        registration = self._published.get((settings.name, self._fingerprint(settings)))
+        if registration is None:
             return None
-        expected = fingerprint(settings)
-        if published.fingerprint != expected:  # made for other settings (a reload on its way)
-            return None
-        registration = published.registration
-        key = (settings.name, registration.id, expected)
-        http = self._prepared.get(key)
-        if http is None:
-            http = self._prepared[key] = prepare_endpoint(dataclasses.replace(settings, url=registration.hook_endpoint))
-        return registration, http
+        key = (id(settings), registration.id)
+        prepared = self._prepared.get(key)
+        if prepared is None or prepared[0] is not settings:
+            http = prepare_endpoint(dataclasses.replace(settings, url=registration.hook_endpoint))
+            prepared = self._prepared[key] = (settings, http)
+        return registration, prepared[1]
 
-    def states(self) -> dict[str, str]:
-        return {name: p.registration.id for name, p in self._published.items()}
+    def missing(self, endpoints: Iterable[EndpointSettings]) -> list[str]:
+        """The names of the MTA Hooks endpoints of ``endpoints`` that have no registration."""
+        return [name for name, registered in self.registered(endpoints).items() if not registered]
+
+    def registered(self, endpoints: Iterable[EndpointSettings]) -> dict[str, bool]:
+        """For each MTA Hooks endpoint of ``endpoints``: whether its calls have a registration."""
+        return {e.name: self.get(e) is not None for e in endpoints if e.protocol is EndpointProtocol.MTA_HOOKS}
 
     def report_gone(self, name: str, registration: str) -> None:
-        published = self._published.get(name)
-        if published is not None and published.registration.id == registration:
+        if any(key[0] == name and r.id == registration for key, r in self._published.items()):
             self._report_gone(name, registration)
 
 
-def _encode_published(published: Mapping[str, Published]) -> bytes:
-    return orjson.dumps(
-        {name: {"fingerprint": p.fingerprint, "registration": p.registration.json()} for name, p in published.items()}
-    )
+def _encode_published(published: Iterable[Published]) -> bytes:
+    entries = [{"name": p.name, "fingerprint": p.fingerprint, "registration": p.registration.json()} for p in published]
+    # Typed here: where orjson is not installed (mypyc's build) its functions are Any.
+    encoded: bytes = orjson.dumps(entries)
+    return encoded
 
 
-def _decode_published(data: bytes) -> dict[str, Published]:
-    obj = orjson.loads(data)
-    return {
-        name: Published(entry["fingerprint"], Registration.from_json(entry["registration"]))
-        for name, entry in obj.items()
-    }
+def _decode_published(data: bytes) -> list[Published]:
+    return [
+        Published(str(entry["name"]), str(entry["fingerprint"]), Registration.from_json(entry["registration"]))
+        for entry in orjson.loads(data)
+    ]
 
 
 def write_atomically(path: str, data: bytes) -> None:
-    temporary = f"{path}.{os.getpid()}.tmp"
+    """Write ``data`` to ``path`` through a hidden file beside it, so a reader sees all of it or the old file."""
+    directory, name = os.path.split(path)
+    temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     with open(temporary, "wb") as f:
         f.write(data)
     os.replace(temporary, path)
@@ -241,36 +268,39 @@ class FileHookBook(HookBook):
         super().__init__(self._write_gone)
         self.directory = directory
         self.path = os.path.join(directory, SHARED_FILE)
-        self._seen: tuple[int, int] | None = None
+        self._read: bytes | None = None
 
     def _write_gone(self, name: str, registration: str) -> None:
-        with contextlib.suppress(OSError):
+        try:
             write_atomically(os.path.join(self.directory, GONE_PREFIX + name), registration.encode())
+        except OSError as exc:
+            log.error("cannot report MTA Hooks registration %s gone: %s", registration, exc)  # noqa: TRY400
 
     def refresh(self) -> None:
-        """Read the file again if it changed."""
-        try:
-            stat = os.stat(self.path)
-        except FileNotFoundError:
-            return
-        seen = (stat.st_mtime_ns, stat.st_ino)
-        if seen == self._seen:
-            return
+        """Read the file (a few hundred bytes) and take its registrations when they changed."""
         try:
             with open(self.path, "rb") as f:
-                self.publish(_decode_published(f.read()))
-        except (OSError, ValueError, KeyError, TypeError):
-            log.exception("cannot read the shared MTA Hooks registrations %s", self.path)
+                data = f.read()
+        except FileNotFoundError:
             return
-        self._seen = seen
+        except OSError as exc:
+            log.error("cannot read the shared MTA Hooks registrations %s: %s", self.path, exc)  # noqa: TRY400
+            return
+        if data == self._read:
+            return
+        try:
+            self.publish(_decode_published(data))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("the shared MTA Hooks registrations %s do not parse: %s", self.path, exc)  # noqa: TRY400
+            return
+        self._read = data
 
-    async def wait_for(self, names: Iterable[str], timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for the file to hold a registration of each of ``names``."""
-        wanted = set(names)
+    async def wait_for(self, endpoints: Sequence[EndpointSettings], timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the file to hold a registration for each MTA Hooks endpoint."""
         deadline = time.monotonic() + timeout
         while True:
             self.refresh()
-            if wanted <= set(self.states()) or time.monotonic() >= deadline:
+            if not self.missing(endpoints) or time.monotonic() >= deadline:
                 return
             await asyncio.sleep(POLL_INTERVAL / 5)
 
@@ -294,6 +324,7 @@ class _Scanner:
         self.registration: Registration | None = None
         self.gone = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        #: Set once the first registration succeeded or failed (what a start waits for).
         self.registered = asyncio.Event()
 
     @property
@@ -302,73 +333,106 @@ class _Scanner:
 
     async def run(self) -> None:
         delay = RETRY_FIRST
+        fields = {"endpoint": self.name, "url": redact_url(self.settings.url)}
         while True:
             try:
                 registration = await self.registrar.register(self.settings)
-            except (RegistrationError, aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
-                log.error(  # noqa: TRY400 - the message says what failed
-                    "MTA Hooks endpoint %s: registration failed, trying again in %gs: %s",
-                    self.name,
-                    delay,
-                    exc,
-                    extra={"fields": {"endpoint": self.name, "url": redact_url(self.settings.url)}},
-                )
+            except Exception as exc:
+                if isinstance(exc, (RegistrationError, aiohttp.ClientError, TimeoutError, ValueError, OSError)):
+                    log.error(  # noqa: TRY400 - the message says what failed
+                        "MTA Hooks endpoint %s: registration failed, trying again in %gs: %s",
+                        self.name,
+                        delay,
+                        exc or type(exc).__name__,
+                        extra={"fields": fields},
+                    )
+                else:  # a bug: logged with its traceback, and tried again all the same
+                    log.exception(
+                        "bug: MTA Hooks endpoint %s: registration failed", self.name, extra={"fields": fields}
+                    )
                 self.registered.set()  # the start waits no longer
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
                 continue
-            delay = RETRY_FIRST
             self.registration = registration
             self.gone.clear()
-            self.registrar.publish()
+            while not self.registrar.publish():  # noqa: ASYNC110 - the workers cannot use it before it is published
+                await asyncio.sleep(RETRY_FIRST)
             self.registered.set()
-            log.info(
-                "MTA Hooks endpoint %s: registered as %s",
+            self._log_registered(registration)
+            registered_at = time.monotonic()
+            renew = renew_after(registration, self.registrar.clock())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if renew is None else max(renew, RENEW_FLOOR)):
+                    await self.gone.wait()
+            if not self.gone.is_set():
+                delay = RETRY_FIRST  # renewal: the published registration serves until the new one replaces it
+                continue
+            log.warning(
+                "MTA Hooks endpoint %s: the scanner no longer knows registration %s; registering again",
                 self.name,
                 registration.id,
-                extra={
-                    "fields": {
-                        "endpoint": self.name,
-                        "registration": registration.id,
-                        "expires_at": registration.expires_at,
-                        "properties": list(registration.properties),
-                    }
-                },
+                extra={"fields": {**fields, "registration": registration.id}},
             )
-            wait = renew_after(registration, self.registrar.clock())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self.gone.wait()
-            if self.gone.is_set():
-                log.warning(
-                    "MTA Hooks endpoint %s: the scanner no longer knows registration %s; registering again",
-                    self.name,
-                    registration.id,
-                    extra={"fields": {"endpoint": self.name, "registration": registration.id}},
-                )
-                self.registration = None
-                self.registrar.publish()
+            self.registration = None
+            self.registrar.publish()
+            if time.monotonic() - registered_at < QUICK_LOSS:  # lost as soon as made: do not hammer the scanner
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+            else:
+                delay = RETRY_FIRST
+
+    def _log_registered(self, registration: Registration) -> None:
+        fields = {
+            "endpoint": self.name,
+            "registration": registration.id,
+            "expires_at": registration.expires_at,
+            "properties": list(registration.properties),
+        }
+        log.info("MTA Hooks endpoint %s: registered as %s", self.name, registration.id, extra={"fields": fields})
+        refused = [p for p in wanted_properties(self.settings) if p not in registration.properties]
+        if refused:
+            log.warning(
+                "MTA Hooks endpoint %s: the scanner does not take %s; its requests go without",
+                self.name,
+                ", ".join(refused),
+                extra={"fields": {**fields, "refused": refused}},
+            )
+
+
+@dataclass(slots=True)
+class _Retiring:
+    """A registration whose endpoint changed or went away at a reload: kept a while for older connections."""
+
+    settings: EndpointSettings
+    fingerprint: str
+    registration: Registration
+    task: asyncio.Task[None] | None = None
 
 
 class Registrar:
     """Keeps one registration per MTA Hooks endpoint of the config, and publishes them.
 
     ``update`` (at start and at each reload) starts, keeps or ends registrations: an endpoint
-    whose settings did not change keeps its registration. ``aclose`` deletes them all.
+    whose registration-relevant settings did not change keeps its registration. One that
+    changed or went away keeps its old registration published for ``RETIRE_AFTER`` seconds,
+    for the connections that started before the reload, and then deletes it. ``aclose``
+    deletes them all; ``update`` does nothing after it.
     """
 
     def __init__(
         self,
-        publish: Callable[[Mapping[str, Published]], None],
+        publish: Callable[[Sequence[Published]], None],
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._publish = publish
         self.clock = clock
         self._scanners: dict[str, _Scanner] = {}
+        self._retiring: list[_Retiring] = []
         self._session: aiohttp.ClientSession | None = None
         self._ssl: dict[Any, Any] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -378,35 +442,57 @@ class Registrar:
             )
         return self._session
 
-    def publish(self) -> None:
-        self._publish(
-            {
-                name: Published(scanner.fingerprint, scanner.registration)
-                for name, scanner in self._scanners.items()
-                if scanner.registration is not None
-            }
-        )
+    def publish(self) -> bool:
+        """Publish the registrations in use; False (logged) when that failed."""
+        published = [
+            Published(name, scanner.fingerprint, scanner.registration)
+            for name, scanner in self._scanners.items()
+            if scanner.registration is not None
+        ]
+        published += [Published(r.settings.name, r.fingerprint, r.registration) for r in self._retiring]
+        try:
+            self._publish(published)
+        except Exception:
+            log.exception("cannot publish the MTA Hooks registrations")
+            return False
+        return True
 
     def update(self, endpoints: Iterable[EndpointSettings]) -> None:
-        """Register the MTA Hooks endpoints of a new config; keep the unchanged, drop the others."""
+        """Register the MTA Hooks endpoints of a new config; keep the unchanged, retire the others."""
+        if self._closed:
+            return
+        self._ssl.clear()  # TLS files are read again, as for any endpoint at a reload
         wanted = {e.name: e for e in endpoints if e.protocol is EndpointProtocol.MTA_HOOKS}
-        dropped = False
+        retired = False
         for name, scanner in list(self._scanners.items()):
             settings = wanted.get(name)
             if settings is not None and fingerprint(settings) == scanner.fingerprint:
                 scanner.settings = settings  # a change that does not touch the registration (a timeout)
                 continue
             del self._scanners[name]
-            self._end(scanner)
-            dropped = True
+            if scanner.task is not None:
+                scanner.task.cancel()
+            if scanner.registration is not None:
+                self._retire(_Retiring(scanner.settings, scanner.fingerprint, scanner.registration))
+                retired = True
         for name, settings in wanted.items():
             if name not in self._scanners:
                 scanner = self._scanners[name] = _Scanner(self, settings)
                 scanner.task = asyncio.create_task(scanner.run(), name=f"mta-hooks-register-{name}")
-        if dropped:
+        if retired:
             # Not otherwise: a registrar restarted under --workers leaves the published
             # registrations (still valid at the scanners) until its own replace them.
             self.publish()
+
+    def _retire(self, retiring: _Retiring) -> None:
+        self._retiring.append(retiring)
+        retiring.task = asyncio.create_task(self._retire_later(retiring), name="mta-hooks-retire")
+
+    async def _retire_later(self, retiring: _Retiring) -> None:
+        await asyncio.sleep(RETIRE_AFTER)
+        self._retiring.remove(retiring)
+        self.publish()
+        await self.deregister(retiring.settings, retiring.registration)
 
     async def wait_registered(self, timeout: float) -> None:
         """Wait until every endpoint has registered or failed once, at most ``timeout`` seconds."""
@@ -421,24 +507,19 @@ class Registrar:
         if scanner is not None and scanner.registration is not None and scanner.registration.id == registration:
             scanner.gone.set()
 
-    def _end(self, scanner: _Scanner) -> None:
-        if scanner.task is not None:
-            scanner.task.cancel()
-        if scanner.registration is not None:
-            task = asyncio.create_task(self.deregister(scanner.settings, scanner.registration))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
     async def aclose(self) -> None:
         """Stop renewing and delete every registration (each within ``DEREGISTER_TIMEOUT``)."""
-        scanners = list(self._scanners.values())
+        self._closed = True
+        tasks = [s.task for s in self._scanners.values()] + [r.task for r in self._retiring]
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
+        ending = [(s.settings, s.registration) for s in self._scanners.values() if s.registration is not None]
+        ending += [(r.settings, r.registration) for r in self._retiring]
         self._scanners.clear()
-        for scanner in scanners:
-            self._end(scanner)
-        tasks = [s.task for s in scanners if s.task is not None]
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        self._retiring.clear()
+        await asyncio.gather(*(self.deregister(settings, registration) for settings, registration in ending))
         self.publish()
         if self._session is not None:
             await self._session.close()
@@ -485,7 +566,7 @@ class Registrar:
         status, answer = await self._json("POST", url, settings, body)
         if status not in (200, 201):
             raise RegistrationError(f"registration {redact_url(url)} answered {status}: {answer!r}")
-        return parse_registration(answer, url, stages, properties)
+        return parse_registration(answer, url, stages, properties, now=self.clock())
 
     async def deregister(self, settings: EndpointSettings, registration: Registration) -> None:
         """Delete ``registration`` at the scanner, logging how it went; never raises for the scanner's sake."""
@@ -511,7 +592,7 @@ class Registrar:
             )
 
 
-def file_publisher(directory: str) -> Callable[[Mapping[str, Published]], None]:
+def file_publisher(directory: str) -> Callable[[Sequence[Published]], None]:
     """Publish registrations to the workers of an instance: the shared file in ``directory``."""
     path = os.path.join(directory, SHARED_FILE)
     return lambda published: write_atomically(path, _encode_published(published))
@@ -522,7 +603,7 @@ def take_gone_reports(directory: str) -> list[tuple[str, str]]:
     reports = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
-            if entry.name.startswith(GONE_PREFIX) and not entry.name.endswith(".tmp"):
+            if entry.name.startswith(GONE_PREFIX):  # a file being written is hidden (write_atomically)
                 with contextlib.suppress(OSError):
                     with open(entry.path, "rb") as f:
                         registration = f.read().decode("ascii", "replace")

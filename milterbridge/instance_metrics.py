@@ -37,6 +37,7 @@ GAUGE_RULES: Final[Mapping[str, Callable[[Iterable[float]], float]]] = {
     "milterbridge_draining": max,
     "milterbridge_info": max,
     "milterbridge_webhook_budget_seconds": max,  # the same in every worker, but for a reload in flight
+    "milterbridge_mta_hooks_registered": min,  # registered only when every worker has it
 }
 #: Types whose samples only grow in one process: summed, and kept for workers that are gone.
 _CUMULATIVE: Final = frozenset({"counter", "histogram"})

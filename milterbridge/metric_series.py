@@ -31,6 +31,8 @@ DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BreakerSource = Callable[[], Mapping[str, str]]
 #: Returns the budget in seconds per (endpoint name, event name), e.g. ``Dispatcher.budgets``.
 BudgetSource = Callable[[], Mapping[tuple[str, str], float]]
+#: Returns, per MTA Hooks endpoint name, whether its calls have a registration.
+RegistrationSource = Callable[[], Mapping[str, bool]]
 #: Returns the milter commands received per event name, e.g. ``ServerState.event_counts``.
 EventSource = Callable[[], Mapping[Event, int]]
 
@@ -100,6 +102,18 @@ class BudgetCollector(SourcedGauge[Mapping[tuple[str, str], float]]):
     def _add(self, family: GaugeMetricFamily, data: Mapping[tuple[str, str], float]) -> None:
         for (endpoint, event), seconds in sorted(data.items()):
             family.add_metric((endpoint, event), float(seconds))
+
+
+class RegistrationCollector(SourcedGauge[Mapping[str, bool]]):
+    """``mta_hooks_registered`` from the registration source (a ``RegistrationSource``) at scrape time."""
+
+    name = PREFIX + "mta_hooks_registered"
+    documentation = "1 while the MTA Hooks endpoint has a registration its calls can use, else 0."
+    labels = ("endpoint",)
+
+    def _add(self, family: GaugeMetricFamily, data: Mapping[str, bool]) -> None:
+        for endpoint, registered in sorted(data.items()):
+            family.add_metric((endpoint,), 1.0 if registered else 0.0)
 
 
 class EventCollector:

@@ -52,6 +52,8 @@ from milterbridge.metric_series import (
     EventCollector,
     EventSource,
     HistogramTally,
+    RegistrationCollector,
+    RegistrationSource,
 )
 from milterbridge.milter.context import Limit
 
@@ -65,6 +67,7 @@ __all__ = [
     "DURATION_BUCKETS",
     "BreakerSource",
     "BudgetSource",
+    "RegistrationSource",
     "EventSource",
     "Metrics",
 ]
@@ -183,6 +186,8 @@ class Metrics:
         registry.register(self._breakers)
         self._budgets = BudgetCollector()
         registry.register(self._budgets)
+        self._registrations = RegistrationCollector()
+        registry.register(self._registrations)
         self._progress = Counter(
             PREFIX + "progress_keepalives_total",
             "Progress keepalives sent to the MTA while a decision was pending.",
@@ -391,6 +396,10 @@ class Metrics:
     def set_budget_source(self, source: BudgetSource | None) -> None:
         """Read the endpoints' budgets per event from ``source`` at each scrape (None: export none)."""
         self._budgets.source = source
+
+    def set_registration_source(self, source: RegistrationSource | None) -> None:
+        """Read whether each MTA Hooks endpoint has a registration from ``source`` at each scrape."""
+        self._registrations.source = source
 
     # -- exposition ---------------------------------------------------------------------
 

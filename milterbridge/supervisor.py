@@ -99,7 +99,9 @@ def run_registrar(config: Config, path: str, directory: str, supervisor: int) ->
                 log.error("MTA Hooks registrar: config reload refused, keeping the registrations: %s", exc)  # noqa: TRY400
 
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
+        # A Ctrl-C reaches the whole process group: the supervisor stops this process (SIGTERM)
+        # once the workers are gone, so that no hook call comes after the deregistration.
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
         loop.add_signal_handler(signal.SIGHUP, reload)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         registrar.update(config.endpoints)
@@ -312,7 +314,12 @@ def supervise(config: Config, path: str, workers: int) -> int:
             spawn(REGISTRAR_INDEX)  # first: the workers wait a moment for its registrations
         for index in range(workers):
             spawn(index)
-        log.info("started %d workers", workers, extra={"fields": {"pids": sorted(children)}})
+        log.info(
+            "started %d workers", workers, extra={"fields": {"pids": sorted(p for p, i in children.items() if i >= 0)}}
+        )
+        registrars = [pid for pid, index in children.items() if index == REGISTRAR_INDEX]
+        if registrars:
+            log.info("started the MTA Hooks registrar", extra={"fields": {"pids": registrars}})
         if admin_sock is not None:
             spawn(ADMIN_INDEX)
             admin_pids = [pid for pid, index in children.items() if index == ADMIN_INDEX]

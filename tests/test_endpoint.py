@@ -615,3 +615,72 @@ def test_failed_build_changes_nothing(tmp_path: Path, clock: FakeClock) -> None:
         build_endpoints([settings, broken], running, clock=clock)
     assert _states(running) == {"a": "closed"}
     assert build_endpoints([settings], running, clock=clock)[0].breaker is running[0].breaker
+
+
+# -- hook endpoints (MTA Hooks, Stalwart) ------------------------------------------------------
+
+
+def _hook(http: Any, translate: Any = lambda answer: answer, headers: bytes = b"X-Hook: 1\r\n", **kw: Any) -> Any:
+    from milterbridge.hooks import HookCall
+
+    return HookCall(http, headers, translate, **kw)
+
+
+@pytest.mark.asyncio
+async def test_a_hook_call_without_registration_sends_nothing_and_asks_no_breaker(
+    fake: FakeWebhooks, client: WebhookClient, clock: FakeClock, calls: RecordingCalls
+) -> None:
+    endpoint = _one(_counting(fake), clock)
+    hook = _hook(None, unavailable="not registered with the scanner")
+    result = await call_endpoint(
+        client, endpoint, "evt_1", b"", event=Event.EOM, allowed_actions=ALL_ACTIONS, observer=calls, hook=hook
+    )
+    assert _reason(result) == "not registered with the scanner"
+    assert result.label == "not_registered"
+    assert result.attempts == 0
+    assert fake.requests == []
+    assert calls.labels == ["not_registered"]
+    assert await counted_as(client, endpoint, fake) == "neither"
+
+
+@pytest.mark.asyncio
+async def test_a_hook_call_goes_where_it_says_and_its_answer_is_translated(
+    fake: FakeWebhooks, client: WebhookClient, clock: FakeClock, calls: RecordingCalls
+) -> None:
+    fake.set_default(FakeResponse.json({"verdict": "bad"}), path="/hook-endpoint")
+    endpoint = _one(fake.endpoint("policy", retry=False), clock)
+
+    def translate(answer: object) -> object:
+        assert answer == {"verdict": "bad"}
+        return {"action": "reject", "reason": "translated"}
+
+    hook = _hook(fake.prepared("policy", path="/hook-endpoint"), translate)
+    result = await call_endpoint(
+        client, endpoint, "evt_1", BODY, event=Event.EOM, allowed_actions=ALL_ACTIONS, observer=calls, hook=hook
+    )
+    assert isinstance(result.outcome, Decision)
+    assert result.outcome.action is ActionName.REJECT
+    [request] = fake.requests
+    assert request.path == "/hook-endpoint"
+    assert request.headers["X-Hook"] == "1"
+
+
+@pytest.mark.asyncio
+async def test_an_answer_that_cannot_be_translated_is_an_invalid_decision(
+    fake: FakeWebhooks, client: WebhookClient, clock: FakeClock, calls: RecordingCalls
+) -> None:
+    from milterbridge.mtahooks import HookAnswerError
+
+    fake.set_default(FakeResponse.json({"set": [{"path": "/client/ip", "value": "x"}]}))
+    endpoint = _one(_counting(fake), clock)
+
+    def translate(answer: object) -> object:
+        raise HookAnswerError("/client/ip: set is not supported there")
+
+    hook = _hook(endpoint.http, translate)
+    result = await call_endpoint(
+        client, endpoint, "evt_1", BODY, event=Event.EOM, allowed_actions=ALL_ACTIONS, observer=calls, hook=hook
+    )
+    assert _reason(result) == "invalid decision: /client/ip: set is not supported there"
+    assert calls.labels == ["invalid_decision"]
+    assert await counted_as(client, endpoint, fake) == "success"

@@ -102,7 +102,7 @@ async def test_a_failed_registration_is_logged_and_tried_again(caplog, monkeypat
         settings = endpoint(scanner.url(), headers=(("Authorization", "Bearer wrong"),))
         registrar.update([settings])
         await registrar.wait_registered(5.0)
-        assert book.states() == {}
+        assert book.missing([settings]) == ["scan"]
         await until(lambda: len([r for r in caplog.records if "registration failed" in r.getMessage()]) >= 2)
         failure = next(r for r in caplog.records if "registration failed" in r.getMessage())
         assert "answered 401" in failure.getMessage()
@@ -126,7 +126,8 @@ async def test_a_scanner_that_grants_fewer_properties_gets_only_those():
 
 
 @pytest.mark.asyncio
-async def test_reload_keeps_an_unchanged_registration_and_replaces_a_changed_one():
+async def test_reload_keeps_an_unchanged_registration_and_retires_a_changed_one(monkeypatch):
+    monkeypatch.setattr("milterbridge.hooks.RETIRE_AFTER", 0.3)
     async with HooksScanner() as scanner:
         book = HookBook()
         registrar = Registrar(book.publish)
@@ -136,19 +137,81 @@ async def test_reload_keeps_an_unchanged_registration_and_replaces_a_changed_one
         [first] = scanner.active()
 
         registrar.update([dataclasses.replace(settings, timeout=2.0)])  # does not touch the registration
-        await asyncio.sleep(0.1)
         assert [r.id for r in scanner.active()] == [first.id]
+        assert book.get(dataclasses.replace(settings, timeout=2.0))[0].id == first.id
 
         changed = dataclasses.replace(settings, events=frozenset({Event.EOM}))
         registrar.update([changed])
-        await until(lambda: book.get(changed) is not None and first.id in scanner.deregistered)
-        [second] = scanner.active()
-        assert second.stages == ["data"]
+        await until(lambda: book.get(changed) is not None)
+        second = book.get(changed)[0]
+        assert second.id != first.id
+        assert scanner.registrations[second.id].stages == ["data"]
+        # Connections that started before the reload keep the old registration a while ...
+        assert book.get(settings)[0].id == first.id
+        assert first.id not in scanner.deregistered
+        # ... then it is deleted.
+        await until(lambda: first.id in scanner.deregistered)
+        assert book.get(settings) is None
         assert book.get(changed)[0].id == second.id
 
         registrar.update([])  # the endpoint is gone
         await until(lambda: second.id in scanner.deregistered)
-        assert book.states() == {}
+        assert book.missing([changed]) == ["scan"]
+        await registrar.aclose()
+        registrar.update([changed])  # after aclose (a SIGHUP during the stop): nothing starts
+        assert_no_leaked_tasks()
+        assert len(scanner.registrations) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_changed_header_tls_or_property_needs_a_new_registration():
+    settings = endpoint("https://scanner.example/.well-known/mta-hooks")
+    same = {fingerprint(dataclasses.replace(settings, timeout=9.0, retry=False, max_concurrency=3))}
+    assert same == {fingerprint(settings)}
+    changed = [
+        dataclasses.replace(settings, headers=(("Authorization", "Bearer other"),)),
+        dataclasses.replace(settings, tls=dataclasses.replace(settings.tls, verify=False)),
+        dataclasses.replace(settings, properties=("/stage",)),
+        dataclasses.replace(settings, include_body=True),
+        dataclasses.replace(settings, url="https://scanner.example/v1/hooks/register"),
+    ]
+    prints = {fingerprint(s) for s in changed}
+    assert len(prints) == len(changed)
+    assert fingerprint(settings) not in prints
+
+
+@pytest.mark.asyncio
+async def test_a_registration_that_would_expire_at_once_is_refused(caplog, monkeypatch):
+    monkeypatch.setattr("milterbridge.hooks.RETRY_FIRST", 0.05)
+    caplog.set_level(logging.ERROR, "milterbridge.hooks")
+    async with HooksScanner(ttl=-60.0) as scanner:  # expiresAt a minute ago: a clock off
+        book = HookBook()
+        registrar = Registrar(book.publish)
+        registrar.update([endpoint(scanner.url())])
+        await registrar.wait_registered(5.0)
+        await asyncio.sleep(0.3)
+        await registrar.aclose()
+    assert any("is already past" in r.getMessage() for r in caplog.records)
+    assert len(scanner.registrations) <= 4  # tried again with a pause each time, not in a loop
+
+
+@pytest.mark.asyncio
+async def test_a_failed_publish_is_tried_again():
+    published = []
+    failures = iter([OSError("disk full"), None])
+
+    def publish(entries):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        published.append([p.registration.id for p in entries])
+
+    async with HooksScanner() as scanner:
+        registrar = Registrar(publish)
+        registrar.update([endpoint(scanner.url())])
+        await registrar.wait_registered(5.0)
+        [registration] = scanner.active()
+        assert published == [[registration.id]]
         await registrar.aclose()
 
 
@@ -183,7 +246,7 @@ async def test_workers_read_the_shared_file_and_report_through_it(tmp_path: Path
         [first] = scanner.active()
 
         worker = FileHookBook(str(tmp_path))
-        await worker.wait_for(["scan"], 1.0)
+        await worker.wait_for([settings], 1.0)
         assert worker.get(settings)[0].id == first.id
 
         worker.report_gone("scan", first.id)
@@ -200,7 +263,7 @@ async def test_workers_read_the_shared_file_and_report_through_it(tmp_path: Path
         await until(renewed)
         await registrar.aclose()
         worker.refresh()
-        assert worker.states() == {}
+        assert worker.missing([settings]) == ["scan"]
 
 
 @pytest.mark.asyncio
@@ -209,7 +272,7 @@ async def test_a_restarted_registrar_leaves_the_published_registrations_until_it
 ):
     settings = endpoint(f"http://127.0.0.1:{closed_port}/.well-known/mta-hooks")
     registration = Registration("reg_1", "http://127.0.0.1:9/hook", None, None, ("connect", "data"), ("/stage",))
-    file_publisher(str(tmp_path))({"scan": Published(fingerprint(settings), registration)})
+    file_publisher(str(tmp_path))([Published("scan", fingerprint(settings), registration)])
 
     restarted = Registrar(file_publisher(str(tmp_path)))  # its scanner cannot be reached
     restarted.update([settings])

@@ -18,7 +18,7 @@ import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 __all__ = [
     "DISCOVERY_PATH",
@@ -106,18 +106,37 @@ def _object(value: object, what: str) -> Mapping[str, Any]:
     return value
 
 
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def _origin(url: str, what: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise RegistrationError(f"{what}: {parts.scheme}://{parts.hostname} has no valid port") from None
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), port if port is not None else _DEFAULT_PORTS.get(scheme)
+
+
 def _url(value: object, base: str, what: str) -> str:
-    """``value`` made absolute against ``base``; it must have the same origin (the credentials go there too)."""
+    """``value`` made absolute against ``base``; it must have the same origin (the credentials go there too).
+
+    The user info of ``base`` (credentials in the URL) goes with it; the query of ``base`` does not.
+    """
     if not isinstance(value, str) or not value:
-        raise RegistrationError(f"{what}: expected a URL, got {value!r}")
+        raise RegistrationError(f"{what}: expected a URL, got {value!r:.80}")
     url = urljoin(base, value)
-    here, there = urlsplit(base), urlsplit(url)
-    if (here.scheme, here.netloc) != (there.scheme, there.netloc):
+    here, there = _origin(base, "the url"), _origin(url, what)
+    if here != there:
         raise RegistrationError(
-            f"{what}: {there.scheme}://{there.netloc} is not the origin of {here.scheme}://{here.netloc}; "
-            "the bridge sends its credentials only there"
+            f"{what}: {there[0]}://{there[1]}:{there[2]} is not the origin of the url "
+            f"({here[0]}://{here[1]}:{here[2]}); the bridge sends its credentials only there"
         )
-    return url
+    base_parts, parts = urlsplit(base), urlsplit(url)
+    if "@" in base_parts.netloc and "@" not in parts.netloc:
+        parts = parts._replace(netloc=base_parts.netloc)
+    return urlunsplit(parts)
 
 
 def _strings(value: object, what: str) -> tuple[str, ...]:
@@ -159,13 +178,19 @@ def _timestamp(value: object, what: str) -> float | None:
 
 
 def parse_registration(
-    answer: object, registration_url: str, stages: Sequence[str], properties: Sequence[str]
+    answer: object,
+    registration_url: str,
+    stages: Sequence[str],
+    properties: Sequence[str],
+    *,
+    now: float | None = None,
 ) -> Registration:
     """The registration a scanner's 201 answer grants, checked against what was asked.
 
     The negotiated stages must be those asked (a stage the scanner dropped would go uncalled,
     so the registration is refused rather than half used); the negotiated properties may be
-    fewer than asked, never others.
+    fewer than asked, never others. With ``now`` (a POSIX time), an ``expiresAt`` that is not
+    after it is refused (a clock off, or a scanner's bug: renewing would never end).
     """
     body = _object(answer, "registration answer")
     registration_id = body.get("registrationId")
@@ -189,10 +214,13 @@ def parse_registration(
     deregistration = None
     if isinstance(endpoints, dict) and endpoints.get("deregistration") is not None:
         deregistration = _url(endpoints["deregistration"], registration_url, "endpoints.deregistration")
+    expires_at = _timestamp(body.get("expiresAt"), "expiresAt")
+    if expires_at is not None and now is not None and expires_at <= now:
+        raise RegistrationError(f"expiresAt: {body.get('expiresAt')} is already past (is a clock off?)")
     return Registration(
         id=registration_id,
         hook_endpoint=_url(body.get("hookEndpoint"), registration_url, "hookEndpoint"),
-        expires_at=_timestamp(body.get("expiresAt"), "expiresAt"),
+        expires_at=expires_at,
         deregistration=deregistration,
         stages=granted,
         properties=kept,

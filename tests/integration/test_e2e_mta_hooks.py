@@ -61,6 +61,7 @@ async def test_the_scanner_registers_and_sees_every_stage(mta: PostfixInstance, 
         bridge = await start(bridges, scanner, events=ALL_EVENTS)
         [registration] = scanner.active()
         assert registration.stages == ["connect", "ehlo", "mail", "rcpt", "data"]
+        assert bridge.metric("milterbridge_mta_hooks_registered", endpoint="scanner") == 1
         assert "/rawMessage" in registration.properties
 
         message = make_message(subject="hooks", headers=[DATE])
@@ -300,6 +301,7 @@ async def test_without_a_registration_the_gate_stays_closed(mta: PostfixInstance
         assert scanner.registrations == {}
         assert scanner.calls == []
         assert bridge.metric("milterbridge_webhook_requests_total", outcome="not_registered") == 1
+        assert bridge.metric("milterbridge_mta_hooks_registered", endpoint="scanner") == 0
         assert await blocking(mta.wait_for_queue_idle) == []
         assert mta.maildir_messages() == []
 

@@ -134,3 +134,24 @@ def test_renewal_comes_well_before_expiry(lifetime, renew_in):
     assert renew_after(registration, 1000.0) is None
     expiring = Registration.from_json({**registration.json(), "expires_at": 1000.0 + lifetime})
     assert renew_after(expiring, 1000.0) == pytest.approx(renew_in)
+
+
+def test_the_origin_ignores_case_and_default_ports_and_keeps_credentials_out_of_errors():
+    base = "https://user:secret@Scanner.Example/v1/hooks/register?token=abc"
+    same = answer(hookEndpoint="https://scanner.example:443/v1/hooks/invoke/reg_01")
+    registration = parse_registration(same, base, STAGES, PROPERTIES)
+    # The URL's user info (credentials) goes along to the same origin; its query does not.
+    assert registration.hook_endpoint == "https://user:secret@Scanner.Example/v1/hooks/invoke/reg_01"
+    assert registration.deregistration == "https://user:secret@Scanner.Example/v1/hooks/register/reg_01"
+    with pytest.raises(RegistrationError) as info:
+        parse_registration(answer(hookEndpoint="https://evil.example/hook"), base, STAGES, PROPERTIES)
+    assert "secret" not in str(info.value)
+    assert "https://evil.example:443 is not the origin of the url (https://scanner.example:443)" in str(info.value)
+
+
+def test_an_expiry_already_past_is_refused_when_the_time_is_known():
+    body = answer(expiresAt="2026-12-06T11:00:00Z")
+    eleven = datetime.datetime(2026, 12, 6, 11, tzinfo=datetime.UTC).timestamp()
+    assert parse_registration(body, BASE, STAGES, PROPERTIES, now=eleven - 1).expires_at == eleven
+    with pytest.raises(RegistrationError, match="already past"):
+        parse_registration(body, BASE, STAGES, PROPERTIES, now=eleven)

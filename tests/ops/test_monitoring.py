@@ -19,9 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from milterbridge.milter.messages import Continue
 from tests.conftest import required_tool
+from tests.fakes.hooks_scanner import TOKEN, HooksScanner
 from tests.fakes.webhooks import FakeResponse
 
-from .conftest import free_port, send_message, write_config
+from .conftest import free_port, metric_value, send_message, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "milterbridge-dashboard.json"
@@ -103,16 +104,23 @@ async def test_every_series_queried_is_exported(tmp_path, bridges, webhooks):
     """Every series name in the dashboard and the rules is on a live instance's /metrics page."""
     webhooks.set_default(FakeResponse.decision("continue"), event="eom")
     endpoint = {"name": "policy", "url": webhooks.url("/hook"), "events": ["eom"], "timeout": 3, "max_concurrency": 4}
-    path = write_config(
-        tmp_path, listen=[f"inet:127.0.0.1:{free_port()}"], admin=f"127.0.0.1:{free_port()}", endpoints=[endpoint]
-    )
-    bridge = await bridges.start(path, workers=2)
-    await bridge.wait_log("started the admin view")
-    result = await send_message(bridge.milter)
-    assert isinstance(result.final, Continue)
-    exported = {
-        sample.name for family in text_string_to_metric_families(await bridge.metrics()) for sample in family.samples
-    }
+    async with HooksScanner() as scanner:
+        hooks = {
+            "name": "scanner",
+            "url": scanner.url(),
+            "protocol": "mta-hooks",
+            "mode": "observe",
+            "headers": {"Authorization": f"Bearer {TOKEN}"},
+        }
+        listen, admin = [f"inet:127.0.0.1:{free_port()}"], f"127.0.0.1:{free_port()}"
+        path = write_config(tmp_path, listen=listen, admin=admin, endpoints=[endpoint, hooks])
+        bridge = await bridges.start(path, workers=2)
+        await bridge.wait_log("started the admin view")
+        result = await send_message(bridge.milter)
+        assert isinstance(result.final, Continue)
+        page = await bridge.metrics()
+    exported = {sample.name for family in text_string_to_metric_families(page) for sample in family.samples}
+    assert metric_value(page, "milterbridge_mta_hooks_registered", endpoint="scanner") == 1
     queried = {name for query in dashboard_queries() + rule_queries() for name in SERIES.findall(query)}
     assert "milterbridge_workers" in queried
     missing = sorted(queried - exported - PROMETHEUS_SERIES)
