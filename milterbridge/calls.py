@@ -22,7 +22,6 @@ from milterbridge.hooks import GONE_STATUSES, HookBook, HookCall, hook_call
 from milterbridge.message_log import MessageLog, log_call_failure
 from milterbridge.milter.constants import ALL_ACTIONS, Event
 from milterbridge.policy.model import EndpointPolicy, Failure, Outcome
-from milterbridge.settings import EndpointProtocol
 from milterbridge.spans import CallTrace, MessageTrace, Tracer
 
 log = logging.getLogger("milterbridge.dispatch")
@@ -48,11 +47,11 @@ def _encoded(
     this event); with ``body``, the message body too when the endpoint has include_body. A hook
     endpoint (``protocol``) gets its own format (``hooks.hook_call``) for ``event``."""
     webhook_id = pl.new_id("evt")
-    settings = endpoint.settings
-    if settings.protocol is not EndpointProtocol.MILTERBRIDGE:
+    if endpoint.hook:
         assert event is not None
         encoded, hook = hook_call(request, event, endpoint.http, webhook_id, body, hooks)
         return webhook_id, encoded, hook
+    settings = endpoint.settings
     part = (
         pl.BodyPart(body, settings.max_body_bytes, stream=stream)
         if body is not None and settings.include_body

@@ -42,6 +42,7 @@ from milterbridge.milter.constants import Action, Event
 from milterbridge.payload import DecodeError, decode
 from milterbridge.policy.model import Decision, DecisionError, EndpointPolicy, Failure, Outcome
 from milterbridge.policy.parse import parse_decision
+from milterbridge.settings import EndpointProtocol
 from milterbridge.webhook.breaker import CircuitBreaker
 from milterbridge.webhook.client import BodySource, PreparedEndpoint, WebhookResponse, prepare_endpoint
 from milterbridge.webhook.errors import AttemptOutcome, WebhookError, WebhookTimeoutError, body_preview
@@ -77,6 +78,8 @@ class Endpoint:
     timeouts: Mapping[Event, float]
     #: ``max_concurrency`` call slots for this worker, shared like the breaker; None without a cap.
     slots: asyncio.Semaphore | None = None
+    #: It speaks a hook format (``protocol`` mta-hooks or stalwart): its calls go through ``hooks.hook_call``.
+    hook: bool = False
 
 
 def build_endpoints(
@@ -122,7 +125,8 @@ def build_endpoints(
             include_body=ep.include_body,
         )
         timeouts = dict.fromkeys(Event, ep.timeout) | dict(ep.timeouts)
-        endpoints.append(Endpoint(ep, policy, http, breaker, ep.name, timeouts, slots))
+        hook = ep.protocol is not EndpointProtocol.MILTERBRIDGE
+        endpoints.append(Endpoint(ep, policy, http, breaker, ep.name, timeouts, slots, hook))
     return tuple(endpoints)
 
 
