@@ -40,6 +40,15 @@ def endpoint(url: str, **overrides) -> EndpointSettings:
     return EndpointSettings(**{**fields, **overrides})
 
 
+async def registered(settings: EndpointSettings) -> tuple[HookBook, Registrar]:
+    """A book and its registrar, after the registrar's first try for ``settings``."""
+    book = HookBook()
+    registrar = Registrar(book.publish)
+    registrar.update([settings])
+    await registrar.wait_registered(5.0)
+    return book, registrar
+
+
 @pytest.fixture
 def closed_port() -> int:
     """A loopback port nothing listens on."""
@@ -57,11 +66,8 @@ async def until(predicate, timeout: float = 5.0) -> None:
 @pytest.mark.asyncio
 async def test_a_registration_reaches_the_book_and_is_deleted_at_close():
     async with HooksScanner() as scanner:
-        book = HookBook()
-        registrar = Registrar(book.publish)
         settings = endpoint(scanner.url())
-        registrar.update([settings])
-        await registrar.wait_registered(5.0)
+        book, registrar = await registered(settings)
 
         [registration] = scanner.active()
         assert registration.stages == ["connect", "data"]
@@ -83,10 +89,7 @@ async def test_a_registration_reaches_the_book_and_is_deleted_at_close():
 @pytest.mark.asyncio
 async def test_the_registration_url_can_be_given_without_discovery():
     async with HooksScanner() as scanner:
-        book = HookBook()
-        registrar = Registrar(book.publish)
-        registrar.update([endpoint(scanner.url("/v1/hooks/register"), include_body=True)])
-        await registrar.wait_registered(5.0)
+        _, registrar = await registered(endpoint(scanner.url("/v1/hooks/register"), include_body=True))
         [registration] = scanner.active()
         assert registration.properties[-1] == "/rawMessage"
         await registrar.aclose()
@@ -97,11 +100,8 @@ async def test_a_failed_registration_is_logged_and_tried_again(caplog, monkeypat
     monkeypatch.setattr("milterbridge.hooks.RETRY_FIRST", 0.05)
     caplog.set_level(logging.INFO, "milterbridge.hooks")
     async with HooksScanner() as scanner:
-        book = HookBook()
-        registrar = Registrar(book.publish)
         settings = endpoint(scanner.url(), headers=(("Authorization", "Bearer wrong"),))
-        registrar.update([settings])
-        await registrar.wait_registered(5.0)
+        book, registrar = await registered(settings)
         assert book.missing([settings]) == ["scan"]
         await until(lambda: len([r for r in caplog.records if "registration failed" in r.getMessage()]) >= 2)
         failure = next(r for r in caplog.records if "registration failed" in r.getMessage())
@@ -114,11 +114,8 @@ async def test_a_failed_registration_is_logged_and_tried_again(caplog, monkeypat
 @pytest.mark.asyncio
 async def test_a_scanner_that_grants_fewer_properties_gets_only_those():
     async with HooksScanner(properties=["/stage", "/envelope"]) as scanner:
-        book = HookBook()
-        registrar = Registrar(book.publish)
         settings = endpoint(scanner.url())
-        registrar.update([settings])
-        await registrar.wait_registered(5.0)
+        book, registrar = await registered(settings)
         active = book.get(settings)
         assert active is not None
         assert active[0].properties == ("/stage", "/envelope")
@@ -129,11 +126,8 @@ async def test_a_scanner_that_grants_fewer_properties_gets_only_those():
 async def test_reload_keeps_an_unchanged_registration_and_retires_a_changed_one(monkeypatch):
     monkeypatch.setattr("milterbridge.hooks.RETIRE_AFTER", 0.3)
     async with HooksScanner() as scanner:
-        book = HookBook()
-        registrar = Registrar(book.publish)
         settings = endpoint(scanner.url())
-        registrar.update([settings])
-        await registrar.wait_registered(5.0)
+        book, registrar = await registered(settings)
         [first] = scanner.active()
 
         registrar.update([dataclasses.replace(settings, timeout=2.0)])  # does not touch the registration
@@ -185,10 +179,7 @@ async def test_a_registration_that_would_expire_at_once_is_refused(caplog, monke
     monkeypatch.setattr("milterbridge.hooks.RETRY_FIRST", 0.05)
     caplog.set_level(logging.ERROR, "milterbridge.hooks")
     async with HooksScanner(ttl=-60.0) as scanner:  # expiresAt a minute ago: a clock off
-        book = HookBook()
-        registrar = Registrar(book.publish)
-        registrar.update([endpoint(scanner.url())])
-        await registrar.wait_registered(5.0)
+        _, registrar = await registered(endpoint(scanner.url()))
         await asyncio.sleep(0.3)
         await registrar.aclose()
     assert any("is already past" in r.getMessage() for r in caplog.records)

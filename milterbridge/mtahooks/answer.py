@@ -312,11 +312,7 @@ def _args(parameters: Mapping[str, str]) -> JSON:
 
 
 def _response(value: object, *, partial: bool = False) -> JSON:
-    if not isinstance(value, dict):
-        raise HookAnswerError(f"/response: expected an object, got {_kind(value)}")
-    unknown = sorted(set(value) - set(_RESPONSE_KEYS))
-    if unknown:
-        raise HookAnswerError(f"/response: unknown member {unknown[0]!r}")
+    value = _object(value, _RESPONSE_KEYS, "/response")
     code = value.get("code")
     if not (isinstance(code, int) and not isinstance(code, bool) and 200 <= code <= 599) and not (
         partial and code is None
@@ -377,6 +373,16 @@ def _pointer(path: list[str]) -> str:
     return "/" + "/".join(token.replace("~", "~0").replace("/", "~1") for token in path)
 
 
+def _object(value: object, members: Sequence[str], where: str) -> dict[str, Any]:
+    """``value`` when it is an object with no member but ``members``; else HookAnswerError naming ``where``."""
+    if not isinstance(value, dict):
+        raise HookAnswerError(f"{where}: expected an object, got {_kind(value)}")
+    unknown = sorted(set(value) - set(members))
+    if unknown:
+        raise HookAnswerError(f"{where}: unknown member {unknown[0]!r} (expected {', '.join(members)})")
+    return value
+
+
 def _kind(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -389,11 +395,7 @@ def to_decision(answer: object, before: Before) -> JSON | None:
     """
     if answer is None or answer == {}:
         return None
-    if not isinstance(answer, dict):
-        raise HookAnswerError(f"answer: expected an object, got {_kind(answer)}")
-    unknown = sorted(set(answer) - set(_OPERATIONS))
-    if unknown:
-        raise HookAnswerError(f"answer: unknown member {unknown[0]!r} (expected set, add, delete)")
+    answer = _object(answer, _OPERATIONS, "answer")
     state = _State(before)
     for kind in _OPERATIONS:
         operations = answer.get(kind) or []

@@ -80,6 +80,7 @@ from milterbridge.mtahooks.answer import (
     _Header,
     _index,
     _kind,
+    _object,
     _pointer,
     _Rcpt,
     _State,
@@ -184,11 +185,7 @@ def _response(obj: object) -> tuple[JSON | None, bool]:
     """``response`` as ``answer._State`` keeps it (``code``, ``enhancedCode``, ``message``), and ``disconnect``."""
     if obj is None:
         return None, False
-    if not isinstance(obj, dict):
-        raise HookAnswerError(f"/response: expected an object, got {_kind(obj)}")
-    unknown = sorted(set(obj) - set(_RESPONSE_MEMBERS))
-    if unknown:
-        raise HookAnswerError(f"/response: unknown member {unknown[0]!r} (expected {', '.join(_RESPONSE_MEMBERS)})")
+    obj = _object(obj, _RESPONSE_MEMBERS, "/response")
     status = obj.get("status")
     if status is not None and not (isinstance(status, int) and not isinstance(status, bool) and 200 <= status <= 599):
         raise HookAnswerError(f"/response/status: expected an SMTP reply code, got {status!r:.40}")
@@ -308,11 +305,7 @@ def stalwart_decision(answer: object, before: Before) -> JSON | None:
     """
     if answer in (None, {}):
         return None
-    if not isinstance(answer, dict):
-        raise HookAnswerError(f"answer: expected an object, got {_kind(answer)}")
-    unknown = sorted(set(answer) - set(_ANSWER_MEMBERS))
-    if unknown:
-        raise HookAnswerError(f"answer: unknown member {unknown[0]!r} (expected {', '.join(_ANSWER_MEMBERS)})")
+    answer = _object(answer, _ANSWER_MEMBERS, "answer")
     action = answer.get("action")
     action = "accept" if action is None else action
     if action not in STALWART_ACTIONS:
