@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from typing import Any
 
@@ -86,4 +87,32 @@ async def test_one_registration_serves_every_worker_through_reload_loss_and_stop
         bridge.send_signal(signal.SIGTERM)
         assert await bridge.wait_exit(timeout=10.0) == 0
         assert not [pid for pid in workers if pid_alive(pid)]
+        assert scanner.deregistered == [second.id]
+
+
+@pytest.mark.asyncio
+async def test_a_killed_registrar_is_restarted_and_mail_flows_meanwhile(tmp_path, bridges):
+    """SIGKILL to the registrar: the workers keep the published registration; the new registrar makes its own."""
+    async with HooksScanner() as scanner:
+        bridge = await bridges.start(scanner_config(tmp_path, scanner), workers=WORKERS)
+        [first] = scanner.active()
+        [started] = bridge.logs("started the MTA Hooks registrar")
+        [registrar] = started["pids"]
+
+        os.kill(registrar, signal.SIGKILL)
+        finals = await send(bridge, 10, "K")
+        assert all(isinstance(final, Continue) for final in finals), finals
+        assert {registration for registration, _, _ in scanner.calls} == {first.id}
+
+        await bridge.wait_log("MTA Hooks registrar (pid")
+        await until(lambda: len(scanner.active()) == 2)
+        [second] = [r for r in scanner.active() if r.id != first.id]
+        before = len(scanner.calls)
+        await asyncio.sleep(1.0)  # the workers read the new registration
+        finals = await send(bridge, 10, "L")
+        assert all(isinstance(final, Continue) for final in finals), finals
+        assert {registration for registration, _, _ in scanner.calls[before:]} == {second.id}
+
+        bridge.send_signal(signal.SIGTERM)
+        assert await bridge.wait_exit(timeout=10.0) == 0
         assert scanner.deregistered == [second.id]
