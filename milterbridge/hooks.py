@@ -11,10 +11,14 @@ breaker, metrics, ``on_error``); what differs is made here:
   registrar feeds the book directly; under ``--workers`` a process of its own does, through a
   file in the instance's private directory (``FileHookBook``).
 
-A call to an MTA Hooks endpoint with no active registration sends nothing and fails
+Registrations are published per endpoint name and settings (``fingerprint``): a connection
+uses the one made for the config it started with, and after a reload that changed an endpoint
+the old registration stays in use for a while (``RETIRE_AFTER``).
+
+A call to an MTA Hooks endpoint with no usable registration sends nothing and fails
 (``not_registered``): its ``on_error`` applies, so the gate stays closed while the scanner is
 away. A hook call answered 404 or 410 reports the registration gone, and the registrar
-registers again at once.
+registers again.
 """
 
 from __future__ import annotations
