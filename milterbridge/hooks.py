@@ -265,6 +265,33 @@ def write_atomically(path: str, data: bytes) -> None:
     os.replace(temporary, path)
 
 
+def _read_file(path: str) -> bytes | None:
+    """The shared file's bytes; None when there is none, or it cannot be read (logged)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.error("cannot read the shared MTA Hooks registrations %s: %s", path, exc)  # noqa: TRY400
+        return None
+
+
+def _parse(data: bytes, path: str) -> list[Published] | None:
+    """The registrations in the shared file's ``data``; None when they do not parse (logged)."""
+    try:
+        return _decode_published(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.error("the shared MTA Hooks registrations %s do not parse: %s", path, exc)  # noqa: TRY400
+        return None
+
+
+def read_published(path: str) -> list[Published]:
+    """The registrations the shared file at ``path`` holds (none when it is absent or unusable)."""
+    data = _read_file(path)
+    return (_parse(data, path) or []) if data is not None else []
+
+
 class FileHookBook(HookBook):
     """A worker's book under ``--workers``: read from the registrar's file; gone reports written beside it."""
 
@@ -282,22 +309,13 @@ class FileHookBook(HookBook):
 
     def refresh(self) -> None:
         """Read the file (a few hundred bytes) and take its registrations when they changed."""
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
+        data = _read_file(self.path)
+        if data is None or data == self._read:
             return
-        except OSError as exc:
-            log.error("cannot read the shared MTA Hooks registrations %s: %s", self.path, exc)  # noqa: TRY400
-            return
-        if data == self._read:
-            return
-        try:
-            self.publish(_decode_published(data))
-        except (ValueError, KeyError, TypeError) as exc:
-            log.error("the shared MTA Hooks registrations %s do not parse: %s", self.path, exc)  # noqa: TRY400
-            return
-        self._read = data
+        published = _parse(data, self.path)
+        if published is not None:
+            self.publish(published)
+            self._read = data
 
     async def wait_for(self, endpoints: Sequence[EndpointSettings], timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the file to hold a registration for each MTA Hooks endpoint."""
@@ -358,7 +376,9 @@ class _Scanner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
                 continue
-            self.registration = registration
+            replaced, self.registration = self.registration, registration
+            if replaced is not None:  # a renewal: the old one serves until every worker has the new one
+                self.registrar.retire(self.settings, self.fingerprint, replaced, published=False)
             self.gone.clear()
             while not self.registrar.publish():  # noqa: ASYNC110 - the workers cannot use it before it is published
                 await asyncio.sleep(RETRY_FIRST)
@@ -406,11 +426,18 @@ class _Scanner:
 
 @dataclass(slots=True)
 class _Retiring:
-    """A registration whose endpoint changed or went away at a reload: kept a while for older connections."""
+    """A registration deleted ``RETIRE_AFTER`` seconds from now.
+
+    Published, it still serves the connections that started before a reload changed or removed
+    its endpoint (or, after a registrar restart, until the new registration is published).
+    Unpublished, it was renewed: calls that took it before the new one was published may still
+    be on their way.
+    """
 
     settings: EndpointSettings
     fingerprint: str
     registration: Registration
+    published: bool
     task: asyncio.Task[None] | None = None
 
 
@@ -420,8 +447,9 @@ class Registrar:
     ``update`` (at start and at each reload) starts, keeps or ends registrations: an endpoint
     whose registration-relevant settings did not change keeps its registration. One that
     changed or went away keeps its old registration published for ``RETIRE_AFTER`` seconds,
-    for the connections that started before the reload, and then deletes it. ``aclose``
-    deletes them all; ``update`` does nothing after it.
+    for the connections that started before the reload, and then deletes it; so does a renewed
+    registration, unpublished. ``adopt`` takes over the registrations a registrar before this
+    one published. ``aclose`` deletes them all; ``update`` does nothing after it.
     """
 
     def __init__(
@@ -448,12 +476,13 @@ class Registrar:
 
     def publish(self) -> bool:
         """Publish the registrations in use; False (logged) when that failed."""
-        published = [
+        # Retiring first: a current registration for the same settings wins (it comes later).
+        published = [Published(r.settings.name, r.fingerprint, r.registration) for r in self._retiring if r.published]
+        published += [
             Published(name, scanner.fingerprint, scanner.registration)
             for name, scanner in self._scanners.items()
             if scanner.registration is not None
         ]
-        published += [Published(r.settings.name, r.fingerprint, r.registration) for r in self._retiring]
         try:
             self._publish(published)
         except Exception:
@@ -477,7 +506,7 @@ class Registrar:
             if scanner.task is not None:
                 scanner.task.cancel()
             if scanner.registration is not None:
-                self._retire(_Retiring(scanner.settings, scanner.fingerprint, scanner.registration))
+                self.retire(scanner.settings, scanner.fingerprint, scanner.registration, published=True)
                 retired = True
         for name, settings in wanted.items():
             if name not in self._scanners:
@@ -488,9 +517,26 @@ class Registrar:
             # registrations (still valid at the scanners) until its own replace them.
             self.publish()
 
-    def _retire(self, retiring: _Retiring) -> None:
+    def retire(self, settings: EndpointSettings, print_: str, registration: Registration, *, published: bool) -> None:
+        """Delete ``registration`` in ``RETIRE_AFTER`` seconds; published meanwhile if ``published``."""
+        retiring = _Retiring(settings, print_, registration, published)
         self._retiring.append(retiring)
         retiring.task = asyncio.create_task(self._retire_later(retiring), name="mta-hooks-retire")
+
+    def adopt(self, published: Iterable[Published], endpoints: Iterable[EndpointSettings]) -> None:
+        """Take over what an earlier registrar of this instance published (it died and was restarted).
+
+        Each registration made for settings of ``endpoints`` stays published, and is deleted
+        ``RETIRE_AFTER`` seconds from now: by then this registrar's own serve. One for settings
+        no longer in the config cannot be deleted (its credentials are unknown) and expires.
+        """
+        settings_by_print = {(e.name, fingerprint(e)): e for e in endpoints if e.protocol is EndpointProtocol.MTA_HOOKS}
+        for entry in published:
+            settings = settings_by_print.get((entry.name, entry.fingerprint))
+            if settings is not None:
+                self.retire(settings, entry.fingerprint, entry.registration, published=True)
+        if self._retiring:
+            self.publish()
 
     async def _retire_later(self, retiring: _Retiring) -> None:
         await asyncio.sleep(RETIRE_AFTER)

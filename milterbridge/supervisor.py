@@ -24,7 +24,14 @@ import time
 
 from milterbridge.app import build_bridge, load_checked, merge_reload, run_bridge, run_event_loop, warn_about
 from milterbridge.config import Config, ConfigError
-from milterbridge.hooks import Registrar, collect_gone_reports, file_publisher, has_hook_endpoints
+from milterbridge.hooks import (
+    SHARED_FILE,
+    Registrar,
+    collect_gone_reports,
+    file_publisher,
+    has_hook_endpoints,
+    read_published,
+)
 from milterbridge.instance import run_instance_admin, watch_parent, worker_socket
 from milterbridge.log import configure_logging
 from milterbridge.milter.address import MAX_UNIX_PATH_BYTES, parse_listen_address, split_host_port
@@ -104,6 +111,8 @@ def run_registrar(config: Config, path: str, directory: str, supervisor: int) ->
         loop.add_signal_handler(signal.SIGINT, lambda: None)
         loop.add_signal_handler(signal.SIGHUP, reload)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+        # A registrar restarted after a crash takes over what its predecessor published.
+        registrar.adopt(read_published(os.path.join(directory, SHARED_FILE)), config.endpoints)
         registrar.update(config.endpoints)
         reports = asyncio.create_task(collect_gone_reports(directory, registrar))
         watch = asyncio.create_task(watch_parent(supervisor, stop))

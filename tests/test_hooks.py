@@ -19,6 +19,7 @@ from milterbridge.hooks import (
     Registrar,
     file_publisher,
     fingerprint,
+    read_published,
     take_gone_reports,
     wanted_properties,
 )
@@ -272,6 +273,56 @@ async def test_a_restarted_registrar_leaves_the_published_registrations_until_it
     worker.refresh()
     assert worker.get(settings)[0] == registration
     await restarted.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_renewed_registration_is_deleted_later_and_never_published_again(monkeypatch):
+    monkeypatch.setattr("milterbridge.hooks.RETIRE_AFTER", 0.3)
+    async with HooksScanner(ttl=2.0) as scanner:  # renewed after 1 s
+        settings = endpoint(scanner.url())
+        book, registrar = await registered(settings)
+        [first] = scanner.active()
+        await until(lambda: book.get(settings)[0].id != first.id)
+        second = book.get(settings)[0]
+        assert first.id not in scanner.deregistered  # calls that took it may still be on their way
+        await until(lambda: first.id in scanner.deregistered)
+        assert book.get(settings)[0].id == second.id
+        await registrar.aclose()
+        assert second.id in scanner.deregistered
+
+
+@pytest.mark.asyncio
+async def test_a_restarted_registrar_adopts_and_later_deletes_what_its_predecessor_published(
+    tmp_path: Path, monkeypatch
+):
+    monkeypatch.setattr("milterbridge.hooks.RETIRE_AFTER", 0.3)
+    async with HooksScanner() as scanner:
+        settings = endpoint(scanner.url())
+        gone = endpoint(scanner.url(), name="gone")
+        crashed = Registrar(file_publisher(str(tmp_path)))
+        crashed.update([settings, gone])
+        await crashed.wait_registered(5.0)
+        before = {r.name: r.id for r in scanner.active()}
+        assert len(before) == 2
+        # The old registrar is gone without a word (SIGKILL): its tasks just stop.
+        for task in [s.task for s in crashed._scanners.values()]:
+            task.cancel()
+        await crashed._client().close()  # what the process's end does to its connections
+
+        published = read_published(str(tmp_path / "mta-hooks.json"))
+        restarted = Registrar(file_publisher(str(tmp_path)))
+        restarted.adopt(published, [settings])  # "gone" is no longer configured: it cannot be deleted
+        restarted.update([settings])
+        worker = FileHookBook(str(tmp_path))
+        worker.refresh()
+        assert worker.get(settings) is not None
+        await restarted.wait_registered(5.0)
+        await until(lambda: before["milterbridge scan"] in scanner.deregistered)
+        worker.refresh()
+        assert worker.get(settings)[0].id not in before.values()
+        assert before["milterbridge gone"] not in scanner.deregistered
+        await restarted.aclose()
+        assert read_published(str(tmp_path / "mta-hooks.json")) == []
 
 
 def load(tmp_path: Path, text: str):
