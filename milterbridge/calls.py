@@ -37,10 +37,10 @@ class CallMetrics(CallObserver, Protocol):
 def _encoded(
     request: pl.JSON,
     endpoint: Endpoint,
+    event: Event,
     body: BodyBuffer | None = None,
     *,
     stream: bool = False,
-    event: Event | None = None,
     hooks: HookBook | None = None,
 ) -> Prepared:
     """Encode a request for ``endpoint`` now (the context it was built from keeps changing after
@@ -48,7 +48,6 @@ def _encoded(
     endpoint (``protocol``) gets its own format (``hooks.hook_call``) for ``event``."""
     webhook_id = pl.new_id("evt")
     if endpoint.hook:
-        assert event is not None
         encoded, hook = hook_call(request, event, endpoint.http, webhook_id, body, hooks)
         return webhook_id, encoded, hook
     settings = endpoint.settings
@@ -113,7 +112,7 @@ class ConnectionCalls:
         calls = []
         for policy in policies:
             endpoint = self.endpoints[policy.index]
-            calls.append((endpoint, _encoded(request, endpoint, body, stream=True, event=event, hooks=self.hooks)))
+            calls.append((endpoint, _encoded(request, endpoint, event, body, stream=True, hooks=self.hooks)))
         cap = self.budget_caps.get(event)
         parent = self.message_log.trace
         if len(calls) == 1:
@@ -138,14 +137,14 @@ class ConnectionCalls:
         """
         endpoint = self.endpoints[policy.index]
         if self.background.has_room(endpoint.settings):
-            prepared = _encoded(request, endpoint, body, stream=False, event=event, hooks=self.hooks)
+            prepared = _encoded(request, endpoint, event, body, stream=False, hooks=self.hooks)
             self._spawn(event, endpoint, prepared)
 
     def notify(self, event: Event, endpoints: Sequence[Endpoint], request: pl.JSON) -> None:
         """Tell ``endpoints`` about an ``abort`` or ``close``, in the background."""
         for endpoint in endpoints:
             if self.background.has_room(endpoint.settings):
-                self._spawn(event, endpoint, _encoded(request, endpoint))
+                self._spawn(event, endpoint, _encoded(request, endpoint, event))
 
     async def _call(
         self,

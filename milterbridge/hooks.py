@@ -142,18 +142,18 @@ def hook_call(
     SpoolError when the body cannot be read.
     """
     settings = endpoint.settings
-    ours = _with_body(request, settings, body)
     before = _before(request)
     if settings.protocol is EndpointProtocol.STALWART:
         translate_stalwart: Callable[[object], object] = lambda answer: stalwart_decision(answer, before)  # noqa: E731
-        return pl.encode(stalwart_request(ours, event)), HookCall(endpoint, b"", translate_stalwart)
+        encoded = pl.encode(stalwart_request(_with_body(request, settings, body), event))
+        return encoded, HookCall(endpoint, b"", translate_stalwart)
     translate: Callable[[object], object] = lambda answer: to_decision(answer, before)  # noqa: E731
     active = None if book is None else book.get(settings)
-    if active is None:
+    if active is None:  # nothing is sent: the body is not read
         return b"", HookCall(None, b"", translate, unavailable="not registered with the scanner")
     registration, http = active
     headers = f"X-MTA-Hooks-Registration: {registration.id}\r\nX-MTA-Hooks-Request-Id: {webhook_id}\r\n".encode()
-    encoded = pl.encode(hook_request(ours, event, registration.properties))
+    encoded = pl.encode(hook_request(_with_body(request, settings, body), event, registration.properties))
     return encoded, HookCall(http, headers, translate, registration.id)
 
 
@@ -235,7 +235,7 @@ class HookBook:
 
     def registered(self, endpoints: Iterable[EndpointSettings]) -> dict[str, bool]:
         """For each MTA Hooks endpoint of ``endpoints``: whether its calls have a registration."""
-        return {e.name: self.get(e) is not None for e in endpoints if e.protocol is EndpointProtocol.MTA_HOOKS}
+        return {e.name: self.get(e) is not None for e in mta_hooks_endpoints(endpoints)}
 
     def report_gone(self, name: str, registration: str) -> None:
         if any(key[0] == name and r.id == registration for key, r in self._published.items()):
@@ -495,7 +495,7 @@ class Registrar:
         if self._closed:
             return
         self._ssl.clear()  # TLS files are read again, as for any endpoint at a reload
-        wanted = {e.name: e for e in endpoints if e.protocol is EndpointProtocol.MTA_HOOKS}
+        wanted = {e.name: e for e in mta_hooks_endpoints(endpoints)}
         retired = False
         for name, scanner in list(self._scanners.items()):
             settings = wanted.get(name)
@@ -530,7 +530,7 @@ class Registrar:
         ``RETIRE_AFTER`` seconds from now: by then this registrar's own serve. One for settings
         no longer in the config cannot be deleted (its credentials are unknown) and expires.
         """
-        settings_by_print = {(e.name, fingerprint(e)): e for e in endpoints if e.protocol is EndpointProtocol.MTA_HOOKS}
+        settings_by_print = {(e.name, fingerprint(e)): e for e in mta_hooks_endpoints(endpoints)}
         for entry in published:
             settings = settings_by_print.get((entry.name, entry.fingerprint))
             if settings is not None:
@@ -670,5 +670,6 @@ async def collect_gone_reports(directory: str, registrar: Registrar) -> None:
         await asyncio.sleep(POLL_INTERVAL)
 
 
-def has_hook_endpoints(endpoints: Sequence[EndpointSettings]) -> bool:
-    return any(e.protocol is EndpointProtocol.MTA_HOOKS for e in endpoints)
+def mta_hooks_endpoints(endpoints: Iterable[EndpointSettings]) -> list[EndpointSettings]:
+    """The endpoints of ``endpoints`` that speak MTA Hooks (and so need a registration)."""
+    return [e for e in endpoints if e.protocol is EndpointProtocol.MTA_HOOKS]

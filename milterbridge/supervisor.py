@@ -29,7 +29,7 @@ from milterbridge.hooks import (
     Registrar,
     collect_gone_reports,
     file_publisher,
-    has_hook_endpoints,
+    mta_hooks_endpoints,
     read_published,
 )
 from milterbridge.instance import run_instance_admin, watch_parent, worker_socket
@@ -286,7 +286,7 @@ def supervise(config: Config, path: str, workers: int) -> int:
         for pid in registrar:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
-        if not registrar and REGISTRAR_INDEX not in restarts and has_hook_endpoints(accepted.endpoints):
+        if not registrar and REGISTRAR_INDEX not in restarts and mta_hooks_endpoints(accepted.endpoints):
             spawn(REGISTRAR_INDEX)
 
     def reap() -> int:
@@ -319,7 +319,7 @@ def supervise(config: Config, path: str, workers: int) -> int:
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
     previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
-        if has_hook_endpoints(config.endpoints):
+        if mta_hooks_endpoints(config.endpoints):
             spawn(REGISTRAR_INDEX)  # first: the workers wait a moment for its registrations
         for index in range(workers):
             spawn(index)
